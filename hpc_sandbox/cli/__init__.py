@@ -1,0 +1,25 @@
+"""The `hpc-sandbox` command line: one module per command, registered here."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+from .. import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hpc-sandbox")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Sandbox slots for code-executing agents on HPC clusters.
+
+    Start node servers (locally or through Slurm/PBS/Nomad), then run commands in
+    their slots. `hpc-sandbox COMMAND --help` explains each command.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# Each command lives in its own module; importing it here registers it.
+from . import render  # noqa: E402,F401  (jobspec rendering)
