@@ -21,5 +21,4 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-# Each command lives in its own module; importing it here registers it.
-from . import render  # noqa: E402,F401  (jobspec rendering)
+# Each command lives in its own module and is registered here, in the order --help lists them.
