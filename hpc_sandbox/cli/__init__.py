@@ -6,9 +6,23 @@ import logging
 import click
 
 from .. import __version__
+from ..errors import HpcSandboxError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """Turns our own errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except HpcSandboxError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hpc-sandbox")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -22,3 +36,6 @@ def main(verbose: int) -> None:
 
 
 # Each command lives in its own module and is registered here, in the order --help lists them.
+from .serve import serve  # noqa: E402
+
+main.add_command(serve)

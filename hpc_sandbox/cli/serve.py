@@ -1,0 +1,66 @@
+"""`hpc-sandbox serve`: what a jobspec runs on each node (or array task)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..rendezvous import token_path
+from ..runtime import RUNTIMES, RuntimeOptions
+from ..server.app import ServerLimits
+from ..server.main import ServeOptions, parse_port_range, run
+from ..spec import DEFAULT_PORT_RANGE, default_state_dir
+
+
+@click.command("serve")
+@click.option("--job-id", required=True, help="hpc-sandbox job id (the job folder's name under the state dir).")
+@click.option("--slots", type=click.IntRange(1, 4096), default=4, show_default=True, help="Slots this server runs.")
+@click.option("--runtime", type=click.Choice(sorted(RUNTIMES)), default="none", show_default=True,
+              help="How slots are isolated. 'none' is for trusted local use only.")
+@click.option("--image", default=None, help="Container image (.sif path or docker:// URI) for apptainer/singularity.")
+@click.option("--gpus", type=click.IntRange(0, 64), default=0, show_default=True, help="GPUs to pass to slots (--nv).")
+@click.option("--port-range", default=f"{DEFAULT_PORT_RANGE[0]}-{DEFAULT_PORT_RANGE[1]}", show_default=True,
+              help="Ports this server may bind; it takes the first free one.")
+@click.option("--port-index", type=click.IntRange(0), default=0, show_default=True,
+              help="Start the search at LO + INDEX (mod range size), e.g. the array task index, "
+                   "so tasks sharing a node take different ports.")
+@click.option("--host", default=None, help="Address to listen on (default: what this node's hostname resolves to).")
+@click.option("--interface", default=None, help="Listen on this network interface's IPv4 address instead.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="State directory (default ~/.hpc-sandbox); the ready record goes to jobs/JOB/servers/.")
+@click.option("--token-file", type=click.Path(path_type=Path), default=None,
+              help="Bearer token file, mode 0600 (default STATE_DIR/jobs/JOB/token).")
+@click.option("--workspace-root", type=click.Path(path_type=Path), default=None,
+              help="Where slot workspaces live (default node-local $TMPDIR/hpc-sandbox-UID/...).")
+@click.option("--python", "slot_python", default=None,
+              help="Interpreter that runs the slot agent (default: this one for none/bwrap, python3 in the image).")
+@click.option("--max-body", type=click.IntRange(1024), default=64 << 20, show_default=True,
+              help="Largest JSON request body in bytes.")
+@click.option("--max-concurrent", type=click.IntRange(1), default=256, show_default=True,
+              help="Tool calls running at once before new ones get 429.")
+def serve(job_id: str, slots: int, runtime: str, image: str | None, gpus: int, port_range: str, port_index: int,
+          host: str | None, interface: str | None, state_dir: Path | None, token_file: Path | None,
+          workspace_root: Path | None, slot_python: str | None, max_body: int, max_concurrent: int) -> None:
+    """Run one node server: N slots behind an authenticated HTTP API.
+
+    The server binds the first free port of --port-range, starts its slots' agents,
+    then writes a ready record under STATE_DIR/jobs/JOB/servers/. SIGTERM or SIGINT
+    stops it cleanly: running commands are killed and the record is removed.
+    """
+    if host and interface:
+        raise click.UsageError("give --host or --interface, not both")
+    state = (state_dir or default_state_dir()).expanduser()
+    options = ServeOptions(
+        job_id=job_id,
+        slots=slots,
+        token_file=token_file or token_path(state, job_id),
+        state_dir=state,
+        runtime=RuntimeOptions(kind=runtime, image=image, gpus=gpus, python=slot_python),
+        port_range=parse_port_range(port_range),
+        port_index=port_index,
+        host=host,
+        interface=interface,
+        workspace_root=workspace_root,
+        limits=ServerLimits(max_body_bytes=max_body, max_concurrent=max_concurrent),
+    )
+    raise SystemExit(run(options))

@@ -1,0 +1,182 @@
+"""One slot's agent process, seen from the node server: spawn, call, stop."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# A whole answer is one line: two capped output streams (1 MiB each by default,
+# JSON-escaped) or a base64 archive must fit.
+MAX_ANSWER_LINE = 512 << 20
+STOP_GRACE_SECONDS = 3.0
+
+
+class AgentDied(Exception):
+    """The agent process ended (or could not start) while calls were in flight."""
+
+
+class AgentError(Exception):
+    """The agent answered with an error (bad path, unknown tool, ...)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class AgentProcess:
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: str, name: str) -> None:
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.name = name
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pending: dict[str, asyncio.Future] = {}
+        self.ids = itertools.count(1)
+        self.stopping = False
+        self.exited = asyncio.Event()
+        self.stderr_tail: list[str] = []
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and not self.exited.is_set()
+
+    async def start(self, timeout: float) -> None:
+        """Spawn the agent and wait for its ready line."""
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, cwd=self.cwd, env=self.env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=MAX_ANSWER_LINE,
+            start_new_session=True,  # a Ctrl-C at the server's terminal is the server's to handle
+        )
+        ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.pending["__ready__"] = ready
+        self._tasks = [asyncio.create_task(self._read_answers()), asyncio.create_task(self._read_stderr())]
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except asyncio.TimeoutError:
+            await self.stop()
+            raise AgentDied(f"{self.name}: agent did not start within {timeout:.0f}s{self._stderr_hint()}") from None
+
+    def _stderr_hint(self) -> str:
+        return f" (its stderr: {' | '.join(self.stderr_tail[-3:])})" if self.stderr_tail else ""
+
+    async def _read_stderr(self) -> None:
+        assert self.proc and self.proc.stderr
+        async for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.stderr_tail = (self.stderr_tail + [line])[-20:]
+                log.info("%s: %s", self.name, line)
+
+    async def _read_answers(self) -> None:
+        assert self.proc and self.proc.stdout
+        try:
+            while True:
+                line = await self.proc.stdout.readline()
+                if not line:
+                    break
+                try:
+                    answer = json.loads(line)
+                except ValueError:
+                    log.warning("%s: unreadable answer line dropped", self.name)
+                    continue
+                request_id = answer.get("id")
+                if request_id is None and answer.get("ok") and (answer.get("result") or {}).get("ready"):
+                    request_id = "__ready__"
+                future = self.pending.pop(request_id, None) if request_id is not None else None
+                if future is not None and not future.done():
+                    future.set_result(answer)
+                elif request_id is None:
+                    log.warning("%s: agent error without request id: %s", self.name, answer.get("error"))
+        except (ValueError, asyncio.LimitOverrunError) as exc:
+            log.error("%s: answer stream broken (%s); stopping the agent", self.name, exc)
+        finally:
+            code = await self._reap()
+            self.exited.set()
+            reason = f"{self.name}: agent exited (code {code}){self._stderr_hint()}"
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(AgentDied(reason))
+            self.pending.clear()
+            if not self.stopping:
+                log.warning("%s", reason)
+
+    async def _reap(self) -> int | None:
+        assert self.proc
+        if self.proc.returncode is None:
+            try:
+                return await asyncio.wait_for(self.proc.wait(), STOP_GRACE_SECONDS)
+            except asyncio.TimeoutError:
+                self._kill()
+                return await self.proc.wait()
+        return self.proc.returncode
+
+    def _kill(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    async def call(self, tool: str, args: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """Run one tool call; return the agent's result or raise AgentError/AgentDied."""
+        if not self.alive or self.proc is None or self.proc.stdin is None:
+            raise AgentDied(f"{self.name}: agent is not running")
+        request_id = str(next(self.ids))
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+        message = {"id": request_id, "tool": tool, "args": args}
+        if timeout:
+            message["timeout"] = timeout
+        try:
+            self.proc.stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self.pending.pop(request_id, None)
+            raise AgentDied(f"{self.name}: agent is gone ({exc})") from None
+        try:
+            answer = await future
+        except asyncio.CancelledError:
+            # The caller gave up (client went away, server stopping): stop the command too.
+            self.pending.pop(request_id, None)
+            if tool == "bash" and self.alive:
+                asyncio.ensure_future(self._cancel_quietly(request_id))
+            raise
+        if answer.get("ok"):
+            return answer.get("result") or {}
+        error = answer.get("error") or {}
+        raise AgentError(error.get("kind", "error"), error.get("message", "unknown agent error"))
+
+    async def _cancel_quietly(self, target: str) -> None:
+        try:
+            await self.call("cancel", {"target": target}, None)
+        except (AgentDied, AgentError):
+            pass
+
+    async def stop(self) -> None:
+        """Close stdin (the agent kills its commands and exits), then make sure."""
+        self.stopping = True
+        if self.proc is None:
+            return
+        if self.proc.stdin and not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.exited.wait(), STOP_GRACE_SECONDS)
+        except asyncio.TimeoutError:
+            self._kill()
+            await self.exited.wait()
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
