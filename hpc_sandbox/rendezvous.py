@@ -131,3 +131,39 @@ def job_token(state_dir: Path, job_id: str) -> str:
     if not job_dir(state_dir, job_id).is_dir():
         raise JobNotFound(f"no job {job_id!r} in {Path(state_dir) / 'jobs'}")
     return read_token(path)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What `submit` recorded about a job (job.json), for status, cancel and the pool."""
+
+    job_id: str
+    scheduler: str
+    submitted_at: float
+    servers: int
+    slots_per_server: int
+    runtime: str
+    scheduler_ids: tuple[str, ...] = ()  # the scheduler's own ids (Slurm job ids, local pids)
+    image: str | None = None
+
+    @property
+    def location(self) -> str:
+        return "local" if self.scheduler == "local" else "cloud" if self.scheduler == "modal" else "cluster"
+
+
+def write_job_info(state_dir: Path, info: JobInfo) -> None:
+    data = asdict(info)
+    data["scheduler_ids"] = list(info.scheduler_ids)
+    write_json_atomic(job_dir(state_dir, info.job_id) / "job.json", data)
+
+
+def read_job_info(state_dir: Path, job_id: str) -> JobInfo:
+    path = job_dir(state_dir, job_id) / "job.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["scheduler_ids"] = tuple(data.get("scheduler_ids") or ())
+        return JobInfo(**data)
+    except FileNotFoundError:
+        raise JobNotFound(f"no job {job_id!r} in {Path(state_dir) / 'jobs'}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path} is unreadable: {exc}") from None

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RuntimeUnavailable
+from .paths import SLOT_WORKSPACE  # where a contained slot sees its workspace
 
 log = logging.getLogger(__name__)
 
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
-SLOT_WORKSPACE = "/workspace"  # where a contained slot sees its workspace
 SLOT_AGENT = "/opt/hpc-sandbox/agent.py"  # where a contained slot sees the agent
 # What a slot's environment starts from: nothing of the server's own environment
 # (which is where a secret would be, if a site put one there) reaches a slot.
@@ -139,8 +139,11 @@ class BwrapRuntime(SlotRuntime):
                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
         argv += self.root_binds()
         argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        for hidden in self.options.hidden_paths:
-            argv += _bwrap_hide(Path(hidden))
+        hidden = [Path(p) for p in self.options.hidden_paths]
+        for path in hidden:
+            # A path under another hidden folder is already covered by that folder's tmpfs.
+            if not any(other != path and other.is_dir() and path.is_relative_to(other) for other in hidden):
+                argv += _bwrap_hide(path)
         for bind in self.options.extra_binds:
             src, _, dst = bind.partition(":")
             argv += ["--ro-bind", src, dst or src]

@@ -39,3 +39,11 @@ def main(verbose: int) -> None:
 from .serve import serve  # noqa: E402
 
 main.add_command(serve)
+from .submit import submit  # noqa: E402
+from .status import status  # noqa: E402
+from .exec_ import exec_  # noqa: E402
+from .cancel import cancel  # noqa: E402
+from .check import check  # noqa: E402
+
+for _command in (submit, status, exec_, cancel, check):
+    main.add_command(_command)

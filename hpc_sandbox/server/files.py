@@ -11,30 +11,10 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from pathlib import PurePosixPath
-
 from ..errors import BadRequest, NotFound
+from ..paths import split_workspace_path
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def split_workspace_path(path: str) -> list[str]:
-    """Components of a workspace-relative path; refuses anything that could leave it."""
-    if not path or "\x00" in path:
-        raise BadRequest("path must be a non-empty string without NUL bytes")
-    pure = PurePosixPath(path)
-    if pure.is_absolute():
-        # Slots see their workspace at /workspace; accept that spelling, nothing else.
-        try:
-            pure = pure.relative_to("/workspace")
-        except ValueError:
-            raise BadRequest(f"{path}: outside the workspace") from None
-    parts = [p for p in pure.parts if p not in ("", ".")]
-    if ".." in parts:
-        raise BadRequest(f"{path}: '..' is not allowed")
-    if not parts:
-        raise BadRequest(f"{path}: names the workspace itself, not a file")
-    return parts
 
 
 def _open_parent(workspace: str, parts: list[str], create: bool) -> int:

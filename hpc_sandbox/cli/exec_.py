@@ -1,0 +1,70 @@
+"""`hpc-sandbox exec`: run one command in a fresh slot and exit with its exit code."""
+from __future__ import annotations
+
+import asyncio
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from .. import jobs
+from ..errors import HpcSandboxError
+from ..models import ToolResult
+from ..pool import SlotPool
+from .common import resolve_state_dir, state_dir_option
+
+EXIT_TIMEOUT = 124  # as coreutils `timeout`
+EXIT_INTERNAL = 125  # hpc-sandbox itself failed (as `docker run`); the command's codes stay its own
+
+
+async def _run(state: Path, job: str | None, command: str, timeout: float | None, acquire_timeout: float,
+               env: dict[str, str]) -> ToolResult:
+    pool = SlotPool.from_state_dir(state, jobs.job_ids(state, job) if job else None, acquire_timeout=acquire_timeout)
+    async with pool:
+        async with pool.slot(trajectory_id="cli-exec") as slot:
+            return await pool.execute(slot, "bash", {"command": command, "env": env}, timeout=timeout)
+
+
+@click.command("exec", context_settings={"ignore_unknown_options": True})
+@click.option("--job", default=None, help="Use this job's slots (default: any live job).")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=None,
+              help="Kill the command after this many seconds (exit code 124).")
+@click.option("--acquire-timeout", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="Seconds to wait for a free slot.")
+@click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Extra environment (repeatable).")
+@state_dir_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(job: str | None, timeout: float | None, acquire_timeout: float, env_pairs: tuple[str, ...],
+          state_dir: Path | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND with bash in a free slot; print its output; exit with its code.
+
+    One argument is taken as a shell string (`exec -- 'ls | wc -l'`); several are
+    quoted and joined (`exec -- python -c 'print(1)'`). The slot is released and
+    its workspace wiped afterwards. Exit codes: the command's own; 124 on timeout;
+    128+N if killed by signal N; 125 if hpc-sandbox itself failed.
+    """
+    env = {}
+    for pair in env_pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
+        env[key] = value
+    script = command[0] if len(command) == 1 else shlex.join(command)
+    state = resolve_state_dir(state_dir)
+    try:
+        result = asyncio.run(_run(state, job, script, timeout, acquire_timeout, env))
+    except HpcSandboxError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(EXIT_INTERNAL)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    if result.timed_out:
+        click.echo(f"hpc-sandbox: command timed out after {timeout}s in {result.slot}", err=True)
+        raise SystemExit(EXIT_TIMEOUT)
+    if result.exit_code is None and result.signal:
+        raise SystemExit(128 + result.signal)
+    if result.exit_code is None:
+        click.echo(f"Error: {result.error} ({result.error_kind})", err=True)
+        raise SystemExit(EXIT_INTERNAL)
+    raise SystemExit(result.exit_code)

@@ -1,0 +1,156 @@
+"""Jobs as a user sees them: submit, wait until ready, report, cancel.
+
+Everything about one job stays in its folder under the state dir, where a person
+can look: job.json (what was submitted, the scheduler's ids), the token, the ready
+records of its node servers, and their logs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from .client import NodeClient
+from .errors import ClientError, HpcSandboxError, JobNotFound
+from .models import Endpoint
+from .rendezvous import (JobInfo, ServerRecord, create_token, job_dir, job_token, list_jobs, read_job_info,
+                         read_records, write_job_info)
+from .schedulers import JobState, JobStatus, get_scheduler
+from .spec import SandboxSpec
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(HpcSandboxError):
+    kind = "job_failed"
+
+
+@dataclass(frozen=True)
+class ServerState:
+    record: ServerRecord
+    reachable: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class JobReport:
+    info: JobInfo
+    status: JobStatus
+    servers: list[ServerState]
+
+    @property
+    def free(self) -> int:
+        return sum(s.counts.get("free", 0) for s in self.servers)
+
+    @property
+    def leased(self) -> int:
+        return sum(s.counts.get("leased", 0) for s in self.servers)
+
+
+def new_job_id(job_name: str) -> str:
+    return f"{job_name}-{secrets.token_hex(3)}"
+
+
+def submit(spec: SandboxSpec, scheduler: str = "local") -> JobInfo:
+    """Make the job folder and its token, then hand the spec to the scheduler."""
+    state_dir = spec.state_dir.expanduser()
+    backend = get_scheduler(scheduler, state_dir)
+    job_id = new_job_id(spec.job_name)
+    create_token(state_dir, job_id)
+    try:
+        info = backend.submit(spec, job_id)
+    except BaseException:
+        shutil.rmtree(job_dir(state_dir, job_id), ignore_errors=True)
+        raise
+    write_job_info(state_dir, info)
+    return info
+
+
+def log_tail(state_dir: Path, job_id: str, lines: int = 1) -> str:
+    """The last meaningful line(s) of the job's node server logs: usually the reason."""
+    found: list[str] = []
+    for path in sorted((job_dir(state_dir, job_id) / "logs").glob("*")):
+        try:
+            text = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            continue
+        errors = [ln for ln in text if "Error" in ln or "error" in ln] or text
+        found += [f"{path.name}: {ln}" for ln in errors[-lines:]]
+    return "; ".join(found[-3:])
+
+
+async def _probe(record: ServerRecord, token: str, session: aiohttp.ClientSession) -> ServerState:
+    endpoint = Endpoint(url=record.url, token=token, job_id=record.job_id, name=record.name)
+    try:
+        answer = await NodeClient(endpoint, session=session).slots()
+        return ServerState(record, True, answer.get("counts", {}))
+    except ClientError as exc:
+        return ServerState(record, False, error=str(exc))
+
+
+async def probe_servers(state_dir: Path, job_id: str) -> list[ServerState]:
+    token = job_token(state_dir, job_id)
+    records = read_records(state_dir, job_id)
+    async with aiohttp.ClientSession() as session:
+        return list(await asyncio.gather(*(_probe(r, token, session) for r in records)))
+
+
+async def wait_ready(state_dir: Path, info: JobInfo, timeout: float,
+                     progress: Callable[[int, int, str], None] | None = None) -> list[ServerState]:
+    """Wait until every node server of the job answers; fail fast if the job ends."""
+    backend = get_scheduler(info.scheduler, state_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = backend.status([info])[info.job_id]
+        servers = await probe_servers(state_dir, info.job_id)
+        ready = sum(s.reachable for s in servers)
+        if progress:
+            progress(ready, info.servers, status.state.value)
+        if ready >= info.servers:
+            return servers
+        if status.state.ended or (info.scheduler == "local" and status.reason):
+            tail = log_tail(state_dir, info.job_id)
+            raise JobFailed(f"job {info.job_id} {status.state.value} before its node servers were ready"
+                            f"{': ' + tail if tail else ''} (logs: {job_dir(state_dir, info.job_id) / 'logs'})")
+        if time.monotonic() > deadline:
+            raise JobFailed(f"job {info.job_id}: {ready} of {info.servers} node servers ready after {timeout:.0f}s "
+                            f"(scheduler says {status.state.value}{': ' + status.reason if status.reason else ''}); "
+                            f"it keeps running: `hpc-sandbox status {info.job_id}`")
+        await asyncio.sleep(0.2)
+
+
+def job_ids(state_dir: Path, job: str | None) -> list[str]:
+    if job is None:
+        return list_jobs(state_dir)
+    if not job_dir(state_dir, job).is_dir():
+        raise JobNotFound(f"no job {job!r} in {state_dir / 'jobs'} (see `hpc-sandbox status`)")
+    return [job]
+
+
+async def report(state_dir: Path, job: str | None = None) -> list[JobReport]:
+    infos = [read_job_info(state_dir, j) for j in job_ids(state_dir, job)]
+    statuses: dict[str, JobStatus] = {}
+    for scheduler in sorted({i.scheduler for i in infos}):
+        group = [i for i in infos if i.scheduler == scheduler]
+        statuses.update(get_scheduler(scheduler, state_dir).status(group))
+    reports = []
+    for info in infos:
+        servers = await probe_servers(state_dir, info.job_id)
+        reports.append(JobReport(info, statuses.get(info.job_id, JobStatus(info.job_id, JobState.UNKNOWN)), servers))
+    return reports
+
+
+def cancel(state_dir: Path, job: str) -> JobInfo:
+    """Cancel through the scheduler, then remove the job folder (records, token, logs)."""
+    info = read_job_info(state_dir, job)
+    get_scheduler(info.scheduler, state_dir).cancel(info)
+    shutil.rmtree(job_dir(state_dir, job), ignore_errors=True)
+    return info

@@ -1,0 +1,101 @@
+"""Plain typed objects that cross module boundaries (client, pool, CLI)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+LOCATIONS = ("local", "cluster", "cloud")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One node server, as a client reaches it."""
+
+    url: str
+    token: str = field(repr=False)  # never in a repr, so never in a log line by accident
+    job_id: str
+    name: str
+    location: str = "cluster"
+    slots: int = 0
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A leased slot: where it lives and the lease that proves it is ours."""
+
+    endpoint: Endpoint
+    index: int
+    lease: str = field(repr=False)
+    trajectory_id: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.endpoint.job_id}/{self.endpoint.name}/{self.index}"
+
+    @property
+    def location(self) -> str:
+        return self.endpoint.location
+
+    def __str__(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What one tool call came to. A failure is a result with an error, never a hang.
+
+    `success` is True when the tool did what was asked: for `bash`, exit code 0 and no
+    timeout. `error_kind` names the failure for programs: a tool-level kind from the
+    agent (path, not_found, ...), or one of timeout, agent_died, lease_lost,
+    server_gone, auth, limit, job_ended.
+    """
+
+    success: bool
+    tool: str
+    slot: str | None = None
+    location: str | None = None
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    duration: float = 0.0
+    timed_out: bool = False
+    truncated: bool = False
+    error: str | None = None
+    error_kind: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # the tool's own fields (content, entries, sha256, ...)
+
+    @classmethod
+    def from_answer(cls, answer: dict[str, Any], slot: Slot | None = None) -> "ToolResult":
+        """Build from a node server's per-call answer {"ok", "tool", "result" | "error"}."""
+        tool = answer.get("tool", "")
+        where = {"slot": slot.id if slot else None, "location": slot.location if slot else None}
+        if not answer.get("ok"):
+            error = answer.get("error") or {}
+            return cls(success=False, tool=tool, error=error.get("message", "unknown error"),
+                       error_kind=error.get("kind", "error"), **where)
+        result = dict(answer.get("result") or {})
+        if tool == "bash":
+            timed_out = bool(result.get("timed_out"))
+            exit_code = result.get("exit_code")
+            return cls(
+                success=exit_code == 0 and not timed_out,
+                tool=tool,
+                stdout=result.get("stdout", ""),
+                stderr=result.get("stderr", ""),
+                exit_code=exit_code,
+                signal=result.get("signal"),
+                duration=float(result.get("duration") or 0.0),
+                timed_out=timed_out,
+                truncated=bool(result.get("stdout_dropped") or result.get("stderr_dropped")),
+                error="command timed out" if timed_out else None,
+                error_kind="timeout" if timed_out else None,
+                data={k: result[k] for k in ("stdout_dropped", "stderr_dropped") if k in result},
+                **where,
+            )
+        return cls(success=True, tool=tool, data=result, **where)
+
+    @classmethod
+    def failure(cls, tool: str, kind: str, message: str, slot: Slot | None = None) -> "ToolResult":
+        return cls(success=False, tool=tool, error=message, error_kind=kind,
+                   slot=slot.id if slot else None, location=slot.location if slot else None)

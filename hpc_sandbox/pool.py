@@ -1,0 +1,333 @@
+"""SlotPool: the one slot API, whatever the slot's location.
+
+    pool = SlotPool.from_state_dir()          # every live job in ~/.hpc-sandbox
+    async with pool:
+        slot = await pool.acquire(trajectory_id="t1")
+        res = await pool.execute(slot, "bash", {"command": "pytest -q"}, timeout=60)
+        await pool.release(slot)
+
+A pool asks its sources for slots in order (local/cluster node servers first; the
+cloud overflow plugs in as one more source). Slot ownership is the node servers'
+business: the pool holds leases, never locks of its own, so any number of pools in
+any number of processes can share the same jobs.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .client import NodeClient, new_exec_id
+from .errors import ClientError, ConfigError, HpcSandboxError, NoCapacity, NoFreeSlot, ServerGone
+from .models import Endpoint, Slot, ToolResult
+from .rendezvous import job_token, list_jobs, read_job_info, read_records
+from .spec import default_state_dir
+
+log = logging.getLogger(__name__)
+
+UNHEALTHY_BACKOFF = 5.0  # seconds a server that failed to answer is skipped
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How many slots a source has, and how many of them were free when last asked."""
+
+    source: str
+    location: str
+    servers: int
+    slots: int
+    free: int
+
+
+class NodeServerSource:
+    """Slots on node servers found by a discovery function (rendezvous records, a
+    fixed list, a scheduler). Asks the server with the most free slots first."""
+
+    def __init__(self, discover: Callable[[], list[Endpoint]], name: str = "nodes", location: str = "cluster",
+                 refresh_interval: float = 2.0) -> None:
+        self.discover = discover
+        self.name = name
+        self.location = location
+        self.refresh_interval = refresh_interval
+        self._endpoints: list[Endpoint] = []
+        self._refreshed = 0.0
+        self._free: dict[str, int] = {}
+        self._skip_until: dict[str, float] = {}
+        self._clients: dict[str, NodeClient] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_jobs(cls, state_dir: Path | None = None, jobs: Sequence[str] | None = None,
+                  location: str = "local") -> "NodeServerSource":
+        """Node servers announced under STATE_DIR/jobs/ (the given jobs, or all of them)."""
+        state = Path(state_dir or default_state_dir()).expanduser()
+
+        def discover() -> list[Endpoint]:
+            endpoints = []
+            for job in (jobs if jobs is not None else list_jobs(state)):
+                try:
+                    token = job_token(state, job)
+                except HpcSandboxError as exc:
+                    if jobs is not None:
+                        raise
+                    log.debug("skipping job %s: %s", job, exc)
+                    continue
+                try:
+                    where = read_job_info(state, job).location
+                except HpcSandboxError:
+                    where = location  # started by hand with `serve`: no job.json
+                for record in read_records(state, job):
+                    endpoints.append(Endpoint(url=record.url, token=token, job_id=job, name=record.name,
+                                              location=where, slots=record.slots))
+            return endpoints
+
+        return cls(discover, name=f"jobs in {state}", location=location)
+
+    @classmethod
+    def from_endpoints(cls, endpoints: Sequence[Endpoint]) -> "NodeServerSource":
+        fixed = list(endpoints)
+        return cls(lambda: fixed, name="endpoints", location=fixed[0].location if fixed else "cluster")
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=60))
+        await self.refresh(force=True)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        self._clients.clear()
+
+    def client(self, endpoint: Endpoint) -> NodeClient:
+        client = self._clients.get(endpoint.url)
+        if client is None or client.endpoint != endpoint:
+            client = NodeClient(endpoint, session=self._session)
+            self._clients[endpoint.url] = client
+        return client
+
+    async def refresh(self, force: bool = False) -> list[Endpoint]:
+        now = time.monotonic()
+        if force or now - self._refreshed > self.refresh_interval:
+            self._endpoints = await asyncio.to_thread(self.discover)
+            self._refreshed = now
+        return self._endpoints
+
+    async def try_acquire(self, trajectory_id: str | None, ttl: float | None) -> Slot | None:
+        now = time.monotonic()
+        endpoints = [e for e in await self.refresh() if self._skip_until.get(e.url, 0) <= now]
+        # Most free slots first (as last seen); shuffle ties so that many pools spread out.
+        random.shuffle(endpoints)
+        endpoints.sort(key=lambda e: -self._free.get(e.url, e.slots))
+        for endpoint in endpoints:
+            try:
+                granted = await self.client(endpoint).acquire(trajectory_id, ttl)
+            except NoFreeSlot:
+                self._free[endpoint.url] = 0
+                continue
+            except ClientError as exc:
+                log.warning("node server %s skipped for %.0fs: %s", endpoint.name, UNHEALTHY_BACKOFF, exc)
+                self._skip_until[endpoint.url] = now + UNHEALTHY_BACKOFF
+                continue
+            self._free[endpoint.url] = max(0, self._free.get(endpoint.url, endpoint.slots) - 1)
+            return Slot(endpoint=endpoint, index=granted["slot"], lease=granted["lease"], trajectory_id=trajectory_id)
+        return None
+
+    def released(self, slot: Slot) -> None:
+        self._free[slot.endpoint.url] = self._free.get(slot.endpoint.url, 0) + 1
+
+    async def capacity(self) -> Capacity:
+        endpoints = await self.refresh()
+        free = 0
+        for endpoint in endpoints:
+            try:
+                counts = (await self.client(endpoint).slots())["counts"]
+            except ClientError:
+                continue
+            self._free[endpoint.url] = counts.get("free", 0)
+            free += counts.get("free", 0)
+        return Capacity(self.name, self.location, len(endpoints), sum(e.slots for e in endpoints), free)
+
+
+class SlotPool:
+    def __init__(self, sources: Sequence[NodeServerSource], *, acquire_timeout: float = 300.0,
+                 lease_ttl: float | None = None, poll_interval: float = 0.25) -> None:
+        if not sources:
+            raise ConfigError("a SlotPool needs at least one source")
+        self.sources = list(sources)
+        self.acquire_timeout = acquire_timeout
+        self.lease_ttl = lease_ttl
+        self.poll_interval = poll_interval
+        self._source_of: dict[str, NodeServerSource] = {}
+        self._started = False
+
+    @classmethod
+    def from_state_dir(cls, state_dir: Path | None = None, jobs: Sequence[str] | None = None,
+                       **options: Any) -> "SlotPool":
+        return cls([NodeServerSource.from_jobs(state_dir, jobs)], **options)
+
+    async def start(self) -> None:
+        if not self._started:
+            for source in self.sources:
+                await source.start()
+            self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            for source in self.sources:
+                await source.stop()
+            self._started = False
+
+    async def __aenter__(self) -> "SlotPool":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- slots -------------------------------------------------------------------
+
+    async def acquire(self, trajectory_id: str | None = None, profile: str = "default",
+                      timeout: float | None = None) -> Slot:
+        """A free slot from the first source that has one; waits up to `timeout`.
+
+        `profile` names the kind of slot asked for; sources that serve several kinds
+        (the cloud overflow) use it, node servers of a job ignore it.
+        """
+        await self.start()
+        deadline = time.monotonic() + (self.acquire_timeout if timeout is None else timeout)
+        delay = self.poll_interval
+        while True:
+            for source in self.sources:
+                slot = await source.try_acquire(trajectory_id, self.lease_ttl)
+                if slot is not None:
+                    self._source_of[slot.id] = source
+                    return slot
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                capacity = [await s.capacity() for s in self.sources]
+                total = sum(c.slots for c in capacity)
+                raise NoCapacity(f"no free slot within {timeout if timeout is not None else self.acquire_timeout:.0f}s "
+                                 f"({total} slots on {sum(c.servers for c in capacity)} node servers, all busy)"
+                                 if total else "no node servers are running (submit a job first: hpc-sandbox submit)")
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, 2.0)
+
+    def _client(self, slot: Slot) -> NodeClient:
+        source = self._source_of.get(slot.id) or self.sources[0]
+        return source.client(slot.endpoint)
+
+    async def release(self, slot: Slot, reset_workspace: bool = True) -> None:
+        try:
+            await self._client(slot).release(slot.index, slot.lease, reset_workspace)
+        except (ServerGone, ClientError) as exc:
+            # The lease dies with its server or expires by itself: nothing is leaked.
+            log.info("release of %s: %s", slot, exc)
+        source = self._source_of.pop(slot.id, None)
+        if source is not None:
+            source.released(slot)
+
+    async def reset(self, slot: Slot) -> None:
+        await self._client(slot).reset(slot.index, slot.lease)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, trajectory_id: str | None = None, profile: str = "default",
+                   reset_workspace: bool = True) -> AsyncIterator[Slot]:
+        slot = await self.acquire(trajectory_id=trajectory_id, profile=profile)
+        try:
+            yield slot
+        finally:
+            await self.release(slot, reset_workspace=reset_workspace)
+
+    # --- execution ---------------------------------------------------------------
+
+    async def execute(self, slot: Slot, tool: str, args: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> ToolResult:
+        try:
+            answer = await self._client(slot).execute(slot.index, slot.lease, tool, args or {}, timeout)
+        except ClientError as exc:
+            return ToolResult.failure(tool, exc.kind, str(exc), slot)
+        return ToolResult.from_answer(answer, slot)
+
+    async def execute_batch(self, calls: Sequence[tuple[Slot, str, dict[str, Any]] | tuple[Slot, str, dict[str, Any], float]],
+                            timeout: float | None = None) -> list[ToolResult]:
+        """Several calls at once: one HTTP request per node server, results in call order."""
+        by_server: dict[str, list[int]] = {}
+        for position, call in enumerate(calls):
+            by_server.setdefault(call[0].endpoint.url, []).append(position)
+        results: list[ToolResult | None] = [None] * len(calls)
+
+        async def send(positions: list[int]) -> None:
+            first = calls[positions[0]][0]
+            wire = []
+            for p in positions:
+                slot, tool, args = calls[p][0], calls[p][1], calls[p][2]
+                call_timeout = calls[p][3] if len(calls[p]) > 3 else timeout  # type: ignore[misc]
+                wire.append({"slot": slot.index, "lease": slot.lease, "exec_id": new_exec_id(), "tool": tool,
+                             "args": args, **({"timeout": call_timeout} if call_timeout else {})})
+            try:
+                answers = await self._client(first).batch(wire)
+            except ClientError as exc:
+                for p in positions:
+                    results[p] = ToolResult.failure(calls[p][1], exc.kind, str(exc), calls[p][0])
+                return
+            for p, answer in zip(positions, answers):
+                results[p] = ToolResult.from_answer(answer, calls[p][0])
+
+        await asyncio.gather(*(send(positions) for positions in by_server.values()))
+        return [r for r in results if r is not None]
+
+    async def download(self, slot: Slot, path: str, dest: Path) -> int:
+        return await self._client(slot).download(slot.index, slot.lease, path, dest)
+
+    async def upload(self, slot: Slot, source: Path, path: str) -> int:
+        return await self._client(slot).upload(slot.index, slot.lease, source, path)
+
+    async def capacity(self) -> list[Capacity]:
+        return [await source.capacity() for source in self.sources]
+
+
+class SyncSlotPool:
+    """A blocking facade for scripts: the async pool runs on a private event loop thread."""
+
+    def __init__(self, pool: SlotPool) -> None:
+        self.pool = pool
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="hpc-sandbox-pool", daemon=True)
+        self._thread.start()
+        self._run(pool.start())
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def acquire(self, trajectory_id: str | None = None, profile: str = "default", timeout: float | None = None) -> Slot:
+        return self._run(self.pool.acquire(trajectory_id, profile, timeout))
+
+    def release(self, slot: Slot, reset_workspace: bool = True) -> None:
+        self._run(self.pool.release(slot, reset_workspace))
+
+    def execute(self, slot: Slot, tool: str, args: dict[str, Any] | None = None,
+                timeout: float | None = None) -> ToolResult:
+        return self._run(self.pool.execute(slot, tool, args, timeout))
+
+    def execute_batch(self, calls: Sequence[Any], timeout: float | None = None) -> list[ToolResult]:
+        return self._run(self.pool.execute_batch(calls, timeout))
+
+    def close(self) -> None:
+        self._run(self.pool.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def __enter__(self) -> "SyncSlotPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,58 @@
+"""The one small interface every scheduler module implements.
+
+A scheduler submits a SandboxSpec as a job, reports the state of jobs (all of them
+in one call: a shared controller must not be asked once per job), and cancels.
+Node servers are discovered through the rendezvous folder, the same way for all.
+"""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..rendezvous import JobInfo
+from ..spec import SandboxSpec
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETING = "completing"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    PREEMPTED = "preempted"
+    UNKNOWN = "unknown"
+
+    @property
+    def ended(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.PREEMPTED)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    state: JobState
+    reason: str = ""  # the scheduler's own words, kept verbatim
+
+
+class Scheduler(ABC):
+    name: str = "base"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir).expanduser()
+
+    @abstractmethod
+    def submit(self, spec: SandboxSpec, job_id: str) -> JobInfo:
+        """Start the job's node servers (or queue it); the job folder and token exist already."""
+
+    @abstractmethod
+    def status(self, jobs: Sequence[JobInfo]) -> dict[str, JobStatus]:
+        """State of every given job, in one round trip to the scheduler."""
+
+    @abstractmethod
+    def cancel(self, job: JobInfo) -> None:
+        """Stop the job's node servers (they remove their own records on SIGTERM)."""
