@@ -2,6 +2,9 @@
 
 One spec renders to every scheduler. Validation happens here, once, and names the
 field that is wrong, so neither templates nor schedulers have to second-guess it.
+Values are normalised on the way in (lists become tuples, strings become paths,
+"9100-9163" becomes a port tuple, a walltime in seconds becomes HH:MM:SS) so that a
+spec built from YAML, the environment or Python is the same spec.
 """
 from __future__ import annotations
 
@@ -14,12 +17,74 @@ from pathlib import Path
 from .errors import SpecError
 
 RUNTIMES = ("apptainer", "singularity", "bwrap", "none")
+# Runtimes that can hand GPUs to a slot: Apptainer/Singularity with --nv, and `none`,
+# whose slots are plain host processes that see the host's devices. bwrap builds a
+# minimal /dev (`--dev /dev`) without the NVIDIA device nodes, so it cannot.
+GPU_RUNTIMES = ("apptainer", "singularity", "none")
+SCHEDULERS = ("local", "slurm", "pbs", "nomad")
+PBS_DIALECTS = ("torque", "pbspro")
+NOMAD_TYPES = ("batch", "service")
 DEFAULT_PORT_RANGE = (9100, 9163)
+# Slurm's `--signal` takes at most 65535 seconds.
+MAX_SIGNAL_SECONDS = 65535
+
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Partition, account, QoS and interface names go into directive lines unquoted, so
+# they are held to the characters schedulers use for names (comma: partition lists).
+_SITE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,+@:-]{0,127}$")
+_WALLTIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<hours>\d+):(?P<minutes>[0-5]\d):(?P<seconds>[0-5]\d)$")
+_MEM = re.compile(r"^(?P<number>\d+)\s*(?P<unit>[KMGT]?)B?$", re.IGNORECASE)
+_MEM_FACTOR_MB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def default_state_dir() -> Path:
     return Path("~/.hpc-sandbox").expanduser()
+
+
+def parse_walltime(value: str) -> int:
+    """Seconds in a `[D-]HH:MM:SS` walltime; SpecError('walltime') when malformed."""
+    match = _WALLTIME.match(value)
+    if not match:
+        raise SpecError("walltime", f"{value!r} is not HH:MM:SS or D-HH:MM:SS (e.g. 01:30:00, 2-00:00:00)")
+    days = int(match["days"] or 0)
+    hours = int(match["hours"])
+    if match["days"] is not None and hours > 23:
+        raise SpecError("walltime", f"{value!r}: with a day count, hours must be 0-23")
+    seconds = ((days * 24 + hours) * 60 + int(match["minutes"])) * 60 + int(match["seconds"])
+    if seconds <= 0:
+        raise SpecError("walltime", f"{value!r} must be longer than zero")
+    return seconds
+
+
+def format_hms(seconds: int) -> str:
+    """HH:MM:SS with as many hour digits as needed (PBS and Slurm both accept it)."""
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def parse_mem_mb(value: str) -> int:
+    """Megabytes in a memory size: 16G, 16GB, 16gb, 512M, 1T, or a bare number of MB."""
+    match = _MEM.match(value.strip())
+    if not match:
+        raise SpecError("mem", f"{value!r} is not a size like 512M, 16G, 16GB or 1T (a bare number means MB)")
+    mb = int(match["number"]) * _MEM_FACTOR_MB[match["unit"].upper()]
+    if mb < 1:
+        raise SpecError("mem", f"{value!r} is less than 1 MB")
+    return int(-(-mb // 1))  # round up: never ask for less than was written
+
+
+def parse_port_range(value: object) -> tuple[int, int]:
+    """(lo, hi) from "LO-HI", [lo, hi] or (lo, hi); SpecError('port_range') otherwise."""
+    if isinstance(value, str):
+        lo, sep, hi = value.partition("-")
+        if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+            raise SpecError("port_range", f"{value!r} is not LO-HI, e.g. 9100-9163")
+        return int(lo), int(hi)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return int(value[0]), int(value[1])
+    raise SpecError("port_range", f"{value!r} is not LO-HI or a [lo, hi] pair")
 
 
 @dataclass(frozen=True)
@@ -45,33 +110,190 @@ class SandboxSpec:
     skip_directives: tuple[str, ...] = ()
     state_dir: Path = field(default_factory=default_state_dir)
     profile: str = "default"
+    # Where the job runs; `render` needs slurm, pbs or nomad (a flag can override).
+    scheduler: str = "local"
+    # PBS flavour: Torque (`-l nodes=N:ppn=C`, `-t`) or PBS Pro (`-l select=`, `-J`).
+    dialect: str = "torque"
+    # Most tasks one array job may have (Slurm MaxArraySize, PBS Pro max_array_size, a
+    # site's subjob cap); larger arrays are rendered as several array jobs. None: the
+    # scheduler's own default (see jobspec.DEFAULT_MAX_ARRAY_SIZE).
+    max_array_size: int | None = None
+    # Most of this job's node servers that can run on one node at once: each needs its
+    # own port. None: every array task that may run at once (array_limit, else array).
+    servers_per_node: int | None = None
+    # Node servers get SIGTERM this long before the walltime kill (Slurm --signal), so
+    # they can remove their records; capped at half the walltime.
+    signal_seconds: int = 120
+    # Network interface node servers listen on (e.g. ib0); None: the node's hostname.
+    interface: str | None = None
+    nomad_type: str = "batch"
+    # A site's template folder; files there override the packaged templates by name.
+    template_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        self._normalise()
         self.validate()
+
+    # --- derived values --------------------------------------------------------------
 
     @property
     def servers(self) -> int:
         """How many node servers the job starts: one per node, or one per array task."""
         return self.array if self.array is not None else self.nodes
 
+    @property
+    def walltime_seconds(self) -> int:
+        return parse_walltime(self.walltime)
+
+    @property
+    def mem_mb(self) -> int | None:
+        return parse_mem_mb(self.mem) if self.mem is not None else None
+
+    @property
+    def port_count(self) -> int:
+        return self.port_range[1] - self.port_range[0] + 1
+
+    @property
+    def colocated_servers(self) -> int:
+        """How many of this job's node servers may share one node (each needs a port)."""
+        if self.servers_per_node is not None:
+            return self.servers_per_node
+        if self.array is None:
+            return 1  # one node server per node: srun/pbsdsh start exactly one per node
+        return min(self.array, self.array_limit or self.array)
+
+    @property
+    def effective_signal_seconds(self) -> int:
+        return min(self.signal_seconds, self.walltime_seconds // 2)
+
     def replace(self, **changes: object) -> "SandboxSpec":
         return dataclasses.replace(self, **changes)
 
+    # --- normalisation and validation ----------------------------------------------------
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)  # frozen: only __post_init__ may do this
+
+    def _normalise(self) -> None:
+        for name in ("setup_lines", "extra_directives", "skip_directives"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise SpecError(name, f"must be a list of strings, got the single string {value!r}")
+            self._set(name, tuple(value))
+            for item in getattr(self, name):
+                if not isinstance(item, str):
+                    raise SpecError(name, f"every entry must be a string, got {item!r}")
+        self._set("port_range", parse_port_range(self.port_range))
+        if isinstance(self.walltime, int) and not isinstance(self.walltime, bool):
+            # YAML 1.1 reads an unquoted 01:00:00 as 3600: accept seconds.
+            self._set("walltime", format_hms(self.walltime))
+        if isinstance(self.mem, int) and not isinstance(self.mem, bool):
+            self._set("mem", f"{self.mem}M")
+        if not isinstance(self.state_dir, Path):
+            self._set("state_dir", Path(str(self.state_dir)))
+        # Node servers run elsewhere, in another working directory: the path must be
+        # absolute, and ~ is expanded here, for the user who renders the spec.
+        self._set("state_dir", Path(self.state_dir).expanduser().absolute())
+        if self.template_dir is not None and not isinstance(self.template_dir, Path):
+            self._set("template_dir", Path(str(self.template_dir)).expanduser())
+
     def validate(self) -> None:
+        self._check_types()
         if not _JOB_NAME.match(self.job_name):
             raise SpecError("job_name", f"{self.job_name!r} must be 1-63 of letters, digits, '.', '_', '-'")
         if self.nodes < 1:
             raise SpecError("nodes", f"must be at least 1, got {self.nodes}")
-        if self.array is not None and self.array < 1:
-            raise SpecError("array", f"must be at least 1, got {self.array}")
+        if self.array is not None:
+            if self.array < 1:
+                raise SpecError("array", f"must be at least 1, got {self.array}")
+            if self.nodes != 1:
+                raise SpecError("nodes", f"is {self.nodes}, but an array job runs one node server per task, "
+                                         "each on one node: set nodes to 1 or drop array")
+        if self.array_limit is not None:
+            if self.array is None:
+                raise SpecError("array_limit", "limits how many array tasks run at once; it needs array")
+            if self.array_limit < 1:
+                raise SpecError("array_limit", f"must be at least 1, got {self.array_limit}")
         if self.slots < 1:
             raise SpecError("slots", f"must be at least 1, got {self.slots}")
         if self.runtime not in RUNTIMES:
             raise SpecError("runtime", f"{self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         if self.runtime in ("apptainer", "singularity") and not self.image:
             raise SpecError("image", f"runtime {self.runtime} needs an image (a .sif path or docker:// URI)")
+        if self.cpus_per_node is not None and self.cpus_per_node < 1:
+            raise SpecError("cpus_per_node", f"must be at least 1, got {self.cpus_per_node}")
+        if self.mem is not None:
+            parse_mem_mb(self.mem)
+        if self.gpus < 0:
+            raise SpecError("gpus", f"must be 0 or more, got {self.gpus}")
+        if self.gpus and self.runtime not in GPU_RUNTIMES:
+            raise SpecError("gpus", f"runtime {self.runtime} cannot pass GPUs to slots (its /dev has no GPU "
+                                    f"devices); use one of {', '.join(GPU_RUNTIMES)}, or gpus: 0")
+        parse_walltime(self.walltime)
+        if not 0 <= self.signal_seconds <= MAX_SIGNAL_SECONDS:
+            raise SpecError("signal_seconds", f"must be 0-{MAX_SIGNAL_SECONDS}, got {self.signal_seconds}")
+        for name in ("partition", "account", "qos", "interface"):
+            value = getattr(self, name)
+            if value is not None and not _SITE_NAME.match(value):
+                raise SpecError(name, f"{value!r} may only hold letters, digits and . _ , + @ : - "
+                                      "(it is written into directive lines)")
         lo, hi = self.port_range
         if not (1024 <= lo <= hi <= 65535):
             raise SpecError("port_range", f"{lo}-{hi} must be an ascending range within 1024-65535")
-        if self.gpus < 0:
-            raise SpecError("gpus", f"must be 0 or more, got {self.gpus}")
+        if self.servers_per_node is not None and self.servers_per_node < 1:
+            raise SpecError("servers_per_node", f"must be at least 1, got {self.servers_per_node}")
+        if self.colocated_servers > self.port_count:
+            raise SpecError("port_range", (
+                f"{lo}-{hi} has {self.port_count} ports, but up to {self.colocated_servers} node servers of this "
+                "job could share a node and each needs its own port: widen port_range, set array_limit, "
+                "or set servers_per_node to what fits on one of your nodes"))
+        if self.max_array_size is not None and self.max_array_size < 1:
+            raise SpecError("max_array_size", f"must be at least 1, got {self.max_array_size}")
+        if self.scheduler not in SCHEDULERS:
+            raise SpecError("scheduler", f"{self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.dialect not in PBS_DIALECTS:
+            raise SpecError("dialect", f"{self.dialect!r} is not one of {', '.join(PBS_DIALECTS)}")
+        if self.nomad_type not in NOMAD_TYPES:
+            raise SpecError("nomad_type", f"{self.nomad_type!r} is not one of {', '.join(NOMAD_TYPES)}")
+        if not self.python or _CONTROL.search(self.python):
+            raise SpecError("python", f"{self.python!r} must be a non-empty path without control characters")
+        if not _JOB_NAME.match(self.profile):
+            raise SpecError("profile", f"{self.profile!r} must be 1-63 of letters, digits, '.', '_', '-'")
+        if self.image is not None and (not self.image or _CONTROL.search(self.image)):
+            raise SpecError("image", f"{self.image!r} must be non-empty, without control characters")
+        # One entry is one line: a newline (or any control character) inside an entry
+        # would let it smuggle a second line into the script.
+        for name in ("setup_lines", "extra_directives", "skip_directives"):
+            for item in getattr(self, name):
+                if _CONTROL.search(item.replace("\t", " ")):
+                    raise SpecError(name, f"{item!r} contains a newline or control character; "
+                                          "give one line per entry")
+                if name != "setup_lines" and not item.strip():
+                    raise SpecError(name, "entries must not be empty")
+
+    def _check_types(self) -> None:
+        """Catch wrong Python types early with the field's name (not a TypeError later)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = _FIELD_KINDS.get(f.name)
+            if expected is None:
+                continue
+            kind, optional = expected
+            if value is None and optional:
+                continue
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            if not ok:
+                raise SpecError(f.name, f"expected {_KIND_NAMES[kind]}{' or nothing' if optional else ''}, "
+                                        f"got {value!r}")
+
+
+_KIND_NAMES = {int: "an integer", str: "a string"}
+_FIELD_KINDS: dict[str, tuple[type, bool]] = {
+    "job_name": (str, False), "nodes": (int, False), "array": (int, True), "array_limit": (int, True),
+    "slots": (int, False), "runtime": (str, False), "image": (str, True), "cpus_per_node": (int, True),
+    "mem": (str, True), "gpus": (int, False), "walltime": (str, False), "partition": (str, True),
+    "account": (str, True), "qos": (str, True), "python": (str, False), "profile": (str, False),
+    "scheduler": (str, False), "dialect": (str, False), "max_array_size": (int, True),
+    "servers_per_node": (int, True), "signal_seconds": (int, False), "interface": (str, True),
+    "nomad_type": (str, False),
+}
