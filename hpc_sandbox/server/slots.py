@@ -34,7 +34,7 @@ class Slot:
     index: int
     workspace: Path
     agent: AgentProcess | None = None
-    state: str = "starting"  # starting | free | leased | resetting | broken
+    state: str = "starting"  # starting | free | leased | restarting | resetting | broken
     lease: str | None = None
     trajectory_id: str | None = None
     ttl: float = DEFAULT_LEASE_TTL
@@ -115,7 +115,7 @@ class SlotTable:
         agent = AgentProcess(argv, env, cwd=str(slot.workspace), name=f"slot {slot.index}")
         await agent.start(self.agent_start_timeout)
         slot.agent = agent
-        if slot.state in ("starting", "resetting", "broken"):
+        if slot.state in ("starting", "restarting", "resetting", "broken"):
             slot.state = "leased" if slot.lease else "free"
         watcher = asyncio.create_task(self._watch(slot, agent))
         self._watchers.add(watcher)
@@ -126,18 +126,21 @@ class SlotTable:
         await agent.exited.wait()
         if agent.stopping or not self.accepting:
             return
-        slot.restarts += 1
-        slot.last_error = f"agent died unexpectedly (code {agent.proc.returncode if agent.proc else '?'}); restarted"
-        log.warning("slot %d: %s (restart %d)", slot.index, slot.last_error, slot.restarts)
         async with slot.lock:
             if slot.agent is not agent:
                 return  # someone (a reset) already replaced it
+            code = agent.proc.returncode if agent.proc else "?"
+            slot.state = "restarting"
             try:
                 await self._start_agent(slot)
             except (AgentDied, OSError) as exc:
                 slot.state = "broken"
-                slot.last_error = f"agent could not be restarted: {exc}"
+                slot.last_error = f"agent died (code {code}) and could not be restarted: {exc}"
                 log.error("slot %d: %s", slot.index, slot.last_error)
+                return
+            slot.restarts += 1
+            slot.last_error = f"agent died unexpectedly (code {code}); restarted"
+            log.warning("slot %d: %s (restart %d)", slot.index, slot.last_error, slot.restarts)
 
     async def _expire_leases(self) -> None:
         while True:
@@ -244,6 +247,9 @@ class SlotTable:
 
     async def _run(self, slot: Slot, call: ExecCall) -> dict[str, Any]:
         base = {"slot": slot.index, "exec_id": call.exec_id, "tool": call.tool}
+        if slot.state in ("restarting", "resetting"):
+            async with slot.lock:  # wait for the fresh agent rather than fail the call
+                pass
         if slot.state != "leased" or slot.agent is None:
             return {**base, "ok": False, "error": {"kind": "slot_unavailable",
                                                    "message": f"slot {slot.index} is {slot.state}: {slot.last_error or ''}".rstrip(": ")}}

@@ -1,0 +1,43 @@
+"""Shared fixtures. Every test runs against real processes on loopback."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import RunningServer, start_server  # noqa: E402
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def server(state_dir: Path):
+    """A node server with 2 slots, runtime none."""
+    running = start_server(state_dir, slots=2)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def server_factory(state_dir: Path):
+    started: list[RunningServer] = []
+
+    def make(**kwargs) -> RunningServer:
+        running = start_server(state_dir, **kwargs)
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        if running.proc.poll() is None:
+            running.proc.kill()
+            running.proc.wait()
+

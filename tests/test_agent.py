@@ -1,0 +1,196 @@
+"""The slot agent on its own: protocol, bash, file tools, path safety, limits."""
+from __future__ import annotations
+
+import ast
+import asyncio
+import base64
+import hashlib
+import io
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc_sandbox import agent as agent_module
+from hpc_sandbox.agent import CappedBuffer, ToolError, resolve_in_workspace
+
+from helpers import AGENT, AgentDriver, pids_matching, wait_until
+
+
+@pytest.fixture
+async def agent(tmp_path: Path):
+    driver = await AgentDriver.start(tmp_path)
+    yield driver
+    await driver.close()
+
+
+def test_agent_imports_only_the_standard_library():
+    tree = ast.parse(AGENT.read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "the agent must not import from the package"
+            imported.add(node.module.split(".")[0])
+    assert imported - {"__future__"} <= set(sys.stdlib_module_names)
+
+
+def test_agent_source_parses_as_python_38():
+    # Bound into arbitrary images: no syntax newer than 3.8 (feature_version checks the grammar).
+    ast.parse(AGENT.read_text(), feature_version=(3, 8))
+
+
+async def test_bash_reports_exit_code_and_both_streams(agent):
+    answer = await agent.call("bash", command="echo out; echo err >&2; exit 3")
+    result = answer["result"]
+    assert answer["ok"]
+    assert (result["exit_code"], result["stdout"], result["stderr"]) == (3, "out\n", "err\n")
+    assert result["timed_out"] is False and result["duration"] > 0
+
+
+async def test_bash_runs_in_the_workspace_with_extra_env(agent, tmp_path):
+    result = (await agent.call("bash", command="pwd; echo $GREETING", env={"GREETING": "hi"}))["result"]
+    assert result["stdout"] == f"{tmp_path}\nhi\n"
+
+
+async def test_requests_are_served_concurrently(agent):
+    started = time.monotonic()
+    answers = await asyncio.gather(*(agent.call("bash", command="sleep 0.5") for _ in range(4)))
+    assert all(a["result"]["exit_code"] == 0 for a in answers)
+    assert time.monotonic() - started < 1.5  # one after another would take 2 s
+
+
+async def test_timeout_kills_the_whole_process_group_and_keeps_output(agent):
+    marker = f"hpcsbx-timeout-{os.getpid()}"
+    command = f"echo before; (exec -a {marker} sleep 100) & (exec -a {marker} sleep 100) & wait"
+    result = (await agent.call("bash", timeout=0.5, command=command))["result"]
+    assert result["timed_out"] is True
+    assert result["exit_code"] is None and result["signal"] in (15, 9)
+    assert result["stdout"] == "before\n"
+    assert wait_until(lambda: not pids_matching(marker), timeout=5), "a child of the timed-out command survived"
+
+
+async def test_capped_output_keeps_head_and_tail(tmp_path):
+    driver = await AgentDriver.start(tmp_path, "--output-cap", "1000")
+    try:
+        result = (await driver.call("bash", command="echo START; seq 1 100000; echo END"))["result"]
+    finally:
+        await driver.close()
+    assert result["stdout"].startswith("START\n1\n")
+    assert result["stdout"].endswith("100000\nEND\n")
+    assert result["stdout_dropped"] > 500_000
+    assert f"{result['stdout_dropped']} bytes dropped" in result["stdout"]
+
+
+def test_capped_buffer_keeps_everything_under_the_cap():
+    buffer = CappedBuffer(10)
+    for piece in (b"abc", b"defg", b"hij"):
+        buffer.feed(piece)
+    assert (buffer.text(), buffer.dropped) == ("abcdefghij", 0)
+    buffer.feed(b"KLMNO")
+    assert buffer.dropped == 5
+    assert buffer.text().startswith("abcde") and buffer.text().endswith("KLMNO")
+
+
+async def test_write_then_read_text_with_sha256(agent, tmp_path):
+    write = await agent.call("write_file", path="a/b/c.txt", content="héllo\n")
+    assert write["ok"] and write["result"]["size"] == len("héllo\n".encode())
+    read = (await agent.call("read_file", path="a/b/c.txt", sha256=True))["result"]
+    assert read["content"] == "héllo\n"
+    assert read["sha256"] == hashlib.sha256("héllo\n".encode()).hexdigest()
+    assert (tmp_path / "a/b/c.txt").read_text() == "héllo\n"
+
+
+async def test_binary_files_round_trip_as_base64_with_offset_and_limit(agent, tmp_path):
+    data = bytes(range(256)) * 4
+    await agent.call("write_file", path="bin", content=base64.b64encode(data).decode(), encoding="base64")
+    read = (await agent.call("read_file", path="bin", encoding="base64", offset=10, limit=20))["result"]
+    assert base64.b64decode(read["content"]) == data[10:30]
+    assert (read["size"], read["eof"]) == (1024, False)
+    text = (await agent.call("read_file", path="bin"))["result"]
+    assert text["lossy"] is True  # binary asked for as text is flagged, not an error
+
+
+async def test_write_file_sets_mode_and_replaces_atomically(agent, tmp_path):
+    (tmp_path / "run.sh").write_text("old")
+    await agent.call("write_file", path="run.sh", content="#!/bin/sh\necho ran\n", mode="0755")
+    assert os.stat(tmp_path / "run.sh").st_mode & 0o777 == 0o755
+    assert (await agent.call("bash", command="./run.sh"))["result"]["stdout"] == "ran\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hpc-sandbox-write-")]
+
+
+async def test_list_files_recursive(agent, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("1")
+    (tmp_path / "top").write_text("22")
+    entries = (await agent.call("list_files", recursive=True))["result"]["entries"]
+    assert {(e["path"], e["type"]) for e in entries} == {("d", "dir"), ("d/x", "file"), ("top", "file")}
+
+
+async def test_archive_is_a_tar_gz_of_the_folder(agent, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.py").write_text("print(1)\n")
+    result = (await agent.call("archive", path="src"))["result"]
+    data = base64.b64decode(result["content"])
+    assert hashlib.sha256(data).hexdigest() == result["sha256"]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.extractfile("src/m.py").read() == b"print(1)\n"
+
+
+async def test_archive_over_its_cap_is_refused(agent, tmp_path):
+    (tmp_path / "big").write_bytes(os.urandom(200_000))
+    answer = await agent.call("archive", path=".", max_bytes=50_000)
+    assert answer["error"]["kind"] == "too_large"
+
+
+@pytest.mark.parametrize("path", ["../outside", "/etc/passwd", "a/../../x", "link/passwd", "escape"])
+async def test_paths_leaving_the_workspace_are_refused(agent, tmp_path, path):
+    (tmp_path / "link").symlink_to("/etc")
+    (tmp_path / "escape").symlink_to("/etc/hostname")
+    for tool, args in (("read_file", {}), ("write_file", {"content": "x"})):
+        answer = await agent.call(tool, path=path, **args)
+        assert answer["ok"] is False and answer["error"]["kind"] == "path", (tool, answer)
+    assert (await agent.call("bash", command="true", cwd=path))["error"]["kind"] == "path"
+
+
+async def test_symlink_inside_the_workspace_is_followed(agent, tmp_path):
+    (tmp_path / "real.txt").write_text("inside")
+    (tmp_path / "alias.txt").symlink_to("real.txt")
+    assert (await agent.call("read_file", path="alias.txt"))["result"]["content"] == "inside"
+
+
+def test_resolve_in_workspace_accepts_inside_and_refuses_outside(tmp_path):
+    assert resolve_in_workspace(str(tmp_path), "a/./b/../c") == str(tmp_path / "a" / "c")
+    assert resolve_in_workspace(str(tmp_path), str(tmp_path / "x")) == str(tmp_path / "x")
+    for bad in ("..", "/", "", "a\x00b", str(tmp_path) + "-sibling/x"):
+        with pytest.raises(ToolError):
+            resolve_in_workspace(str(tmp_path), bad)
+
+
+async def test_bad_requests_get_errors_and_the_agent_keeps_serving(agent):
+    assert (await agent.raw(b"not json\n"))["error"]["kind"] == "bad_request"
+    assert (await agent.raw(b"[1, 2]\n"))["error"]["kind"] == "bad_request"
+    answer = await agent.call("rm_rf")
+    assert answer["error"]["kind"] == "unknown_tool" and "bash" in answer["error"]["message"]
+    assert (await agent.call("read_file", path="missing"))["error"]["kind"] == "not_found"
+    assert (await agent.call("bash", command=["not", "a", "string"]))["error"]["kind"] == "bad_request"
+    assert (await agent.call("bash", command="echo still here"))["result"]["stdout"] == "still here\n"
+
+
+async def test_closing_stdin_kills_running_commands(tmp_path):
+    marker = f"hpcsbx-eof-{os.getpid()}"
+    driver = await AgentDriver.start(tmp_path)
+    pending = asyncio.ensure_future(driver.call("bash", command=f"exec -a {marker} sleep 100"))
+    assert await asyncio.to_thread(wait_until, lambda: bool(pids_matching(marker)), 5)
+    await driver.close()
+    pending.cancel()
+    assert await asyncio.to_thread(wait_until, lambda: not pids_matching(marker), 5)
+
+
+def test_agent_main_refuses_a_missing_workspace(tmp_path, capsys):
+    assert agent_module.main(["--workspace", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
