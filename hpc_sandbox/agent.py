@@ -25,8 +25,10 @@ import os
 import signal
 import stat
 import sys
+import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 
 DEFAULT_OUTPUT_CAP = 1 << 20  # per stream, bytes
@@ -119,12 +121,93 @@ class CappedBuffer:
         return bytes(self.head + self.tail).decode("utf-8", "replace")
 
 
-async def _pump(stream: asyncio.StreamReader, sink: CappedBuffer) -> None:
-    while True:
-        chunk = await stream.read(65536)
-        if not chunk:
+class _Spawned:
+    """A `bash -c` child read without asyncio's subprocess layer.
+
+    asyncio's Process.wait() also waits for the child's pipes to close, so a
+    command that leaves a background job holding stdout (`server &`) would look
+    as if it never ended. Here the exit is watched on a pidfd (a thread on
+    pythons/kernels without one) and the pipes are drained separately.
+    """
+
+    def __init__(self, loop, argv, cwd, env, out, err):
+        self.loop = loop
+        self.proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,  # own process group: a timeout kills all of it
+        )
+        self.exited = loop.create_future()
+        self.streams_done = loop.create_future()
+        self.open_streams = 0
+        for pipe, sink in ((self.proc.stdout, out), (self.proc.stderr, err)):
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            self.open_streams += 1
+            loop.add_reader(fd, self._on_readable, pipe, sink)
+        self._watch_exit()
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def _watch_exit(self):
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None:
+            try:
+                self.pidfd = pidfd_open(self.proc.pid)
+            except OSError:
+                self.pidfd = None
+            if self.pidfd is not None:
+                self.loop.add_reader(self.pidfd, self._on_exit)
+                return
+        threading.Thread(target=self._wait_in_thread, daemon=True).start()
+
+    def _on_exit(self):
+        self.loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        self._set_exited(self.proc.wait())
+
+    def _wait_in_thread(self):
+        code = self.proc.wait()
+        self.loop.call_soon_threadsafe(self._set_exited, code)
+
+    def _set_exited(self, code):
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+    def _on_readable(self, pipe, sink):
+        try:
+            chunk = os.read(pipe.fileno(), 65536)
+        except BlockingIOError:
             return
-        sink.feed(chunk)
+        except OSError:
+            chunk = b""
+        if chunk:
+            sink.feed(chunk)
+            return
+        self._close_stream(pipe)
+
+    def _close_stream(self, pipe):
+        if pipe.closed:
+            return
+        self.loop.remove_reader(pipe.fileno())
+        pipe.close()
+        self.open_streams -= 1
+        if self.open_streams == 0 and not self.streams_done.done():
+            self.streams_done.set_result(None)
+
+    def close_streams(self):
+        """Stop reading (a background job may hold the pipes open for hours)."""
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            self._close_stream(pipe)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -142,6 +225,10 @@ class Agent:
         self.workspace = os.path.realpath(workspace)
         self.output_cap = output_cap
         self.running = {}  # request id -> process group id of a running bash command
+        # Groups that may still hold background jobs (`server &`) of finished commands.
+        # Linux does not reuse a pid while a group of that id has members, so killing
+        # these at shutdown cannot hit a stranger's group that is still alive.
+        self.lingering = set()
         self.tasks = set()
         self.out = sys.stdout.buffer
 
@@ -174,7 +261,7 @@ class Agent:
             await asyncio.wait(list(self.tasks), timeout=KILL_GRACE_SECONDS + 1)
 
     def kill_all(self) -> None:
-        for pgid in list(self.running.values()):
+        for pgid in set(self.running.values()) | self.lingering:
             _kill_group(pgid, signal.SIGKILL)
 
     async def handle_line(self, line: bytes) -> None:
@@ -221,38 +308,34 @@ class Agent:
         timeout = float(timeout) if timeout else None
 
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            "bash", "-c", command,
-            cwd=cwd, env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # own process group: a timeout kills all of it
-        )
-        self.running[request_id] = proc.pid
         out, err = CappedBuffer(cap), CappedBuffer(cap)
-        pumps = [asyncio.ensure_future(_pump(proc.stdout, out)), asyncio.ensure_future(_pump(proc.stderr, err))]
+        loop = asyncio.get_event_loop()
+        child = _Spawned(loop, ["bash", "-c", command], cwd, env, out, err)
+        self.running[request_id] = child.pid
         timed_out = False
         try:
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
+                code = await asyncio.wait_for(asyncio.shield(child.exited), timeout)
             except asyncio.TimeoutError:
                 timed_out = True
-                _kill_group(proc.pid, signal.SIGTERM)
+                _kill_group(child.pid, signal.SIGTERM)
                 try:
-                    await asyncio.wait_for(proc.wait(), KILL_GRACE_SECONDS)
+                    code = await asyncio.wait_for(asyncio.shield(child.exited), KILL_GRACE_SECONDS)
                 except asyncio.TimeoutError:
                     pass
-                _kill_group(proc.pid, signal.SIGKILL)
-                await proc.wait()
-            done, pending = await asyncio.wait(pumps, timeout=PIPE_DRAIN_SECONDS)
-            for task in pending:
-                task.cancel()
+                _kill_group(child.pid, signal.SIGKILL)
+                code = await child.exited
+            try:
+                await asyncio.wait_for(asyncio.shield(child.streams_done), PIPE_DRAIN_SECONDS)
+            except asyncio.TimeoutError:
+                pass
         finally:
             self.running.pop(request_id, None)
-            if proc.returncode is None:
-                _kill_group(proc.pid, signal.SIGKILL)
-        code = proc.returncode
+            if not child.exited.done():  # cancelled: leave nothing behind
+                _kill_group(child.pid, signal.SIGKILL)
+            child.close_streams()
+            if _group_alive(child.pid):
+                self.lingering.add(child.pid)
         return {
             "exit_code": code if code is not None and code >= 0 else None,
             "signal": -code if code is not None and code < 0 else None,

@@ -194,3 +194,15 @@ async def test_closing_stdin_kills_running_commands(tmp_path):
 def test_agent_main_refuses_a_missing_workspace(tmp_path, capsys):
     assert agent_module.main(["--workspace", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+async def test_a_background_job_holding_stdout_does_not_block_the_answer(tmp_path):
+    marker = f"hpcsbx-bg-{os.getpid()}"
+    driver = await AgentDriver.start(tmp_path)
+    started = time.monotonic()
+    result = (await driver.call("bash", command=f"(exec -a {marker} sleep 30) & echo started"))["result"]
+    assert result["stdout"] == "started\n" and result["exit_code"] == 0
+    assert time.monotonic() - started < 5
+    assert pids_matching(marker), "a background job of a finished command may keep running"
+    await driver.close()  # ...until the agent stops: then nothing it started survives
+    assert await asyncio.to_thread(wait_until, lambda: not pids_matching(marker), 5)
