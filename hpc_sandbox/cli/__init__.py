@@ -47,3 +47,4 @@ from .check import check  # noqa: E402
 
 for _command in (submit, status, exec_, cancel, check):
     main.add_command(_command)
+from .render import render; main.add_command(render)  # noqa: E402,E702

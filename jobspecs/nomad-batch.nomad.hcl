@@ -1,0 +1,78 @@
+# Rendered by hpc-sandbox 0.1.0 from template nomad_job.hcl.j2, profile 'nomad-batch', job key 'nomad-batch'.
+# Review it before it runs; to change it, change the profile or flags and render again.
+#
+# What runs: 3 node servers (`hpc_sandbox serve`, raw_exec, as the Nomad client's user), at most one per node, each running 8 slots with runtime apptainer and image /shared/images/swe-agent.sif.
+# Ports: each node server listens on the static port 9100 of its node's Nomad address, nothing else.
+# Files: only inside the allocation directory; the token comes from the Nomad Variable nomad/jobs/nomad-batch (key "token") into the task's secrets dir (mode 0600).
+job "nomad-batch" {
+  name = "rl-sandbox"
+  type = "batch"
+  datacenters = ["*"]
+
+  group "servers" {
+    count = 3
+
+    # One node server per node: each holds the static port below.
+    constraint {
+      operator = "distinct_hosts"
+      value    = "true"
+    }
+
+    constraint {
+      attribute = "${attr.kernel.name}"
+      value     = "linux"
+    }
+
+    network {
+      port "http" {
+        static = 9100
+      }
+    }
+
+    restart {
+      attempts = 2
+      interval = "30m"
+      delay    = "15s"
+      mode     = "fail"
+    }
+
+    task "serve" {
+      driver = "raw_exec"
+
+      config {
+        # Nomad has no walltime: timeout sends SIGTERM after 04:00:00, SIGKILL 30s later.
+        command = "/usr/bin/timeout"
+        args = [
+          "--signal=TERM", "--kill-after=30s", "14400s", "/opt/hpc-sandbox/venv/bin/python", "-m", "hpc_sandbox", "serve",
+          "--job-id", "nomad-batch",
+          "--state-dir", "${NOMAD_ALLOC_DIR}/hpc-sandbox",
+          "--token-file", "${NOMAD_SECRETS_DIR}/token",
+          "--slots", "8",
+          "--runtime", "apptainer",
+          "--image", "/shared/images/swe-agent.sif",
+          "--port-range", "9100-9100",
+          "--port-index", "0",
+          "--host", "${NOMAD_IP_http}"
+        ]
+      }
+
+      # The job's token: Nomad renders it from the job's own Variable into the secrets
+      # dir; it is never written in this file.
+      template {
+        data        = <<-EOT
+        {{ with nomadVar "nomad/jobs/nomad-batch" }}{{ .token }}{{ end }}
+        EOT
+        destination = "${NOMAD_SECRETS_DIR}/token"
+        perms       = "0600"
+      }
+
+      kill_signal  = "SIGTERM"
+      kill_timeout = "30s"
+
+      resources {
+        cores  = 16
+        memory = 32768
+      }
+    }
+  }
+}
