@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import RunningServer, start_server  # noqa: E402
+from slurm_fixtures import slurm_cluster  # noqa: E402,F401  (the real single-node cluster; see slurm/)
 
 
 @pytest.fixture

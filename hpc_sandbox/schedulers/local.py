@@ -35,19 +35,22 @@ def serve_argv(spec: SandboxSpec, job_id: str, state_dir: Path, index: int) -> l
 
 
 def _alive(pid: int, job_id: str) -> bool:
-    """Is `pid` still this job's node server (and not a recycled pid)?"""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            cmdline = handle.read().split(b"\0")
-    except OSError:
-        return False
+    """Is `pid` still this job's node server (and not a recycled pid)?
+
+    Each server was started as a session leader; right after the fork (before its
+    exec) its command line is still the submitting CLI's, so either name counts.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             if handle.read().rsplit(b")", 1)[1].split()[0] == b"Z":
                 return False  # a zombie has exited; its parent has not reaped it yet
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read()
+        if os.getsid(pid) != pid:
+            return False
     except (OSError, IndexError):
         return False
-    return job_id.encode() in cmdline and b"serve" in cmdline
+    return job_id.encode() in cmdline or b"hpc_sandbox" in cmdline or b"hpc-sandbox" in cmdline
 
 
 def server_log(state_dir: Path, job_id: str, index: int) -> Path:

@@ -1,0 +1,86 @@
+"""The CLI end to end on the local scheduler, as a user types it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import SHIMS, pids_matching, wait_until
+
+
+@pytest.fixture
+def cli(state_dir: Path):
+    def run(*args: str, timeout: float = 120, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir), **(extra_env or {})}
+        return subprocess.run([sys.executable, "-m", "hpc_sandbox", *args], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    return run
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, code: int | None = None) -> None:
+    assert result.returncode != 0 if code is None else result.returncode == code, result
+    assert "Traceback" not in result.stderr
+    assert fragment in result.stderr, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["submit", "status", "exec", "cancel", "check", "serve"])
+def test_every_command_explains_itself(cli, command):
+    result = cli(command, "--help")
+    assert result.returncode == 0 and "Usage:" in result.stdout and "--" in result.stdout
+
+
+def test_submit_status_exec_cancel_round_trip(cli, state_dir):
+    submitted = cli("submit", "--nodes", "2", "--slots", "2", "--wait", "--json", "--port-range", "21000-21063")
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
+    job_id = job["job_id"]
+    assert (job["servers"], job["slots_per_server"], job["ready"]) == (2, 2, True)
+
+    status = json.loads(cli("status", job_id, "--json").stdout)
+    assert status[0]["state"] == "running" and status[0]["free"] == 4
+    assert all(s["reachable"] for s in status[0]["servers"])
+    assert "2/2 ready" in cli("status").stdout
+
+    hello = cli("exec", "--job", job_id, "--", "echo", "hello world")
+    assert (hello.returncode, hello.stdout) == (0, "hello world\n")
+    shell = cli("exec", "--env", "WHO=you", "--", "echo $WHO >&2; exit 7")
+    assert (shell.returncode, shell.stderr) == (7, "you\n")
+    slow = cli("exec", "--timeout", "0.5", "--", "sleep 30")
+    assert slow.returncode == 124 and "timed out" in slow.stderr
+
+    pids = [int(p) for p in job["scheduler_ids"]]
+    cancelled = cli("cancel", job_id)
+    assert cancelled.returncode == 0
+    assert not (state_dir / "jobs" / job_id).exists()
+    assert wait_until(lambda: not any(Path(f"/proc/{p}").exists() and pids_matching(job_id) for p in pids), 10)
+    assert "No jobs" in cli("status").stdout
+
+
+def test_errors_are_one_line_without_traceback(cli):
+    assert_one_line_error(cli("status", "no-such-job"), "no job 'no-such-job'")
+    assert_one_line_error(cli("cancel", "no-such-job"), "no job 'no-such-job'")
+    assert_one_line_error(cli("exec", "--acquire-timeout", "0.2", "--", "true"), "hpc-sandbox submit", code=125)
+    assert_one_line_error(cli("submit", "--runtime", "apptainer"), "image")
+    assert_one_line_error(cli("submit", "--port-range", "10-5"), "port")
+    usage = cli("exec", "--env", "NOEQUALS", "--", "true")  # usage errors: click's usage hint, then the error
+    assert usage.returncode == 2 and usage.stderr.strip().splitlines()[-1].endswith("'NOEQUALS' is not KEY=VALUE")
+
+
+def test_a_job_that_fails_at_start_reports_the_servers_own_error(cli, state_dir, tmp_path):
+    result = cli("submit", "--runtime", "apptainer", "--image", str(tmp_path / "missing.sif"), "--wait",
+                 "--wait-timeout", "60", extra_env={"PATH": f"{SHIMS}:{os.environ['PATH']}"})
+    assert_one_line_error(result, "image not found")
+    assert "logs" in result.stderr
+
+
+def test_check_reports_what_this_machine_has(cli):
+    findings = {f["what"]: f for f in json.loads(cli("check", "--json").stdout)}
+    assert {"runtime bwrap", "runtime apptainer", "sbatch", "qsub", "state dir", "modal credentials"} <= set(findings)
+    assert findings["state dir"]["ok"] is True
+    with_shim = cli("check", extra_env={"PATH": f"{SHIMS}:{os.environ['PATH']}"})
+    assert "apptainer version 1.3.4-shim" in with_shim.stdout
