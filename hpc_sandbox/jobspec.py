@@ -14,6 +14,7 @@ Regenerate the reviewed examples in jobspecs/ with:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 import shlex
@@ -105,10 +106,22 @@ def packaged_templates() -> Traversable:
 
 
 def make_environment(template_dir: Path | None = None) -> jinja2.Environment:
+    """The Jinja environment for a site template folder (or none): site files first."""
+    if template_dir is None:
+        return _environment(None, ())
+    if not template_dir.is_dir():
+        raise SpecError("template_dir", f"{template_dir} is not a folder")
+    # The folder's listing is part of the cache key: a site template added later must
+    # win over the packaged one that an earlier render compiled.
+    listing = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in template_dir.iterdir() if p.is_file()))
+    return _environment(template_dir, listing)
+
+
+@functools.lru_cache(maxsize=16)
+def _environment(template_dir: Path | None, listing: tuple) -> jinja2.Environment:
+    """Kept per folder and listing, so that Jinja compiles each template once."""
     loaders: list[jinja2.BaseLoader] = []
     if template_dir is not None:
-        if not template_dir.is_dir():
-            raise SpecError("template_dir", f"{template_dir} is not a folder")
         loaders.append(jinja2.FileSystemLoader(str(template_dir)))
     loaders.append(_ResourceLoader(packaged_templates()))
     env = jinja2.Environment(
@@ -351,7 +364,9 @@ def _origin(env: jinja2.Environment, name: str, spec: SandboxSpec) -> str:
 
 def _tidy(text: str) -> str:
     """No trailing whitespace, no runs of blank lines, exactly one final newline."""
-    lines = [line.rstrip() for line in text.splitlines()]
+    # split on "\n" only: splitlines() would also break at U+2028 and friends, which bash
+    # does not, and so could turn one directive into two lines.
+    lines = [line.rstrip() for line in text.split("\n")]
     tidy: list[str] = []
     for line in lines:
         if line or (tidy and tidy[-1]):

@@ -35,7 +35,9 @@ _SITE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,+@:-]{0,127}$")
 _WALLTIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<hours>\d+):(?P<minutes>[0-5]\d):(?P<seconds>[0-5]\d)$")
 _MEM = re.compile(r"^(?P<number>\d+)\s*(?P<unit>[KMGT]?)B?$", re.IGNORECASE)
 _MEM_FACTOR_MB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters, and the Unicode line breaks that some tools (Python's splitlines,
+# editors) treat as a new line: none may appear inside one line of a jobspec.
+_CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 def default_state_dir() -> Path:
