@@ -276,7 +276,8 @@ def render(spec: SandboxSpec, scheduler: str | None = None, *, dialect: str | No
     dialect = dialect or spec.dialect
     job_key = job_key or spec.job_name
     _check_renderable(spec, scheduler, dialect, job_key)
-    env = make_environment(template_dir if template_dir is not None else spec.template_dir)
+    template_dir = template_dir if template_dir is not None else spec.template_dir
+    env = make_environment(template_dir)
     is_array = spec.array is not None
     name = _template_name(scheduler, is_array)
     if is_array and scheduler != "nomad":
@@ -286,7 +287,8 @@ def render(spec: SandboxSpec, scheduler: str | None = None, *, dialect: str | No
         parts = [ArrayPart(0, spec.servers, spec.array_limit)]
     out = []
     for number, part in enumerate(parts, start=1):
-        text = _render_part(env, name, spec, scheduler, dialect, job_key, part, number, len(parts), is_array)
+        text = _render_part(env, name, spec, scheduler, dialect, job_key, part, number, len(parts), is_array,
+                            _origin(name, template_dir))
         suffix = SUFFIXES[scheduler]
         file_name = f"{job_key}{f'.part{number}' if len(parts) > 1 else ''}{suffix}"
         out.append(RenderedJobspec(file_name, text, scheduler, name, number, len(parts), part.first, part.count))
@@ -296,7 +298,7 @@ def render(spec: SandboxSpec, scheduler: str | None = None, *, dialect: str | No
 
 
 def _render_part(env: jinja2.Environment, name: str, spec: SandboxSpec, scheduler: str, dialect: str,
-                 job_key: str, part: ArrayPart, number: int, parts: int, is_array: bool) -> str:
+                 job_key: str, part: ArrayPart, number: int, parts: int, is_array: bool, origin: str) -> str:
     tracker = DirectiveTracker.for_spec(scheduler, spec.skip_directives)
     extras = [normalise(scheduler, raw) if scheduler != "nomad" else raw.strip() for raw in spec.extra_directives]
     for text in extras:
@@ -308,7 +310,7 @@ def _render_part(env: jinja2.Environment, name: str, spec: SandboxSpec, schedule
     context = {
         "spec": spec,
         "version": __version__,
-        "template_origin": _origin(env, name, spec),
+        "template_origin": origin,
         "scheduler": scheduler,
         "dialect": dialect,
         "job_key": job_key,
@@ -356,9 +358,9 @@ def _render_part(env: jinja2.Environment, name: str, spec: SandboxSpec, schedule
     return _tidy(text)
 
 
-def _origin(env: jinja2.Environment, name: str, spec: SandboxSpec) -> str:
-    if spec.template_dir is not None and (spec.template_dir / name).is_file():
-        return f"site template {spec.template_dir / name}"
+def _origin(name: str, template_dir: Path | None) -> str:
+    if template_dir is not None and (template_dir / name).is_file():
+        return f"site template {template_dir / name}"
     return f"template {name}"
 
 

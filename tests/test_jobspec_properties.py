@@ -7,7 +7,6 @@ import math
 import re
 import subprocess
 
-import hcl2
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -63,7 +62,7 @@ def spec_kwargs(draw, scheduler: str, dialect: str = "torque") -> dict:
     for key in ("partition", "account", "interface") + (() if dialect == "pbspro" else ("qos",)):
         kwargs[key] = draw(st.none() | site_names)
     kwargs["cpus_per_node"] = draw(st.none() | st.integers(1, 128))
-    kwargs["mem"] = draw(st.none() | st.integers(1, 4096).map(lambda n: f"{n}{draw(st.sampled_from('MG'))}"))
+    kwargs["mem"] = draw(st.none() | st.builds("{}{}".format, st.integers(1, 4096), st.sampled_from("MG")))
     kwargs["nomad_type"] = draw(st.sampled_from(["batch", "service"]))
     return kwargs
 
