@@ -131,16 +131,22 @@ class SlotTable:
                 return  # someone (a reset) already replaced it
             code = agent.proc.returncode if agent.proc else "?"
             slot.state = "restarting"
-            try:
-                await self._start_agent(slot)
-            except (AgentDied, OSError) as exc:
-                slot.state = "broken"
-                slot.last_error = f"agent died (code {code}) and could not be restarted: {exc}"
-                log.error("slot %d: %s", slot.index, slot.last_error)
+            if not await self._restart_agent(slot, f"agent died (code {code})"):
                 return
             slot.restarts += 1
             slot.last_error = f"agent died unexpectedly (code {code}); restarted"
             log.warning("slot %d: %s (restart %d)", slot.index, slot.last_error, slot.restarts)
+
+    async def _restart_agent(self, slot: Slot, why: str) -> bool:
+        """Start a fresh agent for the slot (caller holds its lock); a failure marks it broken."""
+        try:
+            await self._start_agent(slot)
+            return True
+        except (AgentDied, OSError) as exc:
+            slot.state = "broken"
+            slot.last_error = f"{why}; agent could not be restarted: {exc}"
+            log.error("slot %d: %s", slot.index, slot.last_error)
+            return False
 
     async def _expire_leases(self) -> None:
         while True:
@@ -202,13 +208,8 @@ class SlotTable:
             if slot.agent:
                 await slot.agent.stop()
             await asyncio.to_thread(_wipe, slot.workspace)
-            try:
-                await self._start_agent(slot)
-            except (AgentDied, OSError) as exc:
-                slot.state = "broken"
-                slot.last_error = f"agent could not be restarted after reset: {exc}"
-                log.error("slot %d: %s", slot.index, slot.last_error)
-                raise AgentDied(slot.last_error) from exc
+            if not await self._restart_agent(slot, "reset"):
+                raise AgentDied(slot.last_error or "agent could not be restarted")
             slot.state = "leased" if keep_lease and slot.lease else "free"
             slot.last_used = time.monotonic()
 
