@@ -48,7 +48,7 @@ def render(scheduler: str | None, array: int | None, nodes: int | None, slots: i
     \b
     Examples:
       hpc-sandbox render --scheduler slurm --nodes 2
-      hpc-sandbox render --scheduler pbs --dialect pbspro --array 100 --profile gpu
+      hpc-sandbox render --scheduler pbs --dialect pbspro --array 50 --profile gpu
       hpc-sandbox render --scheduler nomad -o job.nomad.hcl
     """
     if array is not None and nodes is not None:
