@@ -518,6 +518,11 @@ def main(argv=None) -> int:
     agent = Agent(options.workspace, options.output_cap)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    # A batch scheduler's cancel or walltime signal reaches every process of the job,
+    # us included. The node server is the one to stop us (it closes our stdin), so
+    # that a running call can still be answered with what happened. A handler, not
+    # SIG_IGN: commands we start must still die of SIGTERM.
+    loop.add_signal_handler(signal.SIGTERM, lambda: None)
     # The ready line lets the server know the runtime started us (not just the container tool).
     agent.send({"id": None, "ok": True, "result": {"ready": True, "pid": os.getpid()}})
     try:

@@ -94,3 +94,9 @@ class NoCapacity(HpcSandboxError):
     """The pool could not hand out a slot within its wait."""
 
     kind = "no_capacity"
+
+
+class JobEnded(ClientError):
+    """The scheduler ended the job that held the slot (cancel, walltime, preemption, node failure)."""
+
+    kind = "job_ended"

@@ -19,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,12 @@ from typing import Any
 import aiohttp
 
 from .client import NodeClient, new_exec_id
-from .errors import ClientError, ConfigError, HpcSandboxError, NoCapacity, NoFreeSlot, ServerGone
+from .errors import (CallTimeout, ClientError, ConfigError, HpcSandboxError, JobEnded, NoCapacity, NoFreeSlot,
+                     ServerGone)
 from .models import Endpoint, Slot, ToolResult
-from .rendezvous import job_token, list_jobs, read_job_info, read_records
+from .rendezvous import JobInfo, job_token, list_jobs, read_job_info, read_records
+from .schedulers import get_scheduler
+from .schedulers.batch import jittered
 from .spec import default_state_dir
 
 log = logging.getLogger(__name__)
@@ -64,33 +67,6 @@ class NodeServerSource:
         self._skip_until: dict[str, float] = {}
         self._clients: dict[str, NodeClient] = {}
         self._session: aiohttp.ClientSession | None = None
-
-    @classmethod
-    def from_jobs(cls, state_dir: Path | None = None, jobs: Sequence[str] | None = None,
-                  location: str = "local") -> "NodeServerSource":
-        """Node servers announced under STATE_DIR/jobs/ (the given jobs, or all of them)."""
-        state = Path(state_dir or default_state_dir()).expanduser()
-
-        def discover() -> list[Endpoint]:
-            endpoints = []
-            for job in (jobs if jobs is not None else list_jobs(state)):
-                try:
-                    token = job_token(state, job)
-                except HpcSandboxError as exc:
-                    if jobs is not None:
-                        raise
-                    log.debug("skipping job %s: %s", job, exc)
-                    continue
-                try:
-                    where = read_job_info(state, job).location
-                except HpcSandboxError:
-                    where = location  # started by hand with `serve`: no job.json
-                for record in read_records(state, job):
-                    endpoints.append(Endpoint(url=record.url, token=token, job_id=job, name=record.name,
-                                              location=where, slots=record.slots))
-            return endpoints
-
-        return cls(discover, name=f"jobs in {state}", location=location)
 
     @classmethod
     def from_endpoints(cls, endpoints: Sequence[Endpoint]) -> "NodeServerSource":
@@ -140,6 +116,14 @@ class NodeServerSource:
             return Slot(endpoint=endpoint, index=granted["slot"], lease=granted["lease"], trajectory_id=trajectory_id)
         return None
 
+    def job_ended(self, job_id: str) -> asyncio.Event | None:
+        """An event set when the scheduler ends the job (None: this source cannot tell)."""
+        return None
+
+    async def why_gone(self, job_id: str) -> str | None:
+        """If the job has ended, the scheduler's word for it (checked now)."""
+        return None
+
     def released(self, slot: Slot) -> None:
         self._free[slot.endpoint.url] = self._free.get(slot.endpoint.url, 0) + 1
 
@@ -154,6 +138,88 @@ class NodeServerSource:
             self._free[endpoint.url] = counts.get("free", 0)
             free += counts.get("free", 0)
         return Capacity(self.name, self.location, len(endpoints), sum(e.slots for e in endpoints), free)
+
+
+class ClusterSource(NodeServerSource):
+    """Node servers of submitted jobs, found in the state dir's job folders, with
+    their jobs watched through their schedulers: a job the scheduler ends (cancel,
+    walltime, preemption, node failure) has its slots dropped, and calls running on
+    them end at once with a `job_ended` error instead of waiting on a dead node."""
+
+    def __init__(self, state_dir: Path | None = None, jobs: Sequence[str] | None = None,
+                 status_interval: float = 5.0) -> None:
+        self.state_dir = Path(state_dir or default_state_dir()).expanduser()
+        self.jobs = list(jobs) if jobs is not None else None
+        self.status_interval = status_interval
+        self._infos: dict[str, JobInfo] = {}
+        self._ended: dict[str, asyncio.Event] = {}
+        self._reasons: dict[str, str] = {}
+        self._watcher: asyncio.Task | None = None
+        super().__init__(self._discover, name=f"jobs in {self.state_dir}", location="cluster")
+
+    def _discover(self) -> list[Endpoint]:
+        endpoints = []
+        for job in (self.jobs if self.jobs is not None else list_jobs(self.state_dir)):
+            if job in self._reasons:
+                continue  # ended: its records may linger if its nodes died hard
+            try:
+                token = job_token(self.state_dir, job)
+            except HpcSandboxError as exc:
+                if self.jobs is not None:
+                    raise
+                log.debug("skipping job %s: %s", job, exc)
+                continue
+            try:
+                info = read_job_info(self.state_dir, job)
+                self._infos[job] = info
+                where = info.location
+            except HpcSandboxError:
+                where = "local"  # started by hand with `serve`: no job.json, no scheduler to ask
+            for record in read_records(self.state_dir, job):
+                endpoints.append(Endpoint(url=record.url, token=token, job_id=job, name=record.name,
+                                          location=where, slots=record.slots))
+        return endpoints
+
+    async def start(self) -> None:
+        await super().start()
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await super().stop()
+
+    def job_ended(self, job_id: str) -> asyncio.Event:
+        return self._ended.setdefault(job_id, asyncio.Event())
+
+    async def why_gone(self, job_id: str) -> str | None:
+        if job_id not in self._reasons and job_id in self._infos:
+            await self.check_jobs([self._infos[job_id]])
+        return self._reasons.get(job_id)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(jittered(self.status_interval))
+            try:
+                await self.check_jobs([i for j, i in self._infos.items() if j not in self._reasons])
+            except HpcSandboxError as exc:  # a slow controller is not a reason to drop slots
+                log.warning("job status check failed: %s", exc)
+
+    async def check_jobs(self, infos: Sequence[JobInfo]) -> None:
+        """One status call per scheduler for all the given jobs."""
+        by_scheduler: dict[str, list[JobInfo]] = {}
+        for info in infos:
+            by_scheduler.setdefault(info.scheduler, []).append(info)
+        for scheduler, group in by_scheduler.items():
+            backend = get_scheduler(scheduler, self.state_dir)
+            statuses = await asyncio.to_thread(backend.status, group)
+            for job_id, status in statuses.items():
+                if status.state.ended and job_id not in self._reasons:
+                    reason = f"job {job_id} ended ({status.state.value}{': ' + status.reason if status.reason else ''})"
+                    self._reasons[job_id] = reason
+                    self.job_ended(job_id).set()
+                    self._refreshed = 0.0  # forget its node servers at the next acquire
+                    log.warning("%s; its slots are gone", reason)
 
 
 class SlotPool:
@@ -171,7 +237,7 @@ class SlotPool:
     @classmethod
     def from_state_dir(cls, state_dir: Path | None = None, jobs: Sequence[str] | None = None,
                        **options: Any) -> "SlotPool":
-        return cls([NodeServerSource.from_jobs(state_dir, jobs)], **options)
+        return cls([ClusterSource(state_dir, jobs)], **options)
 
     async def start(self) -> None:
         if not self._started:
@@ -220,9 +286,46 @@ class SlotPool:
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 1.5, 2.0)
 
+    def _source(self, slot: Slot) -> NodeServerSource:
+        return self._source_of.get(slot.id) or self.sources[0]
+
     def _client(self, slot: Slot) -> NodeClient:
-        source = self._source_of.get(slot.id) or self.sources[0]
-        return source.client(slot.endpoint)
+        return self._source(slot).client(slot.endpoint)
+
+    async def _guarded(self, slot: Slot, call: Awaitable[Any]) -> Any:
+        """Await a call on `slot`, but give up as soon as the scheduler ends its job.
+
+        Failures that look like a dead node server are checked against the job's
+        state, so that the error says what happened (job_ended) when that is it.
+        """
+        source = self._source(slot)
+        ended = source.job_ended(slot.endpoint.job_id)
+        task = asyncio.ensure_future(call)
+        if ended is not None:
+            waiter = asyncio.ensure_future(ended.wait())
+            try:
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if not task.done():
+                task.cancel()
+                raise JobEnded(await source.why_gone(slot.endpoint.job_id) or "its job ended")
+        try:
+            answer = task.result() if task.done() else await task
+        except (ServerGone, CallTimeout) as exc:
+            reason = await source.why_gone(slot.endpoint.job_id)
+            if reason:
+                raise JobEnded(reason) from exc
+            raise
+        return answer
+
+    async def _to_result(self, slot: Slot, answer: dict[str, Any]) -> ToolResult:
+        result = ToolResult.from_answer(answer, slot)
+        if result.error_kind == "server_stopping":
+            reason = await self._source(slot).why_gone(slot.endpoint.job_id)
+            if reason:
+                return ToolResult.failure(result.tool, JobEnded.kind, f"{reason}; the command was killed", slot)
+        return result
 
     async def release(self, slot: Slot, reset_workspace: bool = True) -> None:
         try:
@@ -251,10 +354,11 @@ class SlotPool:
     async def execute(self, slot: Slot, tool: str, args: dict[str, Any] | None = None,
                       timeout: float | None = None) -> ToolResult:
         try:
-            answer = await self._client(slot).execute(slot.index, slot.lease, tool, args or {}, timeout)
+            answer = await self._guarded(slot, self._client(slot).execute(slot.index, slot.lease, tool, args or {},
+                                                                          timeout))
         except ClientError as exc:
             return ToolResult.failure(tool, exc.kind, str(exc), slot)
-        return ToolResult.from_answer(answer, slot)
+        return await self._to_result(slot, answer)
 
     async def execute_batch(self, calls: Sequence[tuple[Slot, str, dict[str, Any]] | tuple[Slot, str, dict[str, Any], float]],
                             timeout: float | None = None) -> list[ToolResult]:
@@ -273,13 +377,13 @@ class SlotPool:
                 wire.append({"slot": slot.index, "lease": slot.lease, "exec_id": new_exec_id(), "tool": tool,
                              "args": args, **({"timeout": call_timeout} if call_timeout else {})})
             try:
-                answers = await self._client(first).batch(wire)
+                answers = await self._guarded(first, self._client(first).batch(wire))
             except ClientError as exc:
                 for p in positions:
                     results[p] = ToolResult.failure(calls[p][1], exc.kind, str(exc), calls[p][0])
                 return
             for p, answer in zip(positions, answers):
-                results[p] = ToolResult.from_answer(answer, calls[p][0])
+                results[p] = await self._to_result(calls[p][0], answer)
 
         await asyncio.gather(*(send(positions) for positions in by_server.values()))
         return [r for r in results if r is not None]

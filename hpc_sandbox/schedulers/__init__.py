@@ -6,8 +6,9 @@ from pathlib import Path
 from ..errors import ConfigError
 from .base import JobState, JobStatus, Scheduler
 from .local import LocalScheduler
+from .slurm import SlurmScheduler
 
-SCHEDULERS: dict[str, type[Scheduler]] = {"local": LocalScheduler}
+SCHEDULERS: dict[str, type[Scheduler]] = {"local": LocalScheduler, "slurm": SlurmScheduler}
 
 
 def get_scheduler(name: str, state_dir: Path) -> Scheduler:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..jobspec import serve_argv
 from ..rendezvous import JobInfo, job_dir
 from ..spec import SandboxSpec
 from .base import JobState, JobStatus, Scheduler
@@ -20,18 +21,6 @@ from .base import JobState, JobStatus, Scheduler
 log = logging.getLogger(__name__)
 
 STOP_WAIT_SECONDS = 10.0
-
-
-def serve_argv(spec: SandboxSpec, job_id: str, state_dir: Path, index: int) -> list[str]:
-    lo, hi = spec.port_range
-    argv = [spec.python, "-m", "hpc_sandbox", "serve", "--job-id", job_id, "--state-dir", str(state_dir),
-            "--slots", str(spec.slots), "--runtime", spec.runtime, "--port-range", f"{lo}-{hi}",
-            "--port-index", str(index), "--host", "127.0.0.1"]
-    if spec.image:
-        argv += ["--image", spec.image]
-    if spec.gpus:
-        argv += ["--gpus", str(spec.gpus)]
-    return argv
 
 
 def _alive(pid: int, job_id: str) -> bool:
@@ -67,7 +56,7 @@ class LocalScheduler(Scheduler):
         for index in range(spec.servers):
             with open(server_log(self.state_dir, job_id, index), "ab") as out:
                 proc = subprocess.Popen(
-                    serve_argv(spec, job_id, self.state_dir, index),
+                    serve_argv(spec, job_id, port_index=index, state_dir=self.state_dir, host="127.0.0.1"),
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True,  # outlives the submitting CLI, like a batch job
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -86,6 +86,7 @@ class SlotTable:
         self.agent_start_timeout = agent_start_timeout
         self.in_flight = 0
         self.accepting = True
+        self.stopping = asyncio.Event()
         self._watchers: set[asyncio.Task] = set()
         self._expiry_task: asyncio.Task | None = None
 
@@ -104,6 +105,7 @@ class SlotTable:
     async def stop(self) -> None:
         """Stop taking work, kill running commands, stop every agent."""
         self.accepting = False
+        self.stopping.set()
         if self._expiry_task:
             self._expiry_task.cancel()
         for task in list(self._watchers):
@@ -256,11 +258,22 @@ class SlotTable:
                                                    "message": f"slot {slot.index} is {slot.state}: {slot.last_error or ''}".rstrip(": ")}}
         try:
             result = await slot.agent.call(call.tool, call.args, call.timeout)
-            return {**base, "ok": True, "result": result}
+            answer = {**base, "ok": True, "result": result}
         except AgentError as exc:
-            return {**base, "ok": False, "error": {"kind": exc.kind, "message": exc.message}}
+            answer = {**base, "ok": False, "error": {"kind": exc.kind, "message": exc.message}}
         except AgentDied as exc:
-            return {**base, "ok": False, "error": {"kind": "agent_died", "message": f"{exc}; the slot's agent is being restarted"}}
+            # Under a batch scheduler the agent may die of the job's SIGTERM a moment
+            # before the server hears of it: give that signal a moment to arrive.
+            try:
+                await asyncio.wait_for(self.stopping.wait(), 0.5)
+            except asyncio.TimeoutError:
+                return {**base, "ok": False,
+                        "error": {"kind": "agent_died", "message": f"{exc}; the slot's agent is being restarted"}}
+        if self.stopping.is_set():
+            return {**base, "ok": False, "error": {"kind": "server_stopping", "message": (
+                "the node server is stopping (SIGTERM: its job was cancelled, preempted or reached its "
+                "walltime); the command was killed")}}
+        return answer
 
     def describe(self) -> list[dict[str, Any]]:
         now = time.monotonic()

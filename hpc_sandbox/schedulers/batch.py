@@ -1,0 +1,125 @@
+"""What every CLI-driven batch scheduler (Slurm, PBS) shares: render, keep the
+submitted script on disk, submit with a timeout, cancel; and the aggregation of
+per-task states into one job state.
+
+A scheduler module overrides only what differs: its commands, how a job id is read
+from the submit command's output, and how one status call is parsed.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import shlex
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from ..errors import SchedulerError
+from ..jobspec import RenderedJobspec, render
+from ..rendezvous import JobInfo, job_dir
+from ..spec import SandboxSpec
+from .base import JobState, JobStatus, Scheduler
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT = 30.0  # a hung controller must not hang hpc-sandbox
+# Which state wins when tasks of one job disagree: any live task keeps the job alive.
+_LIVE_ORDER = (JobState.RUNNING, JobState.COMPLETING, JobState.PENDING)
+_END_ORDER = (JobState.FAILED, JobState.TIMEOUT, JobState.PREEMPTED, JobState.CANCELLED, JobState.DONE)
+
+
+def jittered(interval: float) -> float:
+    """Spread the polls of many clients so they do not hit the controller in step."""
+    return interval * random.uniform(0.8, 1.2)
+
+
+def run_command(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT, what: str | None = None) -> str:
+    """Run a scheduler command; its failure becomes one line quoting the scheduler."""
+    label = what or argv[0]
+    log.debug("running %s", shlex.join(argv))
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise SchedulerError(f"{argv[0]} is not on PATH (is this a login node of the cluster?)") from None
+    except subprocess.TimeoutExpired:
+        raise SchedulerError(f"{label} did not answer within {timeout:.0f}s (is the controller down or overloaded?)") from None
+    if proc.returncode != 0:
+        said = " ".join(line.strip() for line in proc.stderr.strip().splitlines()[-2:]) or proc.stdout.strip()[-200:]
+        raise SchedulerError(f"{label} failed (exit {proc.returncode}): {said or 'no message'}")
+    return proc.stdout
+
+
+def combine(job_id: str, states: Iterable[tuple[JobState, str]], expected_tasks: int) -> JobStatus:
+    """One job state from its tasks' states (array tasks, split array parts, nodes)."""
+    seen = list(states)
+    if not seen:
+        return JobStatus(job_id, JobState.UNKNOWN, "not known to the scheduler")
+    for state in _LIVE_ORDER:
+        matching = [reason for s, reason in seen if s is state]
+        if matching:
+            detail = f"{len(matching)} of {expected_tasks} tasks {state.value}"
+            reasons = sorted({r for r in matching if r and r != "None"})
+            return JobStatus(job_id, state, detail + (f" ({', '.join(reasons)})" if reasons else ""))
+    for state in _END_ORDER:
+        matching = [reason for s, reason in seen if s is state]
+        if matching:
+            reasons = sorted({r for r in matching if r and r != "None"})
+            return JobStatus(job_id, state, ", ".join(reasons))
+    return JobStatus(job_id, JobState.UNKNOWN, ", ".join(sorted({r for _, r in seen if r})))
+
+
+class BatchScheduler(Scheduler):
+    submit_command: tuple[str, ...] = ()
+    cancel_command: tuple[str, ...] = ()
+
+    def submit(self, spec: SandboxSpec, job_id: str) -> JobInfo:
+        folder = job_dir(self.state_dir, job_id)
+        # The scheduler writes job output there and does not create missing folders.
+        (folder / "logs").mkdir(parents=True, exist_ok=True)
+        (folder / "submit").mkdir(exist_ok=True)
+        spec = spec.replace(scheduler=self.name)
+        ids: list[str] = []
+        for part in render(spec, self.name, job_key=job_id):
+            script = folder / "submit" / part.name
+            script.write_text(part.text, encoding="utf-8")
+            try:
+                out = run_command(self.submit_argv(script, part), what=f"{self.submit_command[0]} {script.name}")
+            except SchedulerError:
+                if ids:  # a split array half submitted is worse than none
+                    self._cancel_ids(ids)
+                raise
+            scheduler_id = self.parse_job_id(out)
+            ids.append(scheduler_id)
+            log.info("submitted %s as %s job %s", script, self.name, scheduler_id)
+        (folder / "submit" / "scheduler-ids").write_text("\n".join(ids) + "\n")
+        return JobInfo(job_id=job_id, scheduler=self.name, submitted_at=time.time(), servers=spec.servers,
+                       slots_per_server=spec.slots, runtime=spec.runtime, scheduler_ids=tuple(ids),
+                       image=spec.image)
+
+    def submit_argv(self, script: Path, part: RenderedJobspec) -> list[str]:
+        return [*self.submit_command, str(script)]
+
+    def parse_job_id(self, stdout: str) -> str:
+        return stdout.strip()
+
+    def cancel(self, job: JobInfo) -> None:
+        self._cancel_ids(list(job.scheduler_ids))
+
+    def _cancel_ids(self, ids: list[str]) -> None:
+        if ids:
+            run_command([*self.cancel_command, *ids])
+
+    def status(self, jobs: Sequence[JobInfo]) -> dict[str, JobStatus]:
+        if not jobs:
+            return {}
+        tasks = self.query(jobs)  # ONE call to the scheduler for all of them
+        result = {}
+        for job in jobs:
+            states = [task for scheduler_id in job.scheduler_ids for task in tasks.get(scheduler_id, [])]
+            result[job.job_id] = combine(job.job_id, states, job.servers)
+        return result
+
+    def query(self, jobs: Sequence[JobInfo]) -> dict[str, list[tuple[JobState, str]]]:
+        """Task states of the given jobs, keyed by the id the submit command printed."""
+        raise NotImplementedError

@@ -1,0 +1,131 @@
+"""Slurm through its CLI: `sbatch --parsable`, `squeue --json`, `scancel`.
+
+One `squeue` call per poll covers every watched job (Slurm 22.05's `--json` lists
+all jobs anyway and ignores `--jobs`). A job that has left squeue is looked up once
+in `sacct`, which many small clusters run without (then its end state is unknown,
+and said so). pyslurm is not used: no release of it matches the Slurm versions
+clusters run today in a way we can test (see docs/sysadmin-guide.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+from ..errors import SchedulerError
+from ..rendezvous import JobInfo
+from .base import JobState
+from .batch import BatchScheduler, run_command
+
+log = logging.getLogger(__name__)
+
+STATES = {
+    "PENDING": JobState.PENDING, "CONFIGURING": JobState.PENDING, "REQUEUED": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.PENDING, "REQUEUE_FED": JobState.PENDING, "RESV_DEL_HOLD": JobState.PENDING,
+    "SUSPENDED": JobState.PENDING, "STOPPED": JobState.PENDING, "RESIZING": JobState.RUNNING,
+    "RUNNING": JobState.RUNNING, "SIGNALING": JobState.RUNNING, "STAGE_OUT": JobState.COMPLETING,
+    "COMPLETING": JobState.COMPLETING, "COMPLETED": JobState.DONE,
+    "FAILED": JobState.FAILED, "BOOT_FAIL": JobState.FAILED, "NODE_FAIL": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED, "DEADLINE": JobState.FAILED, "SPECIAL_EXIT": JobState.FAILED,
+    "REVOKED": JobState.CANCELLED, "CANCELLED": JobState.CANCELLED,
+    "TIMEOUT": JobState.TIMEOUT, "PREEMPTED": JobState.PREEMPTED,
+}
+
+
+def slurm_state(raw: object) -> tuple[JobState, str]:
+    """Map squeue's state (a string before 23.02, a list of flags after) to ours."""
+    names = raw if isinstance(raw, list) else str(raw).split()
+    base = str(names[0]).upper().split("+")[0] if names else ""
+    if base.startswith("CANCELLED"):  # sacct says "CANCELLED by 1000"
+        base = "CANCELLED"
+    return STATES.get(base, JobState.UNKNOWN), base
+
+
+def _detail(state: JobState, slurm_name: str, reason: str) -> str:
+    """Slurm's own words worth showing: why a job waits, or how it ended."""
+    reason = "" if reason in ("None", "(null)") else reason
+    if state.ended:
+        return f"{slurm_name}: {reason}" if reason else slurm_name
+    return reason
+
+
+def parse_squeue_json(text: str) -> dict[str, list[tuple[JobState, str]]]:
+    """Task states keyed by the id sbatch printed (the array's id for array tasks)."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SchedulerError(f"squeue --json printed something that is not JSON: {exc}") from None
+    tasks: dict[str, list[tuple[JobState, str]]] = {}
+    for job in data.get("jobs", []):
+        state, name = slurm_state(job.get("job_state"))
+        name = _detail(state, name, job.get("state_reason") or "")
+        array_id = job.get("array_job_id")
+        if isinstance(array_id, dict):  # newer data_parser: {"set": true, "number": N}
+            array_id = array_id.get("number") if array_id.get("set") else 0
+        key = str(array_id) if array_id else str(job.get("job_id"))
+        tasks.setdefault(key, []).append((state, name))
+    return tasks
+
+
+def parse_squeue_plain(text: str) -> dict[str, list[tuple[JobState, str]]]:
+    """`squeue -h -t all -o '%F|%i|%T|%r'` lines: array job id, job id, state, reason."""
+    tasks: dict[str, list[tuple[JobState, str]]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 4:
+            continue
+        array_id, job_id, raw_state, reason = parts[:4]
+        state, name = slurm_state(raw_state)
+        key = array_id or job_id.split("_")[0]  # %F is the job's own id when it is not an array
+        name = _detail(state, name, reason)
+        tasks.setdefault(key, []).append((state, name))
+    return tasks
+
+
+def parse_sacct(text: str) -> dict[str, list[tuple[JobState, str]]]:
+    """`sacct -n -P -X -o JobID,State` lines (array tasks as 123_4)."""
+    tasks: dict[str, list[tuple[JobState, str]]] = {}
+    for line in text.splitlines():
+        job_id, _, raw_state = line.strip().partition("|")
+        if job_id:
+            state, name = slurm_state(raw_state)
+            tasks.setdefault(job_id.split("_")[0], []).append((state, f"{name} (from sacct)"))
+    return tasks
+
+
+class SlurmScheduler(BatchScheduler):
+    name = "slurm"
+    submit_command = ("sbatch", "--parsable")
+    cancel_command = ("scancel",)
+
+    def parse_job_id(self, stdout: str) -> str:
+        # --parsable prints "id" or "id;cluster"
+        job_id = stdout.strip().split(";")[0]
+        if not job_id.isdigit():
+            raise SchedulerError(f"sbatch --parsable printed {stdout.strip()!r}, not a job id")
+        return job_id
+
+    def query(self, jobs: Sequence[JobInfo]) -> dict[str, list[tuple[JobState, str]]]:
+        try:
+            tasks = parse_squeue_json(run_command(["squeue", "--json"], what="squeue --json"))
+        except SchedulerError as exc:
+            if "unrecognized option" not in str(exc) and "invalid option" not in str(exc):
+                raise
+            # Slurm before 21.08 has no --json.
+            tasks = parse_squeue_plain(run_command(["squeue", "-h", "-t", "all", "-o", "%F|%i|%T|%r"]))
+        missing = [i for job in jobs for i in job.scheduler_ids if i not in tasks]
+        if missing:
+            tasks.update(self._from_sacct(missing))
+        for scheduler_id in missing:
+            tasks.setdefault(scheduler_id, [(JobState.DONE, "left the queue; its end state is unknown "
+                                                              "(Slurm accounting is off)")])
+        return tasks
+
+    def _from_sacct(self, ids: list[str]) -> dict[str, list[tuple[JobState, str]]]:
+        try:
+            out = run_command(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)],
+                              what="sacct")
+        except SchedulerError as exc:
+            log.debug("sacct unavailable: %s", exc)  # accounting off is normal on small clusters
+            return {}
+        return parse_sacct(out)
