@@ -82,7 +82,10 @@ def log_tail(state_dir: Path, job_id: str, lines: int = 1) -> str:
             text = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
         except OSError:
             continue
-        errors = [ln for ln in text if "Error" in ln or "error" in ln] or text
+        # The node server's own one-line error ("Error: ...") says more than the
+        # scheduler's note that a task exited.
+        errors = ([ln for ln in text if ln.startswith("Error:")]
+                  or [ln for ln in text if "error" in ln.lower()] or text)
         found += [f"{path.name}: {ln}" for ln in errors[-lines:]]
     return "; ".join(found[-3:])
 

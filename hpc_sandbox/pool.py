@@ -31,7 +31,7 @@ from .errors import (CallTimeout, ClientError, ConfigError, HpcSandboxError, Job
                      ServerGone)
 from .models import Endpoint, Slot, ToolResult
 from .rendezvous import JobInfo, job_token, list_jobs, read_job_info, read_records
-from .schedulers import get_scheduler
+from .schedulers import JobState, get_scheduler
 from .schedulers.batch import jittered
 from .spec import default_state_dir
 
@@ -214,7 +214,9 @@ class ClusterSource(NodeServerSource):
             backend = get_scheduler(scheduler, self.state_dir)
             statuses = await asyncio.to_thread(backend.status, group)
             for job_id, status in statuses.items():
-                if status.state.ended and job_id not in self._reasons:
+                # COMPLETING: the scheduler is already killing the job's processes.
+                gone = status.state.ended or status.state is JobState.COMPLETING
+                if gone and job_id not in self._reasons:
                     reason = f"job {job_id} ended ({status.state.value}{': ' + status.reason if status.reason else ''})"
                     self._reasons[job_id] = reason
                     self.job_ended(job_id).set()

@@ -1,0 +1,99 @@
+"""hpc-sandbox on the real single-node Slurm cluster: submit, discover, use, survive cancellation."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc_sandbox import SlotPool
+from hpc_sandbox.errors import NoCapacity
+
+from helpers import pids_matching, wait_until
+
+RUNTIME = "bwrap" if shutil.which("bwrap") else "none"
+
+
+@pytest.fixture
+def cli(state_dir: Path, slurm_cluster):
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir)}
+        return subprocess.run([sys.executable, "-m", "hpc_sandbox", *args], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    return run
+
+
+def submit(cli, *args: str) -> dict:
+    result = cli("submit", "--scheduler", "slurm", "--partition", "debug", "--walltime", "00:10:00",
+                 "--wait", "--wait-timeout", "90", "--json", *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_array_job_serves_four_isolated_slots_until_cancelled(cli, state_dir):
+    job = submit(cli, "--array", "2", "--slots", "2", "--runtime", RUNTIME, "--port-range", "22200-22263")
+    job_id = job["job_id"]
+    assert len(job["scheduler_ids"]) == 1 and job["servers"] == 2
+    assert (state_dir / "jobs" / job_id / "submit" / f"{job_id}.sbatch").is_file()
+
+    status = json.loads(cli("status", job_id, "--json").stdout)[0]
+    assert status["state"] == "running" and status["free"] == 4
+
+    async def scenario():
+        async with SlotPool.from_state_dir(state_dir, [job_id], acquire_timeout=10) as pool:
+            slots = [await pool.acquire(trajectory_id=f"t{i}") for i in range(4)]
+            assert len({(s.endpoint.url, s.index) for s in slots}) == 4
+            assert len({s.endpoint.url for s in slots}) == 2  # both array tasks serve
+            assert {s.location for s in slots} == {"cluster"}
+            writes = await pool.execute_batch(
+                [(s, "bash", {"command": f"echo {i} > mine; sleep 0.5; cat mine; env | grep -c SLURM_ || true"})
+                 for i, s in enumerate(slots)])
+            # Each wrote and read back its own file; the job's environment does not leak into slots.
+            assert [w.stdout.split() for w in writes] == [[str(i), "0"] for i in range(4)]
+            seen = await asyncio.gather(*(pool.execute(s, "bash", {"command": "ls"}) for s in slots))
+            assert [r.stdout for r in seen] == ["mine\n"] * 4  # each slot sees its own file only
+
+            long = asyncio.ensure_future(pool.execute(slots[0], "bash", {"command": "sleep 120"}, timeout=300))
+            await asyncio.sleep(1)
+            cancelled = await asyncio.to_thread(cli, "cancel", job_id)
+            assert cancelled.returncode == 0, cancelled.stderr
+            started = time.monotonic()
+            result = await asyncio.wait_for(long, 30)
+            assert result.success is False and result.error_kind == "job_ended", result
+            assert time.monotonic() - started < 15
+            after = await pool.execute(slots[1], "bash", {"command": "true"})
+            assert after.error_kind == "job_ended"
+            with pytest.raises(NoCapacity):
+                await pool.acquire(timeout=1)
+
+    asyncio.run(scenario())
+    assert not (state_dir / "jobs" / job_id).exists()
+    assert wait_until(lambda: not pids_matching(job_id), 20), "node servers outlived scancel"
+
+
+def test_a_job_that_fails_at_start_reports_the_servers_own_error(cli, state_dir):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        result = cli("submit", "--scheduler", "slurm", "--partition", "debug", "--walltime", "00:05:00",
+                     "--slots", "1", "--port-range", f"{port}-{port}", "--wait", "--wait-timeout", "60")
+    finally:
+        blocker.close()
+    assert result.returncode != 0
+    assert f"no free port in {port}-{port}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "logs" in result.stderr
+
+
+def test_scheduler_errors_quote_the_scheduler(cli):
+    result = cli("submit", "--scheduler", "slurm", "--partition", "no-such-partition", "--slots", "1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "sbatch" in result.stderr and "invalid partition" in result.stderr.lower(), result.stderr
