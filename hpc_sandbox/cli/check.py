@@ -1,6 +1,7 @@
 """`hpc-sandbox check`: what this machine has for running slots."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import click
 
+from ..config import CLEAR, load_spec
 from ..errors import RuntimeUnavailable
+from ..preflight import Step, run_preflight
 from ..runtime import RuntimeOptions, make_runtime
 from .common import resolve_state_dir, state_dir_option
 
@@ -55,11 +58,46 @@ def _modal() -> Finding:
     return Finding("modal credentials", False, "none (set MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or run `modal setup`)")
 
 
+def _preflight(scheduler: str, partition: str | None, profile: str | None, config_file: Path | None,
+               state_dir: Path | None, timeout: float, as_json: bool) -> None:
+    overrides: dict[str, object] = {"scheduler": scheduler, "partition": partition, "slots": 1, "nodes": 1,
+                                    "array": CLEAR, "array_limit": CLEAR, "walltime": "00:05:00",
+                                    "job_name": "hpc-sandbox-check", "state_dir": state_dir}
+    spec = load_spec(profile=profile, config_file=config_file, overrides=overrides)
+
+    def report(step: Step) -> None:
+        if not as_json:
+            click.echo(f"{'ok ' if step.ok else 'FAIL'} {step.name:<7} {step.detail}")
+
+    steps = asyncio.run(run_preflight(spec, timeout, report))
+    if as_json:
+        click.echo(json.dumps([asdict(s) for s in steps], indent=2))
+    if not all(s.ok for s in steps):
+        raise SystemExit(1)
+
+
 @click.command("check")
+@click.option("--scheduler", type=click.Choice(["slurm", "pbs"]), default=None,
+              help="Also run a preflight: submit a tiny job, reach its node server from here with its token, "
+                   "run a command, cancel it; each step reported.")
+@click.option("--partition", default=None, help="Partition/queue for the preflight job.")
+@click.option("--profile", default=None, help="Profile for the preflight job (runtime, image, ports...).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A config file read after the site and user files.")
+@click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True,
+              help="Seconds the preflight job may take to start.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @state_dir_option
-def check(as_json: bool, state_dir: Path | None) -> None:
-    """Say what this machine has: runtimes, schedulers, state dir, Modal credentials."""
+def check(scheduler: str | None, partition: str | None, profile: str | None, config_file: Path | None,
+          timeout: float, as_json: bool, state_dir: Path | None) -> None:
+    """Say what this machine has: runtimes, schedulers, state dir, Modal credentials.
+
+    With --scheduler, also prove that a job's node server is usable from here. Exit
+    code 1 if a preflight step failed.
+    """
+    if scheduler:
+        _preflight(scheduler, partition, profile, config_file, state_dir, timeout, as_json)
+        return
     findings = [_runtime(kind) for kind in ("bwrap", "apptainer", "singularity")]
     findings += [_command("sbatch", "Slurm"), _command("qsub", "PBS/Torque"), _command("nomad", "Nomad")]
     findings += [_state_dir(resolve_state_dir(state_dir)), _modal()]
