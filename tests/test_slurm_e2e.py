@@ -97,3 +97,27 @@ def test_scheduler_errors_quote_the_scheduler(cli):
     result = cli("submit", "--scheduler", "slurm", "--partition", "no-such-partition", "--slots", "1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "sbatch" in result.stderr and "invalid partition" in result.stderr.lower(), result.stderr
+
+
+def _job_state(scheduler_id: str) -> set[str]:
+    out = subprocess.run(["squeue", "--json"], capture_output=True, text=True, timeout=30).stdout
+    return {j["job_state"] for j in json.loads(out)["jobs"]
+            if str(j.get("array_job_id") or j["job_id"]) == scheduler_id}
+
+
+def test_walltime_warning_signal_lets_node_servers_leave_cleanly(cli, state_dir):
+    """The real thing: a 1-minute walltime, Slurm's --signal=B:TERM before the kill.
+
+    Slurm checks time limits every 30 s, so the warning lands 0-30 s after the
+    requested 30 s; the node server must then exit 0 and take its record with it.
+    """
+    job = submit(cli, "--array", "1", "--slots", "1", "--walltime", "00:01:00", "--port-range", "22400-22463")
+    records = state_dir / "jobs" / job["job_id"] / "servers"
+    assert len(list(records.iterdir())) == 1
+    assert wait_until(lambda: not list(records.iterdir()), timeout=100, interval=0.5), \
+        "the node server did not leave before the walltime kill"
+    assert wait_until(lambda: _job_state(job["scheduler_ids"][0]) == {"COMPLETED"}, timeout=30, interval=0.5), \
+        _job_state(job["scheduler_ids"][0])  # exit 0 after SIGTERM: COMPLETED, not TIMEOUT
+    log = next((state_dir / "jobs" / job["job_id"] / "logs").glob("slurm-*.out")).read_text()
+    assert "stopped" in log
+    cli("cancel", job["job_id"])

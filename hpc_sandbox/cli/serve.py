@@ -1,6 +1,7 @@
 """`hpc-sandbox serve`: what a jobspec runs on each node (or array task)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -49,6 +50,9 @@ def serve(job_id: str, slots: int, runtime: str, image: str | None, gpus: int, p
     """
     if host and interface:
         raise click.UsageError("give --host or --interface, not both")
+    # A node server's log is what a person reads when a job misbehaves: say what it
+    # does (ready, leases, stopping) even without -v.
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     state = (state_dir or default_state_dir()).expanduser()
     options = ServeOptions(
         job_id=job_id,
