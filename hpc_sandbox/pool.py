@@ -323,7 +323,7 @@ class SlotPool:
 
     async def _to_result(self, slot: Slot, answer: dict[str, Any]) -> ToolResult:
         result = ToolResult.from_answer(answer, slot)
-        if result.error_kind == "server_stopping":
+        if result.error_kind == "server_stopping" or (result.signal and not result.timed_out):
             reason = await self._source(slot).why_gone(slot.endpoint.job_id)
             if reason:
                 return ToolResult.failure(result.tool, JobEnded.kind, f"{reason}; the command was killed", slot)

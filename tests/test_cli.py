@@ -18,7 +18,9 @@ def cli(state_dir: Path):
         env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir), **(extra_env or {})}
         return subprocess.run([sys.executable, "-m", "hpc_sandbox", *args], capture_output=True, text=True,
                               timeout=timeout, env=env)
-    return run
+    yield run
+    for job in (state_dir / "jobs").glob("*"):  # a failed test leaves no node servers behind
+        run("cancel", job.name)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, code: int | None = None) -> None:

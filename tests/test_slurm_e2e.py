@@ -27,7 +27,10 @@ def cli(state_dir: Path, slurm_cluster):
         env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir)}
         return subprocess.run([sys.executable, "-m", "hpc_sandbox", *args], capture_output=True, text=True,
                               timeout=timeout, env=env)
-    return run
+    yield run
+    # A failed test must not leave its jobs holding the cluster (and its ports).
+    for job in (state_dir / "jobs").glob("*"):
+        run("cancel", job.name)
 
 
 def submit(cli, *args: str) -> dict:

@@ -259,14 +259,16 @@ class SlotTable:
         try:
             result = await slot.agent.call(call.tool, call.args, call.timeout)
             answer = {**base, "ok": True, "result": result}
+            if result.get("signal") and not result.get("timed_out"):
+                # Killed by a signal nobody here sent: perhaps the job's own SIGTERM,
+                # which reaches commands and this server at the same moment.
+                await _wait_briefly(self.stopping, 0.5)
         except AgentError as exc:
             answer = {**base, "ok": False, "error": {"kind": exc.kind, "message": exc.message}}
         except AgentDied as exc:
             # Under a batch scheduler the agent may die of the job's SIGTERM a moment
             # before the server hears of it: give that signal a moment to arrive.
-            try:
-                await asyncio.wait_for(self.stopping.wait(), 0.5)
-            except asyncio.TimeoutError:
+            if not await _wait_briefly(self.stopping, 0.5):
                 return {**base, "ok": False,
                         "error": {"kind": "agent_died", "message": f"{exc}; the slot's agent is being restarted"}}
         if self.stopping.is_set():
@@ -284,6 +286,14 @@ class SlotTable:
         for slot in self.slots:
             counts[slot.state] = counts.get(slot.state, 0) + 1
         return counts
+
+
+async def _wait_briefly(event: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+        return True
+    except asyncio.TimeoutError:
+        return False
 
 
 def _wipe(workspace: Path) -> None:
