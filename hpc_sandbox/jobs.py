@@ -23,6 +23,7 @@ from .models import Endpoint
 from .rendezvous import (JobInfo, ServerRecord, create_token, job_dir, job_token, list_jobs, read_job_info,
                          read_records, write_job_info)
 from .schedulers import JobState, JobStatus, get_scheduler
+from .schedulers.batch import jittered
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class JobReport:
     @property
     def leased(self) -> int:
         return sum(s.counts.get("leased", 0) for s in self.servers)
+
+
+STATUS_INTERVAL = 2.0  # seconds between scheduler status calls while waiting
 
 
 def new_job_id(job_name: str) -> str:
@@ -111,8 +115,14 @@ async def wait_ready(state_dir: Path, info: JobInfo, timeout: float,
     """Wait until every node server of the job answers; fail fast if the job ends."""
     backend = get_scheduler(info.scheduler, state_dir)
     deadline = time.monotonic() + timeout
+    next_status = 0.0
+    status = JobStatus(info.job_id, JobState.UNKNOWN)
     while True:
-        status = backend.status([info])[info.job_id]
+        # Ready records are files (cheap to look at often); the scheduler is a shared
+        # controller, asked every few seconds at most.
+        if time.monotonic() >= next_status:
+            status = backend.status([info])[info.job_id]
+            next_status = time.monotonic() + jittered(STATUS_INTERVAL)
         servers = await probe_servers(state_dir, info.job_id)
         ready = sum(s.reachable for s in servers)
         if progress:
