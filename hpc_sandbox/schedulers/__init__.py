@@ -6,9 +6,10 @@ from pathlib import Path
 from ..errors import ConfigError
 from .base import JobState, JobStatus, Scheduler
 from .local import LocalScheduler
+from .pbs import PbsScheduler
 from .slurm import SlurmScheduler
 
-SCHEDULERS: dict[str, type[Scheduler]] = {"local": LocalScheduler, "slurm": SlurmScheduler}
+SCHEDULERS: dict[str, type[Scheduler]] = {"local": LocalScheduler, "pbs": PbsScheduler, "slurm": SlurmScheduler}
 
 
 def get_scheduler(name: str, state_dir: Path) -> Scheduler:
