@@ -259,9 +259,11 @@ def _array_index_expr(scheduler: str, dialect: str, part: ArrayPart, plain: bool
     """What --port-index gets: the task's global index within the whole (split) array."""
     if plain:
         return part.first  # a one-task PBS Pro "array" is rendered as a plain job
-    variable = {"slurm": "SLURM_ARRAY_TASK_ID", "pbs": "PBS_ARRAYID" if dialect == "torque" else "PBS_ARRAY_INDEX"}[
-        scheduler]
-    return Raw(f"${variable}") if part.first == 0 else Raw(f"$(({part.first} + {variable}))")
+    # Torque sets PBS_ARRAYID; Slurm's Torque wrappers (a common way to keep PBS
+    # scripts running on Slurm) set only SLURM_ARRAY_TASK_ID, so fall back to it.
+    index = {"slurm": "$SLURM_ARRAY_TASK_ID",
+             "pbs": "${PBS_ARRAYID:-$SLURM_ARRAY_TASK_ID}" if dialect == "torque" else "$PBS_ARRAY_INDEX"}[scheduler]
+    return Raw(index) if part.first == 0 else Raw(f"$(({part.first} + {index}))")
 
 
 def render(spec: SandboxSpec, scheduler: str | None = None, *, dialect: str | None = None,

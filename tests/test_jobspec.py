@@ -135,7 +135,7 @@ def test_pbs_array_dialects():
     s = spec(array=20, array_limit=5)
     torque = one(render(s, "pbs", dialect="torque"))
     assert "-t 0-19%5" in directives(torque, "#PBS")
-    assert '--port-index "$PBS_ARRAYID"' in torque
+    assert '--port-index "${PBS_ARRAYID:-$SLURM_ARRAY_TASK_ID}"' in torque
     pro = one(render(s, "pbs", dialect="pbspro"))
     assert "-J 0-19" in directives(pro, "#PBS")
     # some PBS Pro builds reject %N: the limit is an attribute there
@@ -176,7 +176,7 @@ def test_large_slurm_array_renders_several_jobs_with_offset_port_indices():
     assert [r.servers for r in rendered] == [10, 10, 5]
     assert "--array=0-9%2" in directives(rendered[0].text, "#SBATCH")
     assert "--array=0-4%2" in directives(rendered[2].text, "#SBATCH")
-    assert '--port-index "$((20 + SLURM_ARRAY_TASK_ID))"' in rendered[2].text
+    assert '--port-index "$((20 + $SLURM_ARRAY_TASK_ID))"' in rendered[2].text
     # all parts are one hpc-sandbox job: same folder, same token
     assert all("--token-file /home/alice/.hpc-sandbox/jobs/demo/token" in r.text for r in rendered)
 

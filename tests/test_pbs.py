@@ -7,10 +7,8 @@ HPC_SANDBOX_REQUIRE_SLURM=1). What those wrappers can and cannot do, as seen her
 
 - plain jobs: yes. `qsub` prints the bare Slurm job id (`450`).
 - arrays (`#PBS -t 0-1`): the wrapper submits them (sbatch --array), but the tasks do not
-  get Torque's `PBS_ARRAYID`, which the rendered script passes to `--port-index`: with the
-  packaged template each task fails with the node server's own `Error: Invalid value for
-  '--port-index': '' is not a valid integer range.` The array test therefore adds one
-  profile setup line, `PBS_ARRAYID="${PBS_ARRAYID:-$SLURM_ARRAY_TASK_ID}"`. The wrapper's
+  get Torque's `PBS_ARRAYID`, only `SLURM_ARRAY_TASK_ID`; the Torque template falls back to
+  it (`--port-index "${PBS_ARRAYID:-$SLURM_ARRAY_TASK_ID}"`), so arrays run. The wrapper's
   `qstat -f` lists each task as its own Slurm job (`Job Id: 452`), without the array id:
   hpc-sandbox names the job by its unique key on the wrapper (`-N`) to find them.
 - several nodes: no. The cluster has one node, and slurm-wlm-torque has no `pbsdsh`
@@ -48,7 +46,6 @@ from helpers import pids_matching, wait_until
 DATA = Path(__file__).resolve().parent / "data" / "pbs"
 RUNTIME = "bwrap" if shutil.which("bwrap") else "none"
 PORTS = "22100-22163"
-ARRAY_INDEX_LINE = 'PBS_ARRAYID="${PBS_ARRAYID:-$SLURM_ARRAY_TASK_ID}"'
 
 
 def records(name: str) -> dict[str, dict]:
@@ -408,9 +405,7 @@ def test_torque_job_end_to_end(cli, state_dir):
 
 
 def test_torque_array_on_the_wrapper(cli, state_dir, tmp_path):
-    config = tmp_path / "wrapper.yaml"
-    config.write_text("profiles:\n  default:\n    setup_lines:\n      - '" + ARRAY_INDEX_LINE + "'\n")
-    job = submit(cli, "--config", str(config), "--array", "2", "--slots", "1")
+    job = submit(cli, "--array", "2", "--slots", "1")
     job_id, (slurm_id,) = job["job_id"], job["scheduler_ids"]
     assert "#PBS -t 0-1" in (state_dir / "jobs" / job_id / "submit" / f"{job_id}.pbs").read_text()
     status = json.loads(cli("status", job_id, "--json").stdout)[0]
