@@ -66,6 +66,21 @@ start_daemon() {
 start_slurmctld() { start_daemon slurmctld -i; }
 start_slurmd() { start_daemon slurmd; }
 
+# Cancel every job slurmctld still lists (all of them are leftovers, see above) and
+# wait until they are gone, so the node's CPUs are free for the jobs that follow.
+cancel_leftover_jobs() {
+    local ids
+    ids=$(timeout 10 squeue -h -o '%F' 2>/dev/null | sort -u | tr '\n' ' ') || ids=""
+    [[ -n ${ids// } ]] || return 0
+    log "cancelling jobs left over from before the daemons last stopped: $ids"
+    timeout 30 scancel $ids 2>/dev/null || true
+    for _ in $(seq 120); do
+        [[ -z $(timeout 10 squeue -h -o '%i' 2>/dev/null) ]] && return 0
+        sleep 0.5
+    done
+    log "warning: leftover jobs still listed after 60 s: $(timeout 10 squeue -h -o '%i:%T' | head -5 | tr '\n' ' ')"
+}
+
 munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
 (( EUID == 0 )) || die "must run as root (it installs packages and runs the Slurm daemons as root)"
@@ -140,6 +155,15 @@ if (( conf_changed )) && [[ -n "$(daemon_pid slurmctld)$(daemon_pid slurmd)" ]];
     stop_daemon slurmd
     stop_daemon slurmctld
 fi
+# Jobs that slurmctld recovers from its state file were running or queued before the
+# daemons last stopped (a reboot, a killed test run). When no slurmctld ran and no
+# slurmstepd is alive, none of them can really be running, yet slurmctld counts them
+# as holding the node's CPUs until it gives up on them (several minutes): every test
+# job would wait behind them. They are cancelled once the node is up (see below).
+leftovers_possible=0
+if [[ -z $(daemon_pid slurmctld) ]] && ! pgrep -x slurmstepd >/dev/null; then
+    leftovers_possible=1
+fi
 start_slurmctld
 start_slurmd
 
@@ -150,6 +174,7 @@ while :; do
     state=$(timeout 10 sinfo -h -N -n "$node" -o '%T' 2>/dev/null | head -1) || state=""
     case $state in
         idle|mixed|allocated|completing)
+            (( leftovers_possible )) && cancel_leftover_jobs
             log "ready: node $node is $state (partition debug, $cpus CPUs) after ${SECONDS}s"
             exit 0 ;;
         down*|drain*|fail*)
