@@ -39,6 +39,24 @@ KILL_GRACE_SECONDS = 1.0
 # pipes open (`server &`); we stop waiting for their output after this long.
 PIPE_DRAIN_SECONDS = 0.2
 MAX_REQUEST_LINE = 512 << 20
+# Ceilings on what a caller may ask for: every answer is one JSON line the node
+# server holds in memory, so no request may make it arbitrarily large.
+MAX_OUTPUT_CAP = 16 << 20  # per stream
+MAX_READ_LIMIT = 64 << 20
+MAX_ARCHIVE_CAP = 128 << 20
+MAX_LIST_ENTRIES = 100000
+
+
+def _bounded_int(args, key, default, ceiling):
+    """args[key] as an int in [0, ceiling], `default` when absent; else a bad_request."""
+    value = args.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ToolError("bad_request", "%s must be an integer >= 0" % key)
+    if ceiling is not None and value > ceiling:
+        raise ToolError("bad_request", "%s must be at most %d" % (key, ceiling))
+    return value or default
 
 
 class ToolError(Exception):
@@ -217,6 +235,42 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
+CALL_ENV = "HPC_SANDBOX_CALL"
+
+
+def _kill_tagged(tag: str, exact: bool) -> int:
+    """SIGKILL every process whose environment carries CALL_ENV=tag (or tag...).
+
+    A command can leave its process group (`setsid`, a daemonising server), so
+    killing the group is not enough. Every command starts with a tag in its
+    environment, which its descendants inherit; /proc/PID/environ still shows it
+    after they leave the group. (A process that re-executes itself with a cleared
+    environment escapes this; the container's pid namespace still ends it at reset.)
+    """
+    needle = ("%s=%s" % (CALL_ENV, tag)).encode()
+    me = os.getpid()
+    killed = 0
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return 0
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as handle:
+                entries = handle.read().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if any(entry == needle or (not exact and entry.startswith(needle)) for entry in entries):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
 # --- the agent ---------------------------------------------------------------------
 
 
@@ -224,13 +278,16 @@ class Agent:
     def __init__(self, workspace: str, output_cap: int) -> None:
         self.workspace = os.path.realpath(workspace)
         self.output_cap = output_cap
-        self.running = {}  # request id -> process group id of a running bash command
+        self.running = {}  # request id -> (process group id, call tag) of a running bash command
         # Groups that may still hold background jobs (`server &`) of finished commands.
         # Linux does not reuse a pid while a group of that id has members, so killing
         # these at shutdown cannot hit a stranger's group that is still alive.
         self.lingering = set()
         self.tasks = set()
         self.out = sys.stdout.buffer
+        # Tags every command's environment (see _kill_tagged): this agent's, then the call's.
+        self.tag = "%d.%s" % (os.getpid(), os.urandom(4).hex())
+        self.calls_started = 0
 
     # I/O ----------------------------------------------------------------------------
 
@@ -261,8 +318,9 @@ class Agent:
             await asyncio.wait(list(self.tasks), timeout=KILL_GRACE_SECONDS + 1)
 
     def kill_all(self) -> None:
-        for pgid in set(self.running.values()) | self.lingering:
+        for pgid in {pgid for pgid, _ in self.running.values()} | self.lingering:
             _kill_group(pgid, signal.SIGKILL)
+        _kill_tagged(self.tag + ".", exact=False)
 
     async def handle_line(self, line: bytes) -> None:
         request_id = None
@@ -303,15 +361,18 @@ class Agent:
         if not isinstance(extra_env, dict):
             raise ToolError("bad_request", "env must be an object of strings")
         env.update({str(k): str(v) for k, v in extra_env.items()})
+        self.calls_started += 1
+        call_tag = "%s.%d" % (self.tag, self.calls_started)
+        env[CALL_ENV] = call_tag
         cwd = resolve_in_workspace(self.workspace, args.get("cwd") or ".")
-        cap = int(args.get("output_cap") or self.output_cap)
+        cap = _bounded_int(args, "output_cap", self.output_cap, MAX_OUTPUT_CAP)
         timeout = float(timeout) if timeout else None
 
         started = time.monotonic()
         out, err = CappedBuffer(cap), CappedBuffer(cap)
         loop = asyncio.get_event_loop()
         child = _Spawned(loop, ["bash", "-c", command], cwd, env, out, err)
-        self.running[request_id] = child.pid
+        self.running[request_id] = (child.pid, call_tag)
         timed_out = False
         try:
             try:
@@ -324,6 +385,7 @@ class Agent:
                 except asyncio.TimeoutError:
                     pass
                 _kill_group(child.pid, signal.SIGKILL)
+                _kill_tagged(call_tag, exact=True)
                 code = await child.exited
             try:
                 await asyncio.wait_for(asyncio.shield(child.streams_done), PIPE_DRAIN_SECONDS)
@@ -333,6 +395,7 @@ class Agent:
             self.running.pop(request_id, None)
             if not child.exited.done():  # cancelled: leave nothing behind
                 _kill_group(child.pid, signal.SIGKILL)
+                _kill_tagged(call_tag, exact=True)
             child.close_streams()
             if _group_alive(child.pid):
                 self.lingering.add(child.pid)
@@ -352,10 +415,8 @@ class Agent:
         encoding = args.get("encoding", "text")
         if encoding not in ("text", "base64"):
             raise ToolError("bad_request", "encoding must be 'text' or 'base64'")
-        offset = int(args.get("offset") or 0)
-        limit = int(args.get("limit") or DEFAULT_READ_LIMIT)
-        if offset < 0 or limit < 0:
-            raise ToolError("bad_request", "offset and limit must be >= 0")
+        offset = _bounded_int(args, "offset", 0, None)
+        limit = _bounded_int(args, "limit", DEFAULT_READ_LIMIT, MAX_READ_LIMIT)
         with open(real, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             handle.seek(offset)
@@ -435,7 +496,7 @@ class Agent:
     async def tool_list_files(self, request_id, args, timeout):
         real = resolve_in_workspace(self.workspace, args.get("path") or ".")
         recursive = bool(args.get("recursive"))
-        max_entries = int(args.get("max_entries") or 10000)
+        max_entries = _bounded_int(args, "max_entries", 10000, MAX_LIST_ENTRIES)
         if not os.path.isdir(real):
             raise ToolError("not_a_directory", "%s: not a directory" % args.get("path"))
         entries = []
@@ -456,7 +517,7 @@ class Agent:
 
     async def tool_archive(self, request_id, args, timeout):
         real = resolve_in_workspace(self.workspace, args.get("path") or ".")
-        cap = int(args.get("max_bytes") or DEFAULT_ARCHIVE_CAP)
+        cap = _bounded_int(args, "max_bytes", DEFAULT_ARCHIVE_CAP, MAX_ARCHIVE_CAP)
         sink = _CappedBytesIO(cap)
         try:
             with tarfile.open(fileobj=sink, mode="w:gz") as tar:
@@ -472,10 +533,12 @@ class Agent:
         }
 
     async def tool_cancel(self, request_id, args, timeout):
-        pgid = self.running.get(args.get("target"))
-        if pgid is not None:
+        running = self.running.get(args.get("target"))
+        if running is not None:
+            pgid, call_tag = running
             _kill_group(pgid, signal.SIGKILL)
-        return {"cancelled": pgid is not None}
+            _kill_tagged(call_tag, exact=True)
+        return {"cancelled": running is not None}
 
     async def tool_ping(self, request_id, args, timeout):
         return {"pid": os.getpid(), "workspace": self.workspace, "python": sys.version.split()[0]}

@@ -17,7 +17,7 @@ import aiohttp
 
 from .errors import (AuthError, BadRequest, CallTimeout, ClientError, LeaseLost, LimitExceeded, NoFreeSlot,
                      NotFound, ServerGone)
-from .models import Endpoint
+from .models import DEFAULT_EXEC_TIMEOUT, Endpoint
 from .paths import workspace_relative
 
 log = logging.getLogger(__name__)
@@ -132,15 +132,15 @@ class NodeClient:
     async def execute(self, slot: int, lease: str, tool: str, args: dict[str, Any],
                       timeout: float | None = None, exec_id: str | None = None) -> dict[str, Any]:
         """One tool call; returns the server's answer {"ok", "tool", "result" | "error"}."""
-        body = {"exec_id": exec_id or new_exec_id(), "tool": tool, "args": args}
-        if timeout is not None:
-            body["timeout"] = timeout
-        http_timeout = (timeout or CONTROL_TIMEOUT * 10) + TIMEOUT_MARGIN
-        return await self._request("POST", f"/v1/slots/{slot}/exec", json=body, lease=lease, timeout=http_timeout)
+        timeout = timeout or DEFAULT_EXEC_TIMEOUT
+        body = {"exec_id": exec_id or new_exec_id(), "tool": tool, "args": args, "timeout": timeout}
+        return await self._request("POST", f"/v1/slots/{slot}/exec", json=body, lease=lease,
+                                   timeout=timeout + TIMEOUT_MARGIN)
 
     async def batch(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Several calls (each with slot, lease, exec_id, tool, args, timeout) in one request."""
-        longest = max((c.get("timeout") or CONTROL_TIMEOUT * 10) for c in calls)
+        calls = [{**c, "timeout": c.get("timeout") or DEFAULT_EXEC_TIMEOUT} for c in calls]
+        longest = max(c["timeout"] for c in calls)
         answer = await self._request("POST", "/v1/batch", json={"calls": calls}, timeout=longest + TIMEOUT_MARGIN)
         return answer["results"]
 

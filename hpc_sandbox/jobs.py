@@ -149,7 +149,16 @@ def job_ids(state_dir: Path, job: str | None) -> list[str]:
 
 
 async def report(state_dir: Path, job: str | None = None) -> list[JobReport]:
-    infos = [read_job_info(state_dir, j) for j in job_ids(state_dir, job)]
+    infos = []
+    for job_id in job_ids(state_dir, job):
+        try:
+            infos.append(read_job_info(state_dir, job_id))
+        except JobNotFound:
+            # A folder without job.json is a submit in progress (its token comes first)
+            # or a node server started by hand: nothing to report on, unless asked by name.
+            if job is not None:
+                raise
+            log.debug("skipping %s: no job.json", job_id)
     statuses: dict[str, JobStatus] = {}
     for scheduler in sorted({i.scheduler for i in infos}):
         group = [i for i in infos if i.scheduler == scheduler]

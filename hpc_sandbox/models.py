@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LOCATIONS = ("local", "cluster", "cloud")
+# A tool call that names no timeout gets this one, from the server and the client alike:
+# with none at all, a forgotten `sleep` would hold a slot and a client forever.
+DEFAULT_EXEC_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,11 @@ SLOT_AGENT = "/opt/hpc-sandbox/agent.py"  # where a contained slot sees the agen
 # What a slot's environment starts from: nothing of the server's own environment
 # (which is where a secret would be, if a site put one there) reaches a slot.
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
+# Host paths a bwrap slot must not see although they are outside $HOME: the munge
+# socket (through it a slot could submit an unsandboxed job as the user), the munge
+# key (readable when the server runs as root), and per-user runtime dirs (ssh-agent,
+# gpg-agent sockets).
+BWRAP_HIDDEN_HOST_PATHS = ("/run/munge", "/run/user", "/etc/munge")
 REMOTE_IMAGE_PREFIXES = ("docker://", "docker-daemon://", "library://", "oras://", "shub://", "http://", "https://")
 
 
@@ -139,7 +144,9 @@ class BwrapRuntime(SlotRuntime):
                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
         argv += self.root_binds()
         argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        hidden = [Path(p) for p in self.options.hidden_paths]
+        python = self.options.python or sys.executable
+        argv += self.home_binds(python)
+        hidden = [Path(p) for p in (*self.options.hidden_paths, *BWRAP_HIDDEN_HOST_PATHS)]
         for path in hidden:
             # A path under another hidden folder is already covered by that folder's tmpfs.
             if not any(other != path and other.is_dir() and path.is_relative_to(other) for other in hidden):
@@ -153,9 +160,27 @@ class BwrapRuntime(SlotRuntime):
         env = slot_env(SLOT_WORKSPACE, slot_index)
         for key, value in sorted(env.items()):
             argv += ["--setenv", key, value]
-        python = self.options.python or sys.executable
         argv += self._agent_args(python, SLOT_AGENT, SLOT_WORKSPACE)
         return argv, env
+
+    @staticmethod
+    def home_binds(python: str) -> list[str]:
+        """Hide the server user's home ($HOME holds ~/.ssh, cloud credentials and, by
+        default, the state dir) except the Python installation that runs the agent,
+        when that lives there (pyenv, a venv in $HOME): it is bound back read-only."""
+        try:
+            home = Path.home().resolve()
+        except (KeyError, RuntimeError):
+            return []
+        if home == Path("/") or not home.is_dir():
+            return []
+        args = ["--tmpfs", str(home)]
+        interpreter = Path(shutil.which(python) or python)
+        # bin/python3 -> its installation; a venv's link -> the base installation too.
+        for prefix in sorted({interpreter.absolute().parent.parent, interpreter.resolve().parent.parent}):
+            if prefix != home and prefix.is_relative_to(home):
+                args += ["--ro-bind", str(prefix), str(prefix)]
+        return args
 
 
 def _bwrap_hide(path: Path) -> list[str]:

@@ -74,6 +74,37 @@ async def test_timeout_kills_the_whole_process_group_and_keeps_output(agent):
     assert wait_until(lambda: not pids_matching(marker), timeout=5), "a child of the timed-out command survived"
 
 
+async def test_timeout_also_kills_what_left_the_process_group(agent):
+    marker = f"hpcsbx-setsid-{os.getpid()}"
+    command = f"setsid bash -c 'exec -a {marker} sleep 100' & sleep 100"
+    result = (await agent.call("bash", timeout=0.5, command=command))["result"]
+    assert result["timed_out"] is True
+    assert wait_until(lambda: not pids_matching(marker), timeout=5), "a setsid child of the timed-out command survived"
+
+
+async def test_closing_stdin_kills_background_jobs_that_left_the_group(tmp_path):
+    marker = f"hpcsbx-daemon-{os.getpid()}"
+    driver = await AgentDriver.start(tmp_path)
+    result = (await driver.call("bash", command=f"setsid -f bash -c 'exec -a {marker} sleep 100'; echo ok"))["result"]
+    assert result["stdout"] == "ok\n"
+    assert wait_until(lambda: bool(pids_matching(marker)), timeout=5)
+    await driver.close()
+    assert wait_until(lambda: not pids_matching(marker), timeout=5), "a daemonised job outlived its agent"
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("bash", {"command": "true", "output_cap": agent_module.MAX_OUTPUT_CAP + 1}),
+    ("read_file", {"path": "f", "limit": agent_module.MAX_READ_LIMIT + 1}),
+    ("archive", {"max_bytes": agent_module.MAX_ARCHIVE_CAP + 1}),
+    ("list_files", {"max_entries": -1}),
+    ("bash", {"command": "true", "output_cap": "lots"}),
+])
+async def test_caller_chosen_sizes_have_a_ceiling(agent, tool, args):
+    answer = await agent.call(tool, **args)
+    assert answer["ok"] is False and answer["error"]["kind"] == "bad_request"
+    assert (await agent.call("bash", command="echo alive"))["result"]["stdout"] == "alive\n"
+
+
 async def test_capped_output_keeps_head_and_tail(tmp_path):
     driver = await AgentDriver.start(tmp_path, "--output-cap", "1000")
     try:

@@ -73,6 +73,23 @@ def test_errors_are_one_line_without_traceback(cli):
     assert usage.returncode == 2 and usage.stderr.strip().splitlines()[-1].endswith("'NOEQUALS' is not KEY=VALUE")
 
 
+def test_unexpected_failures_are_still_one_line(cli, state_dir, tmp_path):
+    from hpc_sandbox.rendezvous import create_token
+
+    create_token(state_dir, "byhand")  # a folder without job.json: a submit in progress, or `serve` by hand
+    listing = cli("status")
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr
+    # An agent that cannot start (here: an interpreter that exits at once) stops the server with an
+    # error line after its log lines (a node server logs what it does; that log is the job's).
+    served = cli("serve", "--job-id", "byhand", "--host", "127.0.0.1", "--port-range", "21100-21101",
+                 "--slots", "1", "--python", "/bin/false")
+    assert served.returncode != 0 and "Traceback" not in served.stderr
+    assert served.stderr.strip().splitlines()[-1] == "Error: slot 0: agent exited (code 1)"
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    assert_one_line_error(cli("submit", "--state-dir", str(blocked / "state")), "Not a directory")
+
+
 def test_a_job_that_fails_at_start_reports_the_servers_own_error(cli, state_dir, tmp_path):
     result = cli("submit", "--runtime", "apptainer", "--image", str(tmp_path / "missing.sif"), "--wait",
                  "--wait-timeout", "60", extra_env={"PATH": f"{SHIMS}:{os.environ['PATH']}"})

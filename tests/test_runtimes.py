@@ -102,6 +102,42 @@ def test_bwrap_slots_cannot_see_each_other_or_the_secrets(state_dir):
     assert wait_until(lambda: not pids_matching(marker), 5)
 
 
+@pytest.fixture
+def home_outside_tmp():
+    """A $HOME outside /tmp (which bwrap replaces anyway), so hiding is really tested."""
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="hpcsbx-home-", dir="/var/tmp"))
+    (home / ".ssh").mkdir()
+    (home / ".ssh" / "id_ed25519").write_text("PRIVATE-KEY-MARKER\n")
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@requires_bwrap
+def test_bwrap_hides_home_state_dir_munge_and_other_workspaces(home_outside_tmp):
+    home = home_outside_tmp
+    state_dir = home / ".hpc-sandbox"  # the default layout: the state dir lives in $HOME
+    state_dir.mkdir(mode=0o700)
+    workspaces = home.parent / f"{home.name}-ws"  # outside /tmp and outside $HOME
+    server = start_server(state_dir, job_id="hide", slots=2, runtime="bwrap", env={"HOME": str(home)},
+                          extra=["--workspace-root", str(workspaces)])
+    probe = (f"cat {home}/.ssh/id_ed25519 {state_dir}/jobs/hide/token 2>&1; ls -A {home} {workspaces} 2>&1; "
+             "ls -A /run/munge /etc/munge 2>&1; echo probed")
+    try:
+        [a, b] = asyncio.run(_run(server, "echo neighbour > mine.txt", probe, slots=2))
+        seen = b[1]["result"]["stdout"] + b[1]["result"]["stderr"]
+        assert seen.endswith("probed\n")
+        assert "PRIVATE-KEY-MARKER" not in seen and server.token not in seen
+        assert "mine.txt" not in seen and "slot-" not in seen
+        assert "munge.socket" not in seen and "munge.key" not in seen
+    finally:
+        assert server.stop() == 0
+        import shutil
+        shutil.rmtree(workspaces, ignore_errors=True)
+
+
 @requires_bwrap
 def test_bwrap_timeout_kills_the_group_inside_the_namespace(state_dir):
     server = start_server(state_dir, job_id="bt", slots=1, runtime="bwrap")

@@ -238,6 +238,15 @@ async def test_reset_wipes_the_workspace_and_kills_commands(client):
     assert (await client.execute(slot, lease, "list_files", {}))["result"]["entries"] == []
 
 
+def test_a_call_without_a_timeout_gets_the_servers_default():
+    from hpc_sandbox.server.app import Api, ServerLimits
+
+    api = Api(table=None, limits=ServerLimits(default_timeout=7.0))  # type: ignore[arg-type]
+    call = api.parse_call({"exec_id": "e1", "tool": "bash", "args": {"command": "sleep 1"}}, 0, "lease")
+    assert call.timeout == 7.0
+    assert api.parse_call({"exec_id": "e2", "tool": "bash", "timeout": 2}, 0, "lease").timeout == 2.0
+
+
 def test_sigterm_kills_running_work_removes_the_record_and_exits_0(state_dir):
     marker = f"hpcsbx-term-{os.getpid()}"
     server = start_server(state_dir, job_id="term")

@@ -8,6 +8,8 @@ import click
 from .. import __version__
 from ..errors import HpcSandboxError
 
+log = logging.getLogger(__name__)
+
 
 class _Cli(click.Group):
     """Turns our own errors into one line on stderr and a non-zero exit, never a traceback."""
@@ -20,6 +22,19 @@ class _Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as exc:  # a file or program the user named, a full disk, a refused permission
+            raise click.ClickException(_describe_os_error(exc)) from None
+        except Exception as exc:  # a bug: still one line, with the way to see more
+            log.debug("unexpected error", exc_info=True)
+            raise click.ClickException(f"unexpected {type(exc).__name__}: {exc} "
+                                       "(rerun with -vv for the traceback, and please report it)") from None
+
+
+def _describe_os_error(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})

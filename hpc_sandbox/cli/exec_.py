@@ -10,7 +10,7 @@ import click
 
 from .. import jobs
 from ..errors import HpcSandboxError
-from ..models import ToolResult
+from ..models import DEFAULT_EXEC_TIMEOUT, ToolResult
 from ..pool import SlotPool
 from .common import resolve_state_dir, state_dir_option
 
@@ -29,7 +29,7 @@ async def _run(state: Path, job: str | None, command: str, timeout: float | None
 @click.command("exec", context_settings={"ignore_unknown_options": True})
 @click.option("--job", default=None, help="Use this job's slots (default: any live job).")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=None,
-              help="Kill the command after this many seconds (exit code 124).")
+              help=f"Kill the command after this many seconds (exit code 124) [default: {DEFAULT_EXEC_TIMEOUT:.0f}].")
 @click.option("--acquire-timeout", type=click.FloatRange(0), default=60.0, show_default=True,
               help="Seconds to wait for a free slot.")
 @click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Extra environment (repeatable).")
@@ -60,7 +60,7 @@ def exec_(job: str | None, timeout: float | None, acquire_timeout: float, env_pa
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
     if result.timed_out:
-        click.echo(f"hpc-sandbox: command timed out after {timeout}s in {result.slot}", err=True)
+        click.echo(f"hpc-sandbox: command timed out after {timeout or DEFAULT_EXEC_TIMEOUT:g}s in {result.slot}", err=True)
         raise SystemExit(EXIT_TIMEOUT)
     if result.exit_code is None and result.signal:
         raise SystemExit(128 + result.signal)

@@ -10,7 +10,8 @@ from ..rendezvous import token_path
 from ..runtime import RUNTIMES, RuntimeOptions
 from ..server.app import ServerLimits
 from ..server.main import ServeOptions, parse_port_range, run
-from ..spec import DEFAULT_PORT_RANGE, default_state_dir
+from ..spec import DEFAULT_PORT_RANGE
+from .common import resolve_state_dir, state_dir_option
 
 
 @click.command("serve")
@@ -27,8 +28,7 @@ from ..spec import DEFAULT_PORT_RANGE, default_state_dir
                    "so tasks sharing a node take different ports.")
 @click.option("--host", default=None, help="Address to listen on (default: what this node's hostname resolves to).")
 @click.option("--interface", default=None, help="Listen on this network interface's IPv4 address instead.")
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
-              help="State directory (default ~/.hpc-sandbox); the ready record goes to jobs/JOB/servers/.")
+@state_dir_option
 @click.option("--token-file", type=click.Path(path_type=Path), default=None,
               help="Bearer token file, mode 0600 (default STATE_DIR/jobs/JOB/token).")
 @click.option("--workspace-root", type=click.Path(path_type=Path), default=None,
@@ -53,7 +53,7 @@ def serve(job_id: str, slots: int, runtime: str, image: str | None, gpus: int, p
     # A node server's log is what a person reads when a job misbehaves: say what it
     # does (ready, leases, stopping) even without -v.
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-    state = (state_dir or default_state_dir()).expanduser()
+    state = resolve_state_dir(state_dir)
     options = ServeOptions(
         job_id=job_id,
         slots=slots,

@@ -9,6 +9,8 @@ import os
 import signal
 from typing import Any
 
+from ..errors import RuntimeUnavailable
+
 log = logging.getLogger(__name__)
 
 # A whole answer is one line: two capped output streams (1 MiB each by default,
@@ -17,7 +19,7 @@ MAX_ANSWER_LINE = 512 << 20
 STOP_GRACE_SECONDS = 3.0
 
 
-class AgentDied(Exception):
+class AgentDied(RuntimeUnavailable):
     """The agent process ended (or could not start) while calls were in flight."""
 
 

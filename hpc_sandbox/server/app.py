@@ -28,6 +28,7 @@ from aiohttp import web
 
 from ..errors import (AuthError, BadRequest, ClientError, LeaseLost, LimitExceeded, NoFreeSlot,
                       NotFound)
+from ..models import DEFAULT_EXEC_TIMEOUT
 from .files import AtomicUpload, open_for_read
 from .slots import ExecCall, SlotTable
 
@@ -52,6 +53,7 @@ class ServerLimits:
     max_upload_bytes: int = 16 << 30
     max_concurrent: int = 256
     max_timeout: float = 24 * 3600.0
+    default_timeout: float = DEFAULT_EXEC_TIMEOUT  # for a call that names none
 
 
 def error_response(kind: str, message: str, status: int) -> web.Response:
@@ -146,7 +148,7 @@ class Api:
             if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= self.limits.max_timeout:
                 raise BadRequest(f"'timeout' must be a number of seconds in (0, {self.limits.max_timeout:.0f}]")
         return ExecCall(slot=slot, lease=lease or "", exec_id=exec_id, tool=tool, args=args,
-                        timeout=float(timeout) if timeout is not None else None)
+                        timeout=float(timeout) if timeout is not None else self.limits.default_timeout)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"ready": self.table.accepting, "slots": len(self.table.slots)})
