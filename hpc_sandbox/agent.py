@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -220,6 +221,31 @@ class _Spawned:
             self._close_stream(pipe)
 
 
+async def _done_within(loop, future, seconds):
+    """Wait until `future` is done or `seconds` pass (None: no limit); never cancels it.
+
+    The hot path of every command: one plain future and one timer, where
+    wait_for(shield(...)) would add a task and two more futures.
+    """
+    if future.done():
+        return True
+    waiter = loop.create_future()
+
+    def wake(_=None):
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = loop.call_later(seconds, wake) if seconds is not None else None
+    future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        future.remove_done_callback(wake)
+    return future.done()
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -288,6 +314,10 @@ class Agent:
         # Tags every command's environment (see _kill_tagged): this agent's, then the call's.
         self.tag = "%d.%s" % (os.getpid(), os.urandom(4).hex())
         self.calls_started = 0
+        # Looked up once: a command's environment starts from the agent's own, and
+        # naming bash by its path spares every spawn a search along PATH.
+        self.base_env = dict(os.environ)
+        self.bash = shutil.which("bash") or "bash"
 
     # I/O ----------------------------------------------------------------------------
 
@@ -356,41 +386,33 @@ class Agent:
         command = args.get("command")
         if not isinstance(command, str):
             raise ToolError("bad_request", "bash needs a string 'command'")
-        env = dict(os.environ)
         extra_env = args.get("env") or {}
         if not isinstance(extra_env, dict):
             raise ToolError("bad_request", "env must be an object of strings")
+        env = dict(self.base_env)
         env.update({str(k): str(v) for k, v in extra_env.items()})
         self.calls_started += 1
         call_tag = "%s.%d" % (self.tag, self.calls_started)
         env[CALL_ENV] = call_tag
-        cwd = resolve_in_workspace(self.workspace, args.get("cwd") or ".")
+        cwd = resolve_in_workspace(self.workspace, args["cwd"]) if args.get("cwd") else self.workspace
         cap = _bounded_int(args, "output_cap", self.output_cap, MAX_OUTPUT_CAP)
         timeout = float(timeout) if timeout else None
 
         started = time.monotonic()
         out, err = CappedBuffer(cap), CappedBuffer(cap)
         loop = asyncio.get_event_loop()
-        child = _Spawned(loop, ["bash", "-c", command], cwd, env, out, err)
+        child = _Spawned(loop, [self.bash, "-c", command], cwd, env, out, err)
         self.running[request_id] = (child.pid, call_tag)
         timed_out = False
         try:
-            try:
-                code = await asyncio.wait_for(asyncio.shield(child.exited), timeout)
-            except asyncio.TimeoutError:
+            if not await _done_within(loop, child.exited, timeout):
                 timed_out = True
                 _kill_group(child.pid, signal.SIGTERM)
-                try:
-                    code = await asyncio.wait_for(asyncio.shield(child.exited), KILL_GRACE_SECONDS)
-                except asyncio.TimeoutError:
-                    pass
-                _kill_group(child.pid, signal.SIGKILL)
+                if not await _done_within(loop, child.exited, KILL_GRACE_SECONDS):
+                    _kill_group(child.pid, signal.SIGKILL)
                 _kill_tagged(call_tag, exact=True)
-                code = await child.exited
-            try:
-                await asyncio.wait_for(asyncio.shield(child.streams_done), PIPE_DRAIN_SECONDS)
-            except asyncio.TimeoutError:
-                pass
+            code = await child.exited
+            await _done_within(loop, child.streams_done, PIPE_DRAIN_SECONDS)
         finally:
             self.running.pop(request_id, None)
             if not child.exited.done():  # cancelled: leave nothing behind
