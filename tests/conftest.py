@@ -1,6 +1,7 @@
 """Shared fixtures. Every test runs against real processes on loopback."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -42,3 +43,13 @@ def server_factory(state_dir: Path):
             running.proc.kill()
             running.proc.wait()
 
+
+
+@pytest.fixture
+def bin_dir(tmp_path: Path, monkeypatch):
+    """A folder first on PATH for stand-in scheduler commands (see helpers.stand_in) that
+    log their arguments, one line per call, to calls.log."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return folder

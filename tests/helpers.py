@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -153,3 +154,18 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
             return True
         time.sleep(interval)
     return predicate()
+
+
+def stand_in(folder: Path, name: str, body: str) -> Path:
+    """A stand-in scheduler command (an executable bash script) that prints recorded
+    output; lines after the first may be indented by 8 spaces."""
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + "\n".join(line.removeprefix(" " * 8) for line in body.split("\n")))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def stand_in_calls(bin_dir: Path) -> list[str]:
+    """What the stand-ins logged to bin_dir/calls.log, one line per call."""
+    log_file = bin_dir / "calls.log"
+    return log_file.read_text().splitlines() if log_file.exists() else []

@@ -24,7 +24,6 @@ import copy
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from hpc_sandbox.schedulers.pbs import (PbsScheduler, array_key, group_tasks, pa
 from hpc_sandbox.spec import SandboxSpec
 
 from helpers import pids_matching, wait_until
+from helpers import stand_in as _tool, stand_in_calls as calls
 
 DATA = Path(__file__).resolve().parent / "data" / "pbs"
 RUNTIME = "bwrap" if shutil.which("bwrap") else "none"
@@ -193,29 +193,6 @@ def test_slurm_wrapper_text_recorded_here():
 
 
 # --- query, submit and cancel against stand-in commands (recorded output) ---------------------
-
-
-def _tool(folder: Path, name: str, body: str) -> Path:
-    """An executable bash script; lines after the first may be indented by 8 spaces."""
-    path = folder / name
-    path.write_text("#!/bin/bash\n" + "\n".join(line.removeprefix(" " * 8) for line in body.split("\n")))
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
-
-
-@pytest.fixture
-def bin_dir(tmp_path, monkeypatch):
-    """A folder first on PATH for stand-in qsub/qstat/qdel that print recorded output and
-    log their arguments (one line per call) to calls.log."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
-    return folder
-
-
-def calls(bin_dir: Path) -> list[str]:
-    log_file = bin_dir / "calls.log"
-    return log_file.read_text().splitlines() if log_file.exists() else []
 
 
 def test_pbspro_query_is_one_qstat_call_per_poll(bin_dir, tmp_path):

@@ -34,9 +34,10 @@ def jittered(interval: float) -> float:
     return interval * random.uniform(0.8, 1.2)
 
 
-def run_command(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT, what: str | None = None) -> str:
+def run_command(argv: Sequence[str], timeout: float | None = None, what: str | None = None) -> str:
     """Run a scheduler command; its failure becomes one line quoting the scheduler."""
     label = what or argv[0]
+    timeout = COMMAND_TIMEOUT if timeout is None else timeout
     log.debug("running %s", shlex.join(argv))
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)

@@ -97,6 +97,7 @@ class SlurmScheduler(BatchScheduler):
     name = "slurm"
     submit_command = ("sbatch", "--parsable")
     cancel_command = ("scancel",)
+    _plain_only = False  # set once squeue --json has failed and the plain format has worked
 
     def parse_job_id(self, stdout: str) -> str:
         # --parsable prints "id" or "id;cluster"
@@ -106,13 +107,19 @@ class SlurmScheduler(BatchScheduler):
         return job_id
 
     def query(self, jobs: Sequence[JobInfo]) -> dict[str, list[tuple[JobState, str]]]:
-        try:
-            tasks = parse_squeue_json(run_command(["squeue", "--json"], what="squeue --json"))
-        except SchedulerError as exc:
-            if "unrecognized option" not in str(exc) and "invalid option" not in str(exc):
-                raise
-            # Slurm before 21.08 has no --json.
-            tasks = parse_squeue_plain(run_command(["squeue", "-h", "-t", "all", "-o", "%F|%i|%T|%r"]))
+        if self._plain_only:
+            tasks = self._query_plain()
+        else:
+            try:
+                tasks = parse_squeue_json(run_command(["squeue", "--json"], what="squeue --json"))
+            except SchedulerError as exc:
+                if "did not answer" in str(exc):
+                    raise  # a hung controller: asking again another way would only wait twice as long
+                # Slurm before 21.08 has no --json, and a build without its JSON
+                # plugin fails on it: the plain format says what we need.
+                log.info("squeue --json is not usable here (%s); using squeue's plain format", exc)
+                tasks = self._query_plain()
+                self._plain_only = True
         missing = [i for job in jobs for i in job.scheduler_ids if i not in tasks]
         if missing:
             tasks.update(self._from_sacct(missing))
@@ -120,6 +127,9 @@ class SlurmScheduler(BatchScheduler):
             tasks.setdefault(scheduler_id, [(JobState.DONE, "left the queue; its end state is unknown "
                                                               "(Slurm accounting is off)")])
         return tasks
+
+    def _query_plain(self) -> dict[str, list[tuple[JobState, str]]]:
+        return parse_squeue_plain(run_command(["squeue", "-h", "-t", "all", "-o", "%F|%i|%T|%r"]))
 
     def _from_sacct(self, ids: list[str]) -> dict[str, list[tuple[JobState, str]]]:
         try:
