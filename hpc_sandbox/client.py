@@ -25,7 +25,14 @@ log = logging.getLogger(__name__)
 LEASE_HEADER = "X-Lease"
 TIMEOUT_MARGIN = 15.0  # seconds on top of a command's timeout: kill grace + transfer
 CONTROL_TIMEOUT = 30.0  # acquire, release, health...
+# A node that died without a word (power, network) leaves a record that looks alive:
+# connecting to it must fail fast, whatever the call's own timeout.
+CONNECT_TIMEOUT = 5.0
 RETRY_DELAYS = (0.1, 0.5, 1.5)
+
+
+def _timeout(total: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total, sock_connect=CONNECT_TIMEOUT)
 _KIND_TO_ERROR: dict[str, type[ClientError]] = {
     "auth": AuthError,
     "not_found": NotFound,
@@ -76,9 +83,10 @@ class NodeClient:
         for attempt in range(attempts):
             try:
                 async with self.session.request(method, url, json=json, headers=headers,
-                                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                                                timeout=_timeout(timeout)) as response:
                     return await self._decode(response)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectorError) as exc:
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectorError,
+                    aiohttp.ClientPayloadError) as exc:
                 # A broken or refused connection: the request may not have arrived (or
                 # its answer was lost). Safe to repeat: exec ids make it idempotent.
                 if attempt + 1 >= attempts:
@@ -92,7 +100,11 @@ class NodeClient:
 
     async def _decode(self, response: aiohttp.ClientResponse) -> Any:
         if response.status < 400:
-            return await response.json()
+            try:
+                return await response.json()
+            except (aiohttp.ContentTypeError, ValueError):
+                raise ClientError(f"{self.endpoint.url} answered HTTP {response.status} without JSON: "
+                                  "is that a node server?") from None
         try:
             error = (await response.json()).get("error") or {}
         except (aiohttp.ContentTypeError, ValueError):
@@ -151,7 +163,7 @@ class NodeClient:
         headers = {**self._auth, LEASE_HEADER: lease}
         try:
             async with self.session.get(f"{self.endpoint.url}/v1/slots/{slot}/files/{quote(workspace_relative(path))}",
-                                        headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                                        headers=headers, timeout=_timeout(timeout)) as response:
                 if response.status >= 400:
                     await self._decode(response)
                 size = 0
@@ -161,8 +173,10 @@ class NodeClient:
                         size += len(chunk)
             partial.replace(dest)
             return size
-        except aiohttp.ClientConnectionError as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise ServerGone(f"node server {self.endpoint.name}: download broke off: {exc}") from None
+        except asyncio.TimeoutError:
+            raise CallTimeout(f"node server {self.endpoint.name}: download of {path} took over {timeout:.0f}s") from None
         finally:
             partial.unlink(missing_ok=True)
 
@@ -178,7 +192,9 @@ class NodeClient:
         try:
             async with self.session.put(f"{self.endpoint.url}/v1/slots/{slot}/files/{quote(workspace_relative(path))}",
                                         data=chunks(), headers=headers,
-                                        timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                                        timeout=_timeout(timeout)) as response:
                 return (await self._decode(response))["size"]
-        except aiohttp.ClientConnectionError as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise ServerGone(f"node server {self.endpoint.name}: upload broke off: {exc}") from None
+        except asyncio.TimeoutError:
+            raise CallTimeout(f"node server {self.endpoint.name}: upload to {path} took over {timeout:.0f}s") from None

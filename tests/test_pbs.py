@@ -382,21 +382,25 @@ def test_torque_job_end_to_end(cli, state_dir):
 
 
 def test_torque_array_on_the_wrapper(cli, state_dir, tmp_path):
-    job = submit(cli, "--array", "2", "--slots", "1")
+    job = submit(cli, "--array", "2", "--slots", "2")
     job_id, (slurm_id,) = job["job_id"], job["scheduler_ids"]
     assert "#PBS -t 0-1" in (state_dir / "jobs" / job_id / "submit" / f"{job_id}.pbs").read_text()
     status = json.loads(cli("status", job_id, "--json").stdout)[0]
     assert status["state"] == "running" and status["reason"] == "2 of 2 tasks running", status
-    assert status["free"] == 2 and len(status["servers"]) == 2
+    assert status["free"] == 4 and len(status["servers"]) == 2
 
     async def scenario():
         async with SlotPool.from_state_dir(state_dir, [job_id], acquire_timeout=10) as pool:
-            slots = [await pool.acquire(trajectory_id=f"t{i}") for i in range(2)]
+            slots = [await pool.acquire(trajectory_id=f"t{i}") for i in range(4)]
             assert len({s.endpoint.url for s in slots}) == 2  # one node server per array task
-            results = await pool.execute_batch([(s, "bash", {"command": "echo ok"}) for s in slots])
-            assert [r.stdout for r in results] == ["ok\n", "ok\n"]
+            writes = await pool.execute_batch(
+                [(s, "bash", {"command": f"echo {i} > mine; sleep 0.5; cat mine; ls"}) for i, s in enumerate(slots)])
+            # Each slot reads back its own file and sees no other slot's.
+            assert [w.stdout.split() for w in writes] == [[str(i), "mine"] for i in range(4)]
             cancelled = await asyncio.to_thread(cli, "cancel", job_id)
             assert cancelled.returncode == 0, cancelled.stderr
+            with pytest.raises(NoCapacity):
+                await pool.acquire(timeout=1)
             after = await pool.execute(slots[1], "bash", {"command": "true"})
             assert after.error_kind == "job_ended"
 

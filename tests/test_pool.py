@@ -101,3 +101,26 @@ async def test_no_jobs_says_how_to_start_one(state_dir):
     async with SlotPool.from_state_dir(state_dir) as pool:
         with pytest.raises(NoCapacity, match="hpc-sandbox submit"):
             await pool.acquire(timeout=0.2)
+
+
+def test_local_scheduler_does_not_mistake_a_recycled_pid_for_its_server():
+    import subprocess
+    import time
+
+    from hpc_sandbox.rendezvous import JobInfo
+    from hpc_sandbox.schedulers.local import _alive
+
+    # A session leader whose command line names hpc_sandbox, like a local node server.
+    proc = subprocess.Popen(["bash", "-c", "exec -a hpc_sandbox-stand-in sleep 30"], start_new_session=True)
+    try:
+        def job(submitted_at: float) -> JobInfo:
+            return JobInfo(job_id="j", scheduler="local", submitted_at=submitted_at, servers=1, slots_per_server=1,
+                           runtime="none", scheduler_ids=(str(proc.pid),))
+        time.sleep(0.1)
+        assert _alive(proc.pid, job(time.time()))
+        # The same pid on a job submitted an hour ago: the process is younger than the job.
+        assert not _alive(proc.pid, job(time.time() - 3600))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _alive(proc.pid, job(time.time()))

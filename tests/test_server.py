@@ -297,3 +297,53 @@ async def test_auth_error_type_on_client(server):
     with pytest.raises(AuthError):
         await bad.slots()
     await bad.close()
+
+
+async def test_a_lost_answer_is_retried_with_the_same_exec_id_and_runs_once(server):
+    """A proxy between client and server drops the connection carrying the first exec
+    answer: the client sees a broken connection, retries with the same execution id,
+    and gets the first result; the command ran once."""
+    from hpc_sandbox.models import Endpoint
+
+    upstream = server.url.removeprefix("http://").split(":")
+    dropped = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(upstream[0], int(upstream[1]))
+        saw_exec = False
+
+        async def forward_requests() -> None:
+            nonlocal saw_exec
+            while data := await reader.read(65536):
+                saw_exec = saw_exec or b"/exec HTTP" in data
+                up_writer.write(data)
+                await up_writer.drain()
+
+        to_server = asyncio.ensure_future(forward_requests())
+        try:
+            while data := await up_reader.read(65536):
+                if saw_exec and not dropped:
+                    dropped.append(data)  # the first exec answer never reaches the client
+                    break
+                writer.write(data)
+                await writer.drain()
+        finally:
+            to_server.cancel()
+            writer.close()
+            up_writer.close()
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    endpoint = Endpoint(url=f"http://127.0.0.1:{port}", token=server.token, job_id=server.job_id, name="proxied")
+    try:
+        async with NodeClient(endpoint) as client:
+            granted = await client.acquire("t")
+            answer = await client.execute(granted["slot"], granted["lease"], "bash",
+                                          {"command": "echo run >> runs.txt; wc -l < runs.txt"}, exec_id="retry-1")
+            assert dropped, "the proxy did not drop an answer: the test proves nothing"
+            assert answer["ok"] and answer["result"]["stdout"] == "1\n"
+            runs = await client.execute(granted["slot"], granted["lease"], "read_file", {"path": "runs.txt"})
+            assert runs["result"]["content"] == "run\n"
+    finally:
+        proxy.close()
+        await proxy.wait_closed()

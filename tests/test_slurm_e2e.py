@@ -16,15 +16,15 @@ import pytest
 from hpc_sandbox import SlotPool
 from hpc_sandbox.errors import NoCapacity
 
-from helpers import pids_matching, wait_until
+from helpers import SHIMS, pids_matching, wait_until
 
 RUNTIME = "bwrap" if shutil.which("bwrap") else "none"
 
 
 @pytest.fixture
 def cli(state_dir: Path, slurm_cluster):
-    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir)}
+    def run(*args: str, timeout: float = 120, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir), **(extra_env or {})}
         return subprocess.run([sys.executable, "-m", "hpc_sandbox", *args], capture_output=True, text=True,
                               timeout=timeout, env=env)
     yield run
@@ -94,6 +94,18 @@ def test_a_job_that_fails_at_start_reports_the_servers_own_error(cli, state_dir)
     assert result.returncode != 0
     assert f"no free port in {port}-{port}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "logs" in result.stderr
+
+
+def test_a_missing_image_is_reported_with_the_servers_own_error(cli, state_dir):
+    # The job inherits this PATH (sbatch exports the environment), so the node server
+    # finds the named Apptainer test double (tests/shims/apptainer) on the compute node.
+    result = cli("submit", "--scheduler", "slurm", "--partition", "debug", "--walltime", "00:05:00",
+                 "--slots", "1", "--runtime", "apptainer", "--image", "/nonexistent/agent.sif",
+                 "--port-range", "22400-22463", "--wait", "--wait-timeout", "60",
+                 extra_env={"PATH": f"{SHIMS}:{os.environ['PATH']}"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert "image not found: /nonexistent/agent.sif" in line and "slurm-" in line and "logs" in line
 
 
 def test_scheduler_errors_quote_the_scheduler(cli):

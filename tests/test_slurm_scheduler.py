@@ -101,3 +101,18 @@ def test_controller_down_is_one_line_quoting_slurm(bin_dir, tmp_path):
     with pytest.raises(SchedulerError) as caught:
         SlurmScheduler(tmp_path).status([info("71")])
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_array_over_the_clusters_max_array_size_is_submitted_in_parts(bin_dir, tmp_path):
+    from hpc_sandbox.spec import SandboxSpec
+
+    logging_tool(bin_dir, "scontrol", "printf '%s\\n' 'MaxArraySize            = 3' 'MaxJobCount             = 10000'")
+    logging_tool(bin_dir, "sbatch", 'echo $(( 100 + $(wc -l < "$(dirname "$0")/calls.log") ))')
+    spec = SandboxSpec(scheduler="slurm", array=5, slots=1, state_dir=tmp_path)
+    job = SlurmScheduler(tmp_path).submit(spec, "job-x")
+    scripts = sorted((tmp_path / "jobs" / "job-x" / "submit").glob("*.sbatch"))
+    assert [c.split()[0] for c in stand_in_calls(bin_dir)] == ["scontrol", "sbatch", "sbatch"]
+    assert len(job.scheduler_ids) == 2 and len(scripts) == 2
+    arrays = [line for script in scripts for line in script.read_text().splitlines()
+              if line.startswith("#SBATCH --array")]
+    assert arrays == ["#SBATCH --array=0-2", "#SBATCH --array=0-1"]  # 5 tasks, at most 3 per array

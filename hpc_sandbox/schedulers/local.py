@@ -21,25 +21,49 @@ from .base import JobState, JobStatus, Scheduler
 log = logging.getLogger(__name__)
 
 STOP_WAIT_SECONDS = 10.0
+# A start time computed from btime and clock ticks can be off by seconds after clock
+# adjustments; a pid recycled within a minute of the submit is not a real risk.
+PID_START_SLACK = 60.0
 
 
-def _alive(pid: int, job_id: str) -> bool:
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as handle:
+        for line in handle:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    raise OSError("no btime in /proc/stat")
+
+
+def _alive(pid: int, job: JobInfo) -> bool:
     """Is `pid` still this job's node server (and not a recycled pid)?
 
-    Each server was started as a session leader; right after the fork (before its
-    exec) its command line is still the submitting CLI's, so either name counts.
+    Each server was started as a session leader, before job.json was written; a pid
+    recycled since then belongs to a process that started later. Right after the
+    fork (before its exec) its command line is still the submitting CLI's, so
+    either name counts.
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
-            if handle.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                return False  # a zombie has exited; its parent has not reaped it yet
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        if fields[0] == b"Z":
+            return False  # a zombie has exited; its parent has not reaped it yet
+        started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        if started > job.submitted_at + PID_START_SLACK:
+            return False
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             cmdline = handle.read()
         if os.getsid(pid) != pid:
             return False
-    except (OSError, IndexError):
+    except (OSError, IndexError, ValueError):
         return False
-    return job_id.encode() in cmdline or b"hpc_sandbox" in cmdline or b"hpc-sandbox" in cmdline
+    return job.job_id.encode() in cmdline or b"hpc_sandbox" in cmdline or b"hpc-sandbox" in cmdline
+
+
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:
+        pass  # it exited between the check and the signal: what we wanted
 
 
 def server_log(state_dir: Path, job_id: str, index: int) -> Path:
@@ -70,7 +94,7 @@ class LocalScheduler(Scheduler):
     def status(self, jobs: Sequence[JobInfo]) -> dict[str, JobStatus]:
         statuses = {}
         for job in jobs:
-            alive = sum(_alive(int(pid), job.job_id) for pid in job.scheduler_ids)
+            alive = sum(_alive(int(pid), job) for pid in job.scheduler_ids)
             if alive == len(job.scheduler_ids):
                 statuses[job.job_id] = JobStatus(job.job_id, JobState.RUNNING)
             elif alive:
@@ -81,13 +105,13 @@ class LocalScheduler(Scheduler):
         return statuses
 
     def cancel(self, job: JobInfo) -> None:
-        pids = [int(pid) for pid in job.scheduler_ids if _alive(int(pid), job.job_id)]
+        pids = [int(pid) for pid in job.scheduler_ids if _alive(int(pid), job)]
         for pid in pids:
-            os.kill(pid, signal.SIGTERM)
+            _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_WAIT_SECONDS
-        while time.monotonic() < deadline and any(_alive(pid, job.job_id) for pid in pids):
+        while time.monotonic() < deadline and any(_alive(pid, job) for pid in pids):
             time.sleep(0.05)
         for pid in pids:
-            if _alive(pid, job.job_id):
+            if _alive(pid, job):
                 log.warning("node server pid %d ignored SIGTERM for %.0fs; killing it", pid, STOP_WAIT_SECONDS)
-                os.killpg(pid, signal.SIGKILL)
+                _signal(pid, signal.SIGKILL, group=True)

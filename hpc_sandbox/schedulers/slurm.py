@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 
 from ..errors import SchedulerError
 from ..rendezvous import JobInfo
+from ..spec import SandboxSpec
 from .base import JobState
 from .batch import BatchScheduler, run_command
 
@@ -98,6 +100,20 @@ class SlurmScheduler(BatchScheduler):
     submit_command = ("sbatch", "--parsable")
     cancel_command = ("scancel",)
     _plain_only = False  # set once squeue --json has failed and the plain format has worked
+
+    def with_cluster_limits(self, spec: SandboxSpec) -> SandboxSpec:
+        if not spec.array or spec.max_array_size is not None:
+            return spec
+        try:
+            config = run_command(["scontrol", "show", "config"], what="scontrol show config")
+        except SchedulerError as exc:
+            log.info("cannot read MaxArraySize (%s); assuming Slurm's default", exc)
+            return spec
+        match = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.MULTILINE)
+        if not match:
+            return spec
+        log.info("this cluster's MaxArraySize is %s", match.group(1))
+        return spec.replace(max_array_size=int(match.group(1)))
 
     def parse_job_id(self, stdout: str) -> str:
         # --parsable prints "id" or "id;cluster"
