@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -49,6 +50,8 @@ class Capacity:
     servers: int
     slots: int
     free: int
+    # Node servers submitted but not ready yet (queued or starting): capacity to come.
+    waiting_servers: int = 0
 
 
 class NodeServerSource:
@@ -155,10 +158,12 @@ class ClusterSource(NodeServerSource):
         self._ended: dict[str, asyncio.Event] = {}
         self._reasons: dict[str, str] = {}
         self._watcher: asyncio.Task | None = None
+        self._waiting = 0
         super().__init__(self._discover, name=f"jobs in {self.state_dir}", location="cluster")
 
     def _discover(self) -> list[Endpoint]:
         endpoints = []
+        waiting = 0
         for job in (self.jobs if self.jobs is not None else list_jobs(self.state_dir)):
             if job in self._reasons:
                 continue  # ended: its records may linger if its nodes died hard
@@ -175,10 +180,17 @@ class ClusterSource(NodeServerSource):
                 where = info.location
             except HpcSandboxError:
                 where = "local"  # started by hand with `serve`: no job.json, no scheduler to ask
-            for record in read_records(self.state_dir, job):
+            records = read_records(self.state_dir, job)
+            for record in records:
                 endpoints.append(Endpoint(url=record.url, token=token, job_id=job, name=record.name,
                                           location=where, slots=record.slots))
+            if job in self._infos:
+                waiting += max(0, self._infos[job].servers - len(records))
+        self._waiting = waiting
         return endpoints
+
+    async def capacity(self) -> Capacity:
+        return dataclasses.replace(await super().capacity(), waiting_servers=self._waiting)
 
     async def start(self) -> None:
         await super().start()
@@ -241,6 +253,15 @@ class SlotPool:
                        **options: Any) -> "SlotPool":
         return cls([ClusterSource(state_dir, jobs)], **options)
 
+    @classmethod
+    def from_config(cls, profile: str | None = None, config_file: Path | None = None,
+                    jobs: Sequence[str] | None = None, **options: Any) -> "SlotPool":
+        """A pool over the jobs in the state dir that `profile` names (site file, user
+        file, `config_file`, HPC_SANDBOX_* variables: as `hpc-sandbox submit` reads them)."""
+        from .config import load_spec  # the pool needs the config only here
+
+        return cls.from_state_dir(load_spec(profile=profile, config_file=config_file).state_dir, jobs, **options)
+
     async def start(self) -> None:
         if not self._started:
             for source in self.sources:
@@ -280,13 +301,22 @@ class SlotPool:
                     return slot
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                capacity = [await s.capacity() for s in self.sources]
-                total = sum(c.slots for c in capacity)
-                raise NoCapacity(f"no free slot within {timeout if timeout is not None else self.acquire_timeout:.0f}s "
-                                 f"({total} slots on {sum(c.servers for c in capacity)} node servers, all busy)"
-                                 if total else "no node servers are running (submit a job first: hpc-sandbox submit)")
+                raise NoCapacity(await self._why_no_slot(timeout if timeout is not None else self.acquire_timeout))
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 1.5, 2.0)
+
+    async def _why_no_slot(self, waited: float) -> str:
+        capacity = [await s.capacity() for s in self.sources]
+        total = sum(c.slots for c in capacity)
+        waiting = sum(c.waiting_servers for c in capacity)
+        coming = (f"; {waiting} more node servers of submitted jobs are queued or starting "
+                  "(`hpc-sandbox status`)") if waiting else ""
+        if total:
+            return (f"no free slot within {waited:.0f}s ({total} slots on {sum(c.servers for c in capacity)} "
+                    f"node servers, all busy{coming})")
+        if waiting:
+            return f"no node server is ready yet after {waited:.0f}s{coming}"
+        return "no node servers are running (submit a job first: hpc-sandbox submit)"
 
     def _source(self, slot: Slot) -> NodeServerSource:
         return self._source_of.get(slot.id) or self.sources[0]

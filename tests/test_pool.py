@@ -97,10 +97,32 @@ async def test_explicit_endpoints_source(two_servers):
         assert (capacity[0].servers, capacity[0].slots, capacity[0].free) == (1, 2, 1)
 
 
+async def test_from_config_uses_the_profiles_state_dir(two_servers, state_dir, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"profiles:\n  mine:\n    state_dir: {state_dir}\n")
+    async with SlotPool.from_config(profile="mine", config_file=config) as pool:
+        async with pool.slot(trajectory_id="t") as slot:
+            assert slot.endpoint.url in {s.url for s in two_servers}
+
+
 async def test_no_jobs_says_how_to_start_one(state_dir):
     async with SlotPool.from_state_dir(state_dir) as pool:
         with pytest.raises(NoCapacity, match="hpc-sandbox submit"):
             await pool.acquire(timeout=0.2)
+
+
+async def test_a_job_still_queued_is_named_as_capacity_to_come(state_dir):
+    import time
+
+    from hpc_sandbox.rendezvous import JobInfo, create_token, write_job_info
+
+    create_token(state_dir, "queued")  # submitted, no node server ready yet: no records
+    write_job_info(state_dir, JobInfo(job_id="queued", scheduler="slurm", submitted_at=time.time(), servers=3,
+                                      slots_per_server=2, runtime="none", scheduler_ids=("999999",)))
+    async with SlotPool.from_state_dir(state_dir) as pool:
+        with pytest.raises(NoCapacity, match="3 more node servers of submitted jobs are queued or starting"):
+            await pool.acquire(timeout=0.2)
+        assert (await pool.capacity())[0].waiting_servers == 3
 
 
 def test_local_scheduler_does_not_mistake_a_recycled_pid_for_its_server():
