@@ -159,6 +159,7 @@ class ClusterSource(NodeServerSource):
         self._reasons: dict[str, str] = {}
         self._watcher: asyncio.Task | None = None
         self._waiting = 0
+        self._vanished: list[str] = []  # jobs whose folder discovery found gone
         super().__init__(self._discover, name=f"jobs in {self.state_dir}", location="cluster")
 
     def _discover(self) -> list[Endpoint]:
@@ -170,6 +171,9 @@ class ClusterSource(NodeServerSource):
             try:
                 token = job_token(self.state_dir, job)
             except HpcSandboxError as exc:
+                if job in self._infos:  # it was there: `hpc-sandbox cancel` removed its folder
+                    self._vanished.append(job)  # marked ended on the event loop (this is a thread)
+                    continue
                 if self.jobs is not None:
                     raise
                 log.debug("skipping job %s: %s", job, exc)
@@ -187,6 +191,13 @@ class ClusterSource(NodeServerSource):
             if job in self._infos:
                 waiting += max(0, self._infos[job].servers - len(records))
         self._waiting = waiting
+        return endpoints
+
+    async def refresh(self, force: bool = False) -> list[Endpoint]:
+        endpoints = await super().refresh(force)
+        while self._vanished:
+            job = self._vanished.pop()
+            self._mark_ended(job, f"job {job} ended (its folder is gone: cancelled)")
         return endpoints
 
     async def capacity(self) -> Capacity:
@@ -228,12 +239,17 @@ class ClusterSource(NodeServerSource):
             for job_id, status in statuses.items():
                 # COMPLETING: the scheduler is already killing the job's processes.
                 gone = status.state.ended or status.state is JobState.COMPLETING
-                if gone and job_id not in self._reasons:
-                    reason = f"job {job_id} ended ({status.state.value}{': ' + status.reason if status.reason else ''})"
-                    self._reasons[job_id] = reason
-                    self.job_ended(job_id).set()
-                    self._refreshed = 0.0  # forget its node servers at the next acquire
-                    log.warning("%s; its slots are gone", reason)
+                if gone:
+                    self._mark_ended(job_id, f"job {job_id} ended "
+                                             f"({status.state.value}{': ' + status.reason if status.reason else ''})")
+
+    def _mark_ended(self, job_id: str, reason: str) -> None:
+        if job_id in self._reasons:
+            return
+        self._reasons[job_id] = reason
+        self.job_ended(job_id).set()
+        self._refreshed = 0.0  # forget its node servers at the next acquire
+        log.warning("%s; its slots are gone", reason)
 
 
 class SlotPool:
