@@ -1,6 +1,7 @@
 """The `hpc-sandbox` command line: one module per command, registered here."""
 from __future__ import annotations
 
+import importlib
 import logging
 
 import click
@@ -11,8 +12,33 @@ from ..errors import HpcSandboxError
 log = logging.getLogger(__name__)
 
 
+# Each command lives in its own module, imported only when that command runs: a node
+# server (`serve`, started once per array task) then never pays for jinja2, YAML and
+# the schedulers. Listed in the order --help shows them.
+COMMANDS = {
+    "serve": "serve:serve",
+    "submit": "submit:submit",
+    "status": "status:status",
+    "exec": "exec_:exec_",
+    "cancel": "cancel:cancel",
+    "check": "check:check",
+    "render": "render:render",
+}
+
+
 class _Cli(click.Group):
-    """Turns our own errors into one line on stderr and a non-zero exit, never a traceback."""
+    """Loads commands on demand; turns our own errors into one line on stderr and a
+    non-zero exit, never a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -48,18 +74,3 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-# Each command lives in its own module and is registered here, in the order --help lists them.
-from .serve import serve  # noqa: E402
-
-main.add_command(serve)
-from .submit import submit  # noqa: E402
-from .status import status  # noqa: E402
-from .exec_ import exec_  # noqa: E402
-from .cancel import cancel  # noqa: E402
-from .check import check  # noqa: E402
-
-for _command in (submit, status, exec_, cancel, check):
-    main.add_command(_command)
-from .render import render; main.add_command(render)  # noqa: E402,E702
