@@ -54,6 +54,22 @@ class Capacity:
     waiting_servers: int = 0
 
 
+class _EndGuard:
+    """Cancels one task when its job ends, while that task waits on a call."""
+
+    __slots__ = ("task", "active", "fired")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+        self.active = True
+        self.fired = False
+
+    def fire(self, _ended: asyncio.Future) -> None:
+        if self.active:
+            self.fired = True
+            self.task.cancel()
+
+
 class NodeServerSource:
     """Slots on node servers found by a discovery function (rendezvous records, a
     fixed list, a scheduler). Asks the server with the most free slots first."""
@@ -119,8 +135,8 @@ class NodeServerSource:
             return Slot(endpoint=endpoint, index=granted["slot"], lease=granted["lease"], trajectory_id=trajectory_id)
         return None
 
-    def job_ended(self, job_id: str) -> asyncio.Event | None:
-        """An event set when the scheduler ends the job (None: this source cannot tell)."""
+    def job_ended(self, job_id: str) -> asyncio.Future | None:
+        """A future done when the scheduler ends the job (None: this source cannot tell)."""
         return None
 
     async def why_gone(self, job_id: str) -> str | None:
@@ -155,7 +171,7 @@ class ClusterSource(NodeServerSource):
         self.jobs = list(jobs) if jobs is not None else None
         self.status_interval = status_interval
         self._infos: dict[str, JobInfo] = {}
-        self._ended: dict[str, asyncio.Event] = {}
+        self._ended: dict[str, asyncio.Future] = {}
         self._reasons: dict[str, str] = {}
         self._watcher: asyncio.Task | None = None
         self._waiting = 0
@@ -212,8 +228,11 @@ class ClusterSource(NodeServerSource):
             self._watcher.cancel()
         await super().stop()
 
-    def job_ended(self, job_id: str) -> asyncio.Event:
-        return self._ended.setdefault(job_id, asyncio.Event())
+    def job_ended(self, job_id: str) -> asyncio.Future:
+        ended = self._ended.get(job_id)
+        if ended is None:
+            ended = self._ended[job_id] = asyncio.get_running_loop().create_future()
+        return ended
 
     async def why_gone(self, job_id: str) -> str | None:
         if job_id not in self._reasons and job_id in self._infos:
@@ -247,7 +266,9 @@ class ClusterSource(NodeServerSource):
         if job_id in self._reasons:
             return
         self._reasons[job_id] = reason
-        self.job_ended(job_id).set()
+        ended = self.job_ended(job_id)
+        if not ended.done():
+            ended.set_result(reason)
         self._refreshed = 0.0  # forget its node servers at the next acquire
         log.warning("%s; its slots are gone", reason)
 
@@ -348,24 +369,34 @@ class SlotPool:
         """
         source = self._source(slot)
         ended = source.job_ended(slot.endpoint.job_id)
-        task = asyncio.ensure_future(call)
-        if ended is not None:
-            waiter = asyncio.ensure_future(ended.wait())
-            try:
-                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-            if not task.done():
-                task.cancel()
-                raise JobEnded(await source.why_gone(slot.endpoint.job_id) or "its job ended")
+        if ended is not None and ended.done():
+            if asyncio.iscoroutine(call):
+                call.close()  # never started: no "never awaited" warning
+            raise JobEnded(await source.why_gone(slot.endpoint.job_id) or "its job ended")
+        # The job's end cancels this very task: no extra task and no asyncio.wait per
+        # call, which is most of what a guard would cost on the hot path.
+        task = asyncio.current_task()
+        guard = _EndGuard(task) if ended is not None and task is not None else None
+        if guard is not None:
+            ended.add_done_callback(guard.fire)  # type: ignore[union-attr]
         try:
-            answer = task.result() if task.done() else await task
+            return await call
+        except asyncio.CancelledError:
+            if guard is None or not guard.fired:
+                raise
+            uncancel = getattr(task, "uncancel", None)  # 3.11+: this cancel is handled here
+            if uncancel is not None:
+                uncancel()
+            raise JobEnded(await source.why_gone(slot.endpoint.job_id) or "its job ended") from None
         except (ServerGone, CallTimeout) as exc:
             reason = await source.why_gone(slot.endpoint.job_id)
             if reason:
                 raise JobEnded(reason) from exc
             raise
-        return answer
+        finally:
+            if guard is not None:
+                guard.active = False  # a callback already queued must not cancel what runs next
+                ended.remove_done_callback(guard.fire)  # type: ignore[union-attr]
 
     async def _to_result(self, slot: Slot, answer: dict[str, Any]) -> ToolResult:
         result = ToolResult.from_answer(answer, slot)
