@@ -117,7 +117,10 @@ class NodeServerSource:
 
     async def try_acquire(self, trajectory_id: str | None, ttl: float | None) -> Slot | None:
         now = time.monotonic()
-        endpoints = [e for e in await self.refresh() if self._skip_until.get(e.url, 0) <= now]
+        # With no node server known yet (a job starting), look at every poll: the first
+        # ready record should be used at once, not up to a refresh interval later.
+        endpoints = [e for e in await self.refresh(force=not self._endpoints)
+                     if self._skip_until.get(e.url, 0) <= now]
         # Most free slots first (as last seen); shuffle ties so that many pools spread out.
         random.shuffle(endpoints)
         endpoints.sort(key=lambda e: -self._free.get(e.url, e.slots))
