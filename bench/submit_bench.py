@@ -75,7 +75,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from hpc_sandbox.pool import SlotPool
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import percentile  # noqa: E402
+
+from hpc_sandbox.pool import SlotPool  # noqa: E402
 
 log = logging.getLogger("bench.submit")
 
@@ -96,13 +99,7 @@ class BenchError(Exception):
 
 
 def pct(values: list[float], q: float) -> float:
-    vals = sorted(v for v in values if v is not None)
-    if not vals:
-        return float("nan")
-    pos = q * (len(vals) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(vals) - 1)
-    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+    return percentile(sorted(v for v in values if v is not None), q)
 
 
 def mtime(path: Path) -> float | None:
