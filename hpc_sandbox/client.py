@@ -93,6 +93,11 @@ class NodeClient:
                     raise ServerGone(f"node server {self.endpoint.name} ({self.endpoint.url}) is unreachable: "
                                      f"{exc.__class__.__name__}: {exc}") from None
                 await asyncio.sleep(RETRY_DELAYS[attempt])
+            except aiohttp.ServerTimeoutError as exc:  # before TimeoutError: it is one too
+                # Only the connect timeout is set: the host does not answer at all (a dead
+                # node, a firewall). Not retried: it would only wait CONNECT_TIMEOUT again.
+                raise ServerGone(f"node server {self.endpoint.name} ({self.endpoint.url}) is unreachable: "
+                                 f"no connection within {CONNECT_TIMEOUT:.0f}s ({exc})") from None
             except asyncio.TimeoutError:
                 raise CallTimeout(f"node server {self.endpoint.name} did not answer {method} {path} "
                                   f"within {timeout:.0f}s") from None

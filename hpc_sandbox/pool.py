@@ -31,7 +31,7 @@ from .client import NodeClient, new_exec_id
 from .errors import (CallTimeout, ClientError, ConfigError, HpcSandboxError, JobEnded, NoCapacity, NoFreeSlot,
                      ServerGone)
 from .models import Endpoint, Slot, ToolResult
-from .rendezvous import JobInfo, job_token, list_jobs, read_job_info, read_records
+from .rendezvous import JobInfo, job_dir, job_token, list_jobs, read_job_info, read_records
 from .schedulers import JobState, get_scheduler
 from .schedulers.batch import jittered
 from .spec import default_state_dir
@@ -39,6 +39,7 @@ from .spec import default_state_dir
 log = logging.getLogger(__name__)
 
 UNHEALTHY_BACKOFF = 5.0  # seconds a server that failed to answer is skipped
+MIN_REFRESH_INTERVAL = 0.25  # seconds between two discoveries, even when forced
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,11 @@ class NodeServerSource:
         self.location = location
         self.refresh_interval = refresh_interval
         self._endpoints: list[Endpoint] = []
-        self._refreshed = 0.0
+        self._refreshed = float("-inf")  # never yet
         self._free: dict[str, int] = {}
         self._skip_until: dict[str, float] = {}
         self._clients: dict[str, NodeClient] = {}
+        self._refreshing: asyncio.Future | None = None
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -109,11 +111,22 @@ class NodeServerSource:
         return client
 
     async def refresh(self, force: bool = False) -> list[Endpoint]:
-        now = time.monotonic()
-        if force or now - self._refreshed > self.refresh_interval:
-            self._endpoints = await asyncio.to_thread(self.discover)
-            self._refreshed = now
+        """The node servers, rediscovered when the list is older than refresh_interval
+        (or MIN_REFRESH_INTERVAL when forced). Concurrent callers share one discovery:
+        many waiting acquires must not each scan a shared filesystem."""
+        age = time.monotonic() - self._refreshed
+        if age > self.refresh_interval or (force and age >= MIN_REFRESH_INTERVAL):
+            if self._refreshing is None:
+                self._refreshing = asyncio.ensure_future(self._rediscover())
+            await asyncio.shield(self._refreshing)
         return self._endpoints
+
+    async def _rediscover(self) -> None:
+        try:
+            self._endpoints = await asyncio.to_thread(self.discover)
+            self._refreshed = time.monotonic()
+        finally:
+            self._refreshing = None
 
     async def try_acquire(self, trajectory_id: str | None, ttl: float | None) -> Slot | None:
         now = time.monotonic()
@@ -184,14 +197,17 @@ class ClusterSource(NodeServerSource):
     def _discover(self) -> list[Endpoint]:
         endpoints = []
         waiting = 0
+        infos = dict(self._infos)
         for job in (self.jobs if self.jobs is not None else list_jobs(self.state_dir)):
             if job in self._reasons:
                 continue  # ended: its records may linger if its nodes died hard
             try:
                 token = job_token(self.state_dir, job)
             except HpcSandboxError as exc:
-                if job in self._infos:  # it was there: `hpc-sandbox cancel` removed its folder
-                    self._vanished.append(job)  # marked ended on the event loop (this is a thread)
+                if job in infos and not job_dir(self.state_dir, job).is_dir():
+                    # It was there: `hpc-sandbox cancel` removed its folder. Marked ended
+                    # on the event loop (this runs in a thread).
+                    self._vanished.append(job)
                     continue
                 if self.jobs is not None:
                     raise
@@ -199,7 +215,7 @@ class ClusterSource(NodeServerSource):
                 continue
             try:
                 info = read_job_info(self.state_dir, job)
-                self._infos[job] = info
+                infos[job] = info
                 where = info.location
             except HpcSandboxError:
                 where = "local"  # started by hand with `serve`: no job.json, no scheduler to ask
@@ -207,8 +223,9 @@ class ClusterSource(NodeServerSource):
             for record in records:
                 endpoints.append(Endpoint(url=record.url, token=token, job_id=job, name=record.name,
                                           location=where, slots=record.slots))
-            if job in self._infos:
-                waiting += max(0, self._infos[job].servers - len(records))
+            if job in infos:
+                waiting += max(0, infos[job].servers - len(records))
+        self._infos = infos  # one assignment: the event loop reads it while this thread runs
         self._waiting = waiting
         return endpoints
 
@@ -249,6 +266,8 @@ class ClusterSource(NodeServerSource):
                 await self.check_jobs([i for j, i in self._infos.items() if j not in self._reasons])
             except HpcSandboxError as exc:  # a slow controller is not a reason to drop slots
                 log.warning("job status check failed: %s", exc)
+            except Exception:  # a bug here must not silently stop the watching
+                log.exception("job status check failed unexpectedly")
 
     async def check_jobs(self, infos: Sequence[JobInfo]) -> None:
         """One status call per scheduler for all the given jobs."""
@@ -272,7 +291,7 @@ class ClusterSource(NodeServerSource):
         ended = self.job_ended(job_id)
         if not ended.done():
             ended.set_result(reason)
-        self._refreshed = 0.0  # forget its node servers at the next acquire
+        self._refreshed = float("-inf")  # forget its node servers at the next acquire
         log.warning("%s; its slots are gone", reason)
 
 
@@ -382,24 +401,28 @@ class SlotPool:
         guard = _EndGuard(task) if ended is not None and task is not None else None
         if guard is not None:
             ended.add_done_callback(guard.fire)  # type: ignore[union-attr]
+        failure: Exception | None = None
         try:
             return await call
         except asyncio.CancelledError:
             if guard is None or not guard.fired:
                 raise
             uncancel = getattr(task, "uncancel", None)  # 3.11+: this cancel is handled here
-            if uncancel is not None:
-                uncancel()
-            raise JobEnded(await source.why_gone(slot.endpoint.job_id) or "its job ended") from None
+            if uncancel is not None and uncancel() > 0:
+                raise  # cancelled from outside as well: that cancel wins
         except (ServerGone, CallTimeout) as exc:
-            reason = await source.why_gone(slot.endpoint.job_id)
-            if reason:
-                raise JobEnded(reason) from exc
-            raise
+            failure = exc
         finally:
             if guard is not None:
                 guard.active = False  # a callback already queued must not cancel what runs next
                 ended.remove_done_callback(guard.fire)  # type: ignore[union-attr]
+        # Only now, with the guard disarmed, may this task wait again.
+        reason = await source.why_gone(slot.endpoint.job_id)
+        if failure is None:
+            raise JobEnded(reason or "its job ended")
+        if reason:
+            raise JobEnded(reason) from failure
+        raise failure
 
     async def _to_result(self, slot: Slot, answer: dict[str, Any]) -> ToolResult:
         result = ToolResult.from_answer(answer, slot)

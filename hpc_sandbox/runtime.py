@@ -95,6 +95,10 @@ class BwrapRuntime(SlotRuntime):
 
     name = "bwrap"
 
+    def __init__(self, options: RuntimeOptions) -> None:
+        super().__init__(options)
+        self._prefixes: set[Path] | None = None  # asked once: see _python_prefixes
+
     def binary(self) -> str:
         found = self.options.executable or shutil.which("bwrap")
         if not found:
@@ -163,11 +167,11 @@ class BwrapRuntime(SlotRuntime):
         argv += self._agent_args(python, SLOT_AGENT, SLOT_WORKSPACE)
         return argv, env
 
-    @staticmethod
-    def home_binds(python: str) -> list[str]:
+    def home_binds(self, python: str) -> list[str]:
         """Hide the server user's home ($HOME holds ~/.ssh, cloud credentials and, by
         default, the state dir) except the Python installation that runs the agent,
-        when that lives there (pyenv, a venv in $HOME): it is bound back read-only."""
+        when that lives there (pyenv, a venv, a `--prefix=$HOME` build): it is bound
+        back read-only."""
         try:
             home = Path.home().resolve()
         except (KeyError, RuntimeError):
@@ -175,12 +179,31 @@ class BwrapRuntime(SlotRuntime):
         if home == Path("/") or not home.is_dir():
             return []
         args = ["--tmpfs", str(home)]
-        interpreter = Path(shutil.which(python) or python)
-        # bin/python3 -> its installation; a venv's link -> the base installation too.
-        for prefix in sorted({interpreter.absolute().parent.parent, interpreter.resolve().parent.parent}):
-            if prefix != home and prefix.is_relative_to(home):
+        for prefix in sorted(self._python_prefixes(python)):
+            if prefix == home:  # a Python installed straight into $HOME: its bin and lib only
+                args += [arg for sub in ("bin", "lib", "lib64") if (home / sub).is_dir()
+                         for arg in ("--ro-bind", str(home / sub), str(home / sub))]
+            elif prefix.is_relative_to(home):
                 args += ["--ro-bind", str(prefix), str(prefix)]
         return args
+
+    def _python_prefixes(self, python: str) -> set[Path]:
+        """sys.prefix and sys.base_prefix of the interpreter that runs the agent, resolved."""
+        if self._prefixes is not None:
+            return self._prefixes
+        if python == sys.executable:
+            found = [sys.prefix, sys.base_prefix]
+        else:
+            try:
+                found = subprocess.run([python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
+                                       capture_output=True, text=True, timeout=30).stdout.split("\n")[:2]
+            except (OSError, subprocess.TimeoutExpired):
+                found = []
+            if len([f for f in found if f]) < 2:  # not a Python we can ask: assume bin/python's folder
+                interpreter = Path(shutil.which(python) or python)
+                found = [str(interpreter.absolute().parent.parent), str(interpreter.resolve().parent.parent)]
+        self._prefixes = {Path(f).resolve() for f in found if f}
+        return self._prefixes
 
 
 def _bwrap_hide(path: Path) -> list[str]:

@@ -146,3 +146,44 @@ def test_local_scheduler_does_not_mistake_a_recycled_pid_for_its_server():
         proc.kill()
         proc.wait()
     assert not _alive(proc.pid, job(time.time()))
+
+
+async def test_calls_failing_together_when_their_job_ends_all_say_job_ended():
+    """Several calls on one job break at once (a node died); the first status check marks
+    the job ended while the others are still asking: each must still get JobEnded, and
+    no task may be left with a pending cancellation."""
+    from hpc_sandbox.errors import JobEnded, ServerGone
+    from hpc_sandbox.models import Endpoint, Slot
+    from hpc_sandbox.pool import NodeServerSource
+
+    class DyingJob(NodeServerSource):
+        def __init__(self) -> None:
+            super().__init__(lambda: [], name="dying")
+            self.ended = asyncio.get_running_loop().create_future()
+
+        def job_ended(self, job_id):
+            return self.ended
+
+        async def why_gone(self, job_id):
+            self.asked = getattr(self, "asked", 0) + 1
+            await asyncio.sleep(0.05 * self.asked)  # the scheduler takes a moment to answer
+            if not self.ended.done():
+                self.ended.set_result("node failure")
+            return "job j ended (failed: node failure)"
+
+    async def breaks() -> None:
+        await asyncio.sleep(0.01)
+        raise ServerGone("connection refused")
+
+    pool = SlotPool([DyingJob()])
+    slot = Slot(endpoint=Endpoint(url="http://127.0.0.1:9", token="t", job_id="j", name="n"), index=0, lease="l")
+
+    async def one() -> tuple[str, int]:
+        try:
+            await pool._guarded(slot, breaks())
+        except JobEnded as exc:
+            return str(exc), asyncio.current_task().cancelling()
+        return "no error", 0
+
+    results = await asyncio.gather(*(one() for _ in range(3)))
+    assert results == [("job j ended (failed: node failure)", 0)] * 3

@@ -115,6 +115,21 @@ def home_outside_tmp():
     shutil.rmtree(home, ignore_errors=True)
 
 
+def test_bwrap_binds_back_only_the_python_that_lives_in_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    for sub in ("bin", "lib", ".ssh", "venv/bin"):
+        (home / sub).mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    runtime = BwrapRuntime(RuntimeOptions(kind="bwrap"))
+    runtime._prefixes = {home.resolve()}  # a Python built with --prefix=$HOME
+    assert runtime.home_binds("python3") == ["--tmpfs", str(home.resolve()),
+                                             "--ro-bind", str(home / "bin"), str(home / "bin"),
+                                             "--ro-bind", str(home / "lib"), str(home / "lib")]
+    runtime._prefixes = {(home / "venv").resolve(), Path("/usr")}  # a venv in $HOME over a system Python
+    assert runtime.home_binds("python3") == ["--tmpfs", str(home.resolve()),
+                                             "--ro-bind", str(home / "venv"), str(home / "venv")]
+
+
 @requires_bwrap
 def test_bwrap_hides_home_state_dir_munge_and_other_workspaces(home_outside_tmp):
     home = home_outside_tmp

@@ -15,7 +15,7 @@ import pytest
 
 from hpc_sandbox.errors import SchedulerError
 from hpc_sandbox.rendezvous import JobInfo
-from hpc_sandbox.schedulers import JobState, batch
+from hpc_sandbox.schedulers import JobState, batch, get_scheduler
 from hpc_sandbox.schedulers.slurm import SlurmScheduler
 
 from helpers import stand_in, stand_in_calls
@@ -55,13 +55,13 @@ def test_one_squeue_call_per_poll_covers_every_job(bin_dir, tmp_path):
     "squeue: unrecognized option '--json'",  # Slurm before 21.08
     "squeue: error: No serializer plugin found for mime type application/json",  # built without its JSON plugin
 ])
-def test_without_a_usable_json_output_the_plain_format_is_read(bin_dir, tmp_path, json_failure):
+def test_without_a_usable_json_output_the_plain_format_is_read(bin_dir, tmp_path, json_failure, monkeypatch):
+    monkeypatch.setattr(SlurmScheduler, "_plain_only", False)  # what this test learns is undone after it
     logging_tool(bin_dir, "squeue", f'''if [ "$1" = "--json" ]; then echo "{json_failure}" >&2; exit 1; fi
         printf '%s\\n' '21|21|RUNNING|None' '30|30_0|RUNNING|None' '30|30_[1-3]|PENDING|JobArrayTaskLimit'
         ''')
-    scheduler = SlurmScheduler(tmp_path)
-    for _ in range(2):
-        status = scheduler.status([info("21", job_id="a"), info("30", job_id="b", servers=2)])
+    for _ in range(2):  # a fresh scheduler each time, as the pool's watcher makes them
+        status = get_scheduler("slurm", tmp_path).status([info("21", job_id="a"), info("30", job_id="b", servers=2)])
         assert status["a"].state is JobState.RUNNING
         assert status["b"].reason == "1 of 2 tasks running"
     # --json is tried once; after that the plain format is used directly.

@@ -135,7 +135,9 @@ class SlurmScheduler(BatchScheduler):
                 # plugin fails on it: the plain format says what we need.
                 log.info("squeue --json is not usable here (%s); using squeue's plain format", exc)
                 tasks = self._query_plain()
-                self._plain_only = True
+                # On the class: schedulers are made afresh for each status call, and the
+                # cluster's squeue does not change under a running process.
+                type(self)._plain_only = True
         missing = [i for job in jobs for i in job.scheduler_ids if i not in tasks]
         if missing:
             tasks.update(self._from_sacct(missing))
