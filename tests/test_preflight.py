@@ -1,4 +1,4 @@
-"""`hpc-sandbox check --scheduler slurm`: the preflight, live on the real cluster."""
+"""`hpc-sandbox check --scheduler slurm|pbs`: the preflight, live on the real cluster."""
 from __future__ import annotations
 
 import asyncio
@@ -7,14 +7,17 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from hpc_sandbox.client import NodeClient
 from hpc_sandbox.config import load_spec
 from hpc_sandbox.errors import ServerGone
 from hpc_sandbox.preflight import run_preflight
 
 
-def test_preflight_walks_every_step_and_cleans_up(state_dir, slurm_cluster):
-    result = subprocess.run([sys.executable, "-m", "hpc_sandbox", "check", "--scheduler", "slurm",
+@pytest.mark.parametrize("scheduler", ["slurm", "pbs"])  # pbs: qsub/qstat/qdel, Slurm's Torque wrappers
+def test_preflight_walks_every_step_and_cleans_up(state_dir, slurm_cluster, scheduler):
+    result = subprocess.run([sys.executable, "-m", "hpc_sandbox", "check", "--scheduler", scheduler,
                              "--partition", slurm_cluster.partition, "--json", "--timeout", "90"],
                             capture_output=True, text=True, timeout=180,
                             env={**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir)})
