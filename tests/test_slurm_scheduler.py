@@ -9,6 +9,7 @@ sacct once for a job that left the queue, a timeout on every command.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -116,3 +117,62 @@ def test_an_array_over_the_clusters_max_array_size_is_submitted_in_parts(bin_dir
     arrays = [line for script in scripts for line in script.read_text().splitlines()
               if line.startswith("#SBATCH --array")]
     assert arrays == ["#SBATCH --array=0-2", "#SBATCH --array=0-1"]  # 5 tasks, at most 3 per array
+
+
+# --- the optional pyslurm path, through a pyslurm double -----------------------------------
+# No pyslurm release builds against this cluster's Slurm 22.05, so a double stands in for
+# the module: what it returns has the shape of pyslurm 23.02+'s Jobs.load() (a mapping of
+# Job objects with id, array_id, state and state_reason).
+
+
+class PyslurmDouble:
+    """A stand-in for the pyslurm module (not the real one: see above)."""
+
+    def __init__(self, version: str, jobs: list[dict], fail: bool = False) -> None:
+        self.__version__ = version
+        self.loads = 0
+        outer = self
+
+        class Jobs:
+            @staticmethod
+            def load():
+                outer.loads += 1
+                if fail:
+                    raise RuntimeError("Slurm backup controller in standby mode")
+                return {j["id"]: type("Job", (), j)() for j in jobs}
+
+        self.Jobs = Jobs
+
+
+@pytest.fixture
+def pyslurm_double(monkeypatch):
+    from hpc_sandbox.schedulers import slurm_pyslurm
+
+    def install(double: PyslurmDouble) -> PyslurmDouble:
+        monkeypatch.setitem(sys.modules, "pyslurm", double)
+        monkeypatch.setattr(slurm_pyslurm, "_checked", slurm_pyslurm._UNKNOWN)
+        return double
+    return install
+
+
+def test_a_pyslurm_built_for_this_slurm_replaces_squeue(bin_dir, tmp_path, pyslurm_double):
+    logging_tool(bin_dir, "sinfo", "echo 'slurm 23.02.7'")
+    logging_tool(bin_dir, "squeue", "exit 3")
+    double = pyslurm_double(PyslurmDouble("23.2.2", [
+        {"id": 81, "array_id": None, "state": "RUNNING", "state_reason": "None"},
+        {"id": 83, "array_id": 82, "state": "PENDING", "state_reason": "Resources"}]))
+    scheduler = SlurmScheduler(tmp_path)
+    for _ in range(2):
+        status = scheduler.status([info("81", job_id="a"), info("82", job_id="b", servers=2)])
+        assert status["a"].state is JobState.RUNNING
+        assert (status["b"].state, status["b"].reason) == (JobState.PENDING, "1 of 2 tasks pending (Resources)")
+    assert double.loads == 2 and stand_in_calls(bin_dir) == ["sinfo --version"]  # asked once
+
+
+@pytest.mark.parametrize("version, fail", [("22.5.0", False), ("23.2.2", True)])
+def test_a_mismatched_or_failing_pyslurm_leaves_it_to_squeue(bin_dir, tmp_path, pyslurm_double, version, fail):
+    logging_tool(bin_dir, "sinfo", "echo 'slurm 23.02.7'")
+    logging_tool(bin_dir, "squeue", f"echo '{squeue_json({'job_id': 91, 'job_state': 'RUNNING'})}'")
+    pyslurm_double(PyslurmDouble(version, [], fail=fail))
+    assert SlurmScheduler(tmp_path).status([info("91")])["job-a"].state is JobState.RUNNING
+    assert "squeue --json" in stand_in_calls(bin_dir)

@@ -3,8 +3,8 @@
 One `squeue` call per poll covers every watched job (Slurm 22.05's `--json` lists
 all jobs anyway and ignores `--jobs`). A job that has left squeue is looked up once
 in `sacct`, which many small clusters run without (then its end state is unknown,
-and said so). pyslurm is not used: no release of it matches the Slurm versions
-clusters run today in a way we can test (see docs/sysadmin-guide.md).
+and said so). Where pyslurm is installed and built for the cluster's Slurm release,
+job states come from it instead of squeue (slurm_pyslurm.py).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..errors import SchedulerError
 from ..rendezvous import JobInfo
 from ..spec import SandboxSpec
 from .base import JobState
+from . import slurm_pyslurm
 from .batch import BatchScheduler, run_command
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,33 @@ class SlurmScheduler(BatchScheduler):
         return job_id
 
     def query(self, jobs: Sequence[JobInfo]) -> dict[str, list[tuple[JobState, str]]]:
+        tasks = self._query_pyslurm()
+        if tasks is None:
+            tasks = self._query_squeue()
+        missing = [i for job in jobs for i in job.scheduler_ids if i not in tasks]
+        if missing:
+            tasks.update(self._from_sacct(missing))
+        for scheduler_id in missing:
+            tasks.setdefault(scheduler_id, [(JobState.DONE, "left the queue; its end state is unknown "
+                                                              "(Slurm accounting is off)")])
+        return tasks
+
+    def _query_pyslurm(self) -> dict[str, list[tuple[JobState, str]]] | None:
+        pyslurm = slurm_pyslurm.matching_pyslurm()
+        if pyslurm is None:
+            return None
+        try:
+            found = slurm_pyslurm.job_states(pyslurm)
+        except SchedulerError as exc:
+            log.warning("%s; asking squeue instead", exc)
+            return None
+        tasks: dict[str, list[tuple[JobState, str]]] = {}
+        for key, raw_state, reason in found:
+            state, name = slurm_state(raw_state)
+            tasks.setdefault(key, []).append((state, _detail(state, name, reason)))
+        return tasks
+
+    def _query_squeue(self) -> dict[str, list[tuple[JobState, str]]]:
         if self._plain_only:
             tasks = self._query_plain()
         else:
@@ -138,12 +166,6 @@ class SlurmScheduler(BatchScheduler):
                 # On the class: schedulers are made afresh for each status call, and the
                 # cluster's squeue does not change under a running process.
                 type(self)._plain_only = True
-        missing = [i for job in jobs for i in job.scheduler_ids if i not in tasks]
-        if missing:
-            tasks.update(self._from_sacct(missing))
-        for scheduler_id in missing:
-            tasks.setdefault(scheduler_id, [(JobState.DONE, "left the queue; its end state is unknown "
-                                                              "(Slurm accounting is off)")])
         return tasks
 
     def _query_plain(self) -> dict[str, list[tuple[JobState, str]]]:
