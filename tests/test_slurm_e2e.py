@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -136,3 +137,24 @@ def test_walltime_warning_signal_lets_node_servers_leave_cleanly(cli, state_dir)
     log = next((state_dir / "jobs" / job["job_id"] / "logs").glob("slurm-*.out")).read_text()
     assert "stopped" in log
     cli("cancel", job["job_id"])
+
+
+def test_ctrl_c_while_waiting_leaves_the_job_queued_and_says_how_to_cancel(cli, state_dir, tmp_path):
+    # A job held back by --begin stays pending: `submit --wait` is still waiting when interrupted.
+    config = tmp_path / "held.yaml"
+    config.write_text("profiles:\n  held:\n    extra_directives:\n      - --begin=now+3600\n")
+    env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "hpc_sandbox", "submit", "--scheduler", "slurm",
+                             "--partition", "debug", "--slots", "1", "--profile", "held", "--config", str(config),
+                             "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    jobs = state_dir / "jobs"
+    assert wait_until(lambda: any((j / "job.json").exists() for j in jobs.glob("*")), 30), "no job was submitted"
+    time.sleep(1)  # inside the wait loop
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    [job_id] = [j.name for j in jobs.iterdir()]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"job {job_id} keeps running" in err and f"hpc-sandbox cancel {job_id}" in err
+    status = json.loads(cli("status", job_id, "--json").stdout)[0]
+    assert status["state"] == "pending", status  # still queued: nothing was cancelled
+    assert cli("cancel", job_id).returncode == 0
