@@ -29,10 +29,6 @@ CONTROL_TIMEOUT = 30.0  # acquire, release, health...
 # connecting to it must fail fast, whatever the call's own timeout.
 CONNECT_TIMEOUT = 5.0
 RETRY_DELAYS = (0.1, 0.5, 1.5)
-
-
-def _timeout(total: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=total, sock_connect=CONNECT_TIMEOUT)
 _KIND_TO_ERROR: dict[str, type[ClientError]] = {
     "auth": AuthError,
     "not_found": NotFound,
@@ -41,6 +37,10 @@ _KIND_TO_ERROR: dict[str, type[ClientError]] = {
     "no_free_slot": NoFreeSlot,
     "limit": LimitExceeded,
 }
+
+
+def _timeout(total: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total, sock_connect=CONNECT_TIMEOUT)
 
 
 def new_exec_id() -> str:

@@ -150,9 +150,10 @@ def pyslurm_double(monkeypatch):
 
     def install(double: PyslurmDouble) -> PyslurmDouble:
         monkeypatch.setitem(sys.modules, "pyslurm", double)
-        monkeypatch.setattr(slurm_pyslurm, "_checked", slurm_pyslurm._UNKNOWN)
+        slurm_pyslurm.matching_pyslurm.cache_clear()
         return double
-    return install
+    yield install
+    slurm_pyslurm.matching_pyslurm.cache_clear()  # later tests look again, without the double
 
 
 def test_a_pyslurm_built_for_this_slurm_replaces_squeue(bin_dir, tmp_path, pyslurm_double):

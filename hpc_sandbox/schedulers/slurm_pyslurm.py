@@ -10,6 +10,7 @@ reach this module through a named pyslurm double only.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from types import ModuleType
@@ -20,22 +21,15 @@ from .batch import run_command
 
 log = logging.getLogger(__name__)
 
-_UNKNOWN = object()
-_checked: object | ModuleType | None = _UNKNOWN  # once per process: the answer does not change
-
-
 def release(version: str) -> tuple[int, int] | None:
     """(major, minor) of "22.05.8", "slurm 22.05.8" or "22.5.1"."""
     match = re.search(r"(\d+)\.(\d+)", version)
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
+@functools.cache  # once per process: the answer does not change under it
 def matching_pyslurm() -> ModuleType | None:
     """pyslurm, if it is importable, new enough and built for this cluster's Slurm."""
-    global _checked
-    if _checked is not _UNKNOWN:
-        return _checked  # type: ignore[return-value]
-    _checked = None
     try:
         import pyslurm  # type: ignore[import-not-found]
     except ImportError:
@@ -54,7 +48,6 @@ def matching_pyslurm() -> ModuleType | None:
                  getattr(pyslurm, "__version__", "?"), cluster)
         return None
     log.info("reading job states through pyslurm %s", pyslurm.__version__)
-    _checked = pyslurm
     return pyslurm
 
 
