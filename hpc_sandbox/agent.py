@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import errno
+import functools
 import hashlib
 import io
 import json
@@ -28,7 +30,6 @@ import stat
 import sys
 import subprocess
 import tarfile
-import tempfile
 import threading
 import time
 
@@ -57,7 +58,7 @@ def _bounded_int(args, key, default, ceiling):
         raise ToolError("bad_request", "%s must be an integer >= 0" % key)
     if ceiling is not None and value > ceiling:
         raise ToolError("bad_request", "%s must be at most %d" % (key, ceiling))
-    return value or default
+    return value
 
 
 class ToolError(Exception):
@@ -70,29 +71,200 @@ class ToolError(Exception):
 
 
 # --- paths -------------------------------------------------------------------------
+#
+# The workspace is written by the untrusted code the agent serves, which may swap a
+# folder for a symlink between a check and an open. So no path is ever resolved and
+# then opened: it is walked one component at a time from the workspace's directory
+# descriptor, each folder opened with O_NOFOLLOW | O_DIRECTORY relative to the one
+# before (openat), the last component with O_NOFOLLOW. A symlink anywhere is refused,
+# `..` is refused outright, and nothing but a regular file is ever opened for data
+# (a FIFO would block the open, a device could do anything).
+
+SLOT_WORKSPACE = "/workspace"  # where a contained slot sees its workspace
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+NOT_FOLLOWED = "symlinks are not followed"
+# Folders a walk (list_files, archive) holds open at once, one per level: deeper
+# folders are not entered (list_files says truncated; archive refuses).
+MAX_WALK_DEPTH = 128
 
 
-def resolve_in_workspace(workspace: str, path: str) -> str:
-    """Return the real path of `path` if it lies inside `workspace`, else raise.
+def workspace_roots(workspace: str) -> list:
+    """The spellings an absolute path may start with to name the workspace, as components."""
+    roots = []
+    for spelling in (os.path.realpath(workspace), os.path.abspath(workspace), SLOT_WORKSPACE):
+        parts = [part for part in spelling.split("/") if part]
+        if parts not in roots:
+            roots.append(parts)
+    return roots
 
-    Relative paths are taken from the workspace; symlinks are resolved first, so a
-    link that leads out is refused just like `..` or an absolute path outside.
+
+def workspace_parts(path, roots) -> list:
+    """The components of `path` below the workspace ([] for the workspace itself), or raise.
+
+    Relative paths are taken from the workspace; absolute ones only under one of `roots`.
     """
     if not isinstance(path, str) or path == "":
         raise ToolError("bad_request", "path must be a non-empty string")
     if "\x00" in path:
         raise ToolError("bad_request", "path contains a NUL byte")
-    root = os.path.realpath(workspace)
-    candidate = path if os.path.isabs(path) else os.path.join(root, path)
-    real = os.path.realpath(candidate)
-    if real != root and not real.startswith(root + os.sep):
+    parts = [part for part in path.split("/") if part and part != "."]
+    if ".." in parts:
+        raise ToolError("path", "%s: '..' is not allowed" % path)
+    if path.startswith("/"):
+        for root in roots:
+            if parts[:len(root)] == root:
+                return parts[len(root):]
         raise ToolError("path", "%s: outside the workspace" % path)
-    return real
+    return parts
 
 
-def _relative(workspace: str, real: str) -> str:
-    rel = os.path.relpath(real, os.path.realpath(workspace))
-    return "." if rel == "." else rel
+def _refusal(dir_fd: int, name: str, path: str, exc: OSError) -> ToolError:
+    """Why `name` in the folder `dir_fd` could not be opened, as the error to answer."""
+    if isinstance(exc, FileNotFoundError):
+        return ToolError("not_found", "%s: no such file or directory" % path)
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        st = None
+    # O_NOFOLLOW gives ELOOP on a symlink, and ENOTDIR when O_DIRECTORY is set too.
+    if exc.errno == errno.ELOOP or (st is not None and stat.S_ISLNK(st.st_mode)):
+        return ToolError("path", "%s: %s is a symlink; %s" % (path, name, NOT_FOLLOWED))
+    if exc.errno == errno.ENOTDIR:
+        if st is not None and stat.S_ISDIR(st.st_mode):  # a folder again by now: it was swapped
+            return ToolError("path", "%s: %s changed while being opened; %s" % (path, name, NOT_FOLLOWED))
+        return ToolError("not_a_directory", "%s: %s is not a directory" % (path, name))
+    return ToolError("io", "%s: %s" % (path, exc.strerror or exc))
+
+
+def _check_regular(st, path: str, name: str) -> None:
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise ToolError("path", "%s: %s is a symlink; %s" % (path, name, NOT_FOLLOWED))
+    if stat.S_ISDIR(st.st_mode):
+        raise ToolError("is_directory", "%s: is a directory" % path)
+    raise ToolError("not_a_file", "%s: is not a regular file (fifo/socket/device)" % path)
+
+
+def _lstat_child(dir_fd: int, name: str, path: str):
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        raise _refusal(dir_fd, name, path, exc)
+
+
+def _open_child_dir(dir_fd: int, name: str, path: str, create: bool = False) -> int:
+    """Open the folder `name` in `dir_fd` without following a symlink; mkdir it if asked."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError as exc:
+        if not create:
+            raise _refusal(dir_fd, name, path, exc)
+    except OSError as exc:
+        raise _refusal(dir_fd, name, path, exc)
+    try:
+        os.mkdir(name, 0o777, dir_fd=dir_fd)
+    except FileExistsError:  # made meanwhile: opened below under the same rules
+        pass
+    except OSError as exc:
+        raise ToolError("io", "%s: cannot create %s (%s)" % (path, name, exc.strerror or exc))
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _refusal(dir_fd, name, path, exc)
+
+
+def _open_child_file(dir_fd: int, name: str, path: str) -> int:
+    """Open the regular file `name` in `dir_fd` for reading; anything else is refused unopened."""
+    _check_regular(_lstat_child(dir_fd, name, path), path, name)
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _refusal(dir_fd, name, path, exc)
+    try:
+        _check_regular(os.fstat(fd), path, name)  # it may have been swapped since the lstat
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _join(folder: str, name: str) -> str:
+    return folder + "/" + name if folder else name
+
+
+def _scan(dir_fd: int) -> list:
+    """(name, lstat) of the entries of the folder `dir_fd`, sorted by name."""
+    found = []
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            try:
+                found.append((entry.name, entry.stat(follow_symlinks=False)))
+            except OSError:  # gone meanwhile
+                continue
+    found.sort(key=lambda item: item[0])
+    return found
+
+
+def _walk(top_fd: int, top: str, recursive: bool, cut: list):
+    """Yield (dir_fd, path, name, lstat) for everything under the folder `top_fd`.
+
+    In os.walk's order (a folder's entries, then each subfolder's in turn), entering
+    subfolders through descriptors with O_NOFOLLOW, so a symlink is reported, never
+    followed. `top_fd` stays the caller's; every folder opened here is closed here.
+    Appends to `cut` the folders not entered for being too deep.
+    """
+    frames = []  # (fd, path, subfolder names still to enter)
+    fd, folder = top_fd, top
+    try:
+        while True:
+            if fd is not None:
+                subfolders = []
+                for name, st in _scan(fd):
+                    yield fd, _join(folder, name), name, st
+                    if recursive and stat.S_ISDIR(st.st_mode):
+                        subfolders.append(name)
+                frames.append((fd, folder, iter(subfolders)))
+                fd = None
+            if not frames:
+                return
+            parent_fd, parent, pending = frames[-1]
+            name = next(pending, None)
+            if name is None:
+                frames.pop()
+                if parent_fd != top_fd:
+                    os.close(parent_fd)
+                continue
+            if len(frames) >= MAX_WALK_DEPTH:
+                cut.append(_join(parent, name))
+                continue
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            except OSError as exc:
+                # Replaced by a symlink or a file, removed, or unreadable: listed, not entered.
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
+                    continue
+                raise ToolError("io", "%s: %s" % (_join(parent, name), exc.strerror or exc))
+            folder = _join(parent, name)
+    finally:
+        if fd is not None and fd != top_fd:
+            os.close(fd)
+        for parent_fd, _, _ in frames:
+            if parent_fd != top_fd:
+                os.close(parent_fd)
+
+
+def _file_mode(value):
+    """write_file's `mode`: an int in 0..0o7777 or an octal string ('644', '0755', '0o600')."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        digits = value[2:] if value[:2] in ("0o", "0O") else value
+        value = int(digits, 8) if digits and all(c in "01234567" for c in digits) else None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777:
+        raise ToolError("bad_request", "mode must be an integer in 0..0o7777 or an octal string such as '644'")
+    return value
 
 
 # --- output capture ----------------------------------------------------------------
@@ -303,6 +475,12 @@ def _kill_tagged(tag: str, exact: bool) -> int:
 class Agent:
     def __init__(self, workspace: str, output_cap: int) -> None:
         self.workspace = os.path.realpath(workspace)
+        self.roots = workspace_roots(workspace)
+        # Every path a tool takes is walked from this descriptor (see "paths" above).
+        self.root_fd = os.open(self.workspace, _DIR_FLAGS)
+        # A `cwd` is handed to a command as the path of a descriptor we opened, which
+        # the kernel resolves to that very folder; without /proc, by fchdir around the spawn.
+        self.fd_paths = os.path.isdir("/proc/self/fd")
         self.output_cap = output_cap
         self.running = {}  # request id -> (process group id, call tag) of a running bash command
         # Groups that may still hold background jobs (`server &`) of finished commands.
@@ -377,6 +555,8 @@ class Agent:
             kind = "not_found" if isinstance(exc, FileNotFoundError) else "io"
             if isinstance(exc, IsADirectoryError):
                 kind = "is_directory"
+            elif isinstance(exc, NotADirectoryError):
+                kind = "not_a_directory"
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.send({"id": request_id, "ok": False, "error": {"kind": kind, "message": detail}})
 
@@ -394,14 +574,16 @@ class Agent:
         self.calls_started += 1
         call_tag = "%s.%d" % (self.tag, self.calls_started)
         env[CALL_ENV] = call_tag
-        cwd = resolve_in_workspace(self.workspace, args["cwd"]) if args.get("cwd") else self.workspace
         cap = _bounded_int(args, "output_cap", self.output_cap, MAX_OUTPUT_CAP)
         timeout = float(timeout) if timeout else None
 
         started = time.monotonic()
         out, err = CappedBuffer(cap), CappedBuffer(cap)
         loop = asyncio.get_event_loop()
-        child = _Spawned(loop, [self.bash, "-c", command], cwd, env, out, err)
+        if args.get("cwd"):
+            child = self._spawn_in(args["cwd"], loop, [self.bash, "-c", command], env, out, err)
+        else:  # the hot path: no walk, no descriptor
+            child = _Spawned(loop, [self.bash, "-c", command], self.workspace, env, out, err)
         self.running[request_id] = (child.pid, call_tag)
         timed_out = False
         try:
@@ -432,15 +614,67 @@ class Agent:
             "stderr_dropped": err.dropped,
         }
 
+    def _spawn_in(self, cwd, loop, argv, env, out, err):
+        """Start `argv` in the workspace folder `cwd`, walked like any other path."""
+        parts = workspace_parts(cwd, self.roots)
+        if not parts:
+            return _Spawned(loop, argv, self.workspace, env, out, err)
+        dir_fd = self._open_dir(parts, cwd)
+        try:
+            if self.fd_paths:
+                # The child chdirs (before it closes inherited descriptors and execs) to
+                # /proc/self/fd/N: the folder we opened, whatever its path is by then.
+                return _Spawned(loop, argv, "/proc/self/fd/%d" % dir_fd, env, out, err)
+            # No /proc: the child inherits our cwd. Safe to move it for the spawn: nothing
+            # in the agent uses a relative path, and spawns happen on this one thread.
+            here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fchdir(dir_fd)
+                return _Spawned(loop, argv, None, env, out, err)
+            finally:
+                os.fchdir(here)
+                os.close(here)
+        finally:
+            os.close(dir_fd)
+
+    def _open_dir(self, parts, path, create=False) -> int:
+        """A descriptor of the workspace folder `parts`, walked from the workspace's own."""
+        fd = os.dup(self.root_fd)
+        try:
+            for name in parts:
+                next_fd = _open_child_dir(fd, name, path, create)
+                os.close(fd)
+                fd = next_fd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def _in_thread(self, function, *args):
+        # File tools do blocking disk I/O (a slow or huge file system, a big archive):
+        # on a worker thread, so the agent keeps answering (cancel, ping, bash) meanwhile.
+        return await asyncio.get_event_loop().run_in_executor(None, functools.partial(function, *args))
+
     async def tool_read_file(self, request_id, args, timeout):
-        real = resolve_in_workspace(self.workspace, args.get("path"))
+        return await self._in_thread(self._read_file, args)
+
+    def _read_file(self, args):
+        path = args.get("path")
+        parts = workspace_parts(path, self.roots)
         encoding = args.get("encoding", "text")
         if encoding not in ("text", "base64"):
             raise ToolError("bad_request", "encoding must be 'text' or 'base64'")
         offset = _bounded_int(args, "offset", 0, None)
         limit = _bounded_int(args, "limit", DEFAULT_READ_LIMIT, MAX_READ_LIMIT)
-        with open(real, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
+        if not parts:
+            raise ToolError("is_directory", "%s: is a directory (the workspace)" % path)
+        parent = self._open_dir(parts[:-1], path)
+        try:
+            fd = _open_child_file(parent, parts[-1], path)
+        finally:
+            os.close(parent)
+        with os.fdopen(fd, "rb") as handle:
+            size = os.fstat(fd).st_size
             handle.seek(offset)
             data = handle.read(limit)
             digest = None
@@ -451,7 +685,7 @@ class Agent:
                     hasher.update(block)
                 digest = hasher.hexdigest()
         result = {
-            "path": _relative(self.workspace, real),
+            "path": "/".join(parts),
             "size": size,
             "offset": offset,
             "bytes_read": len(data),
@@ -471,9 +705,11 @@ class Agent:
         return result
 
     async def tool_write_file(self, request_id, args, timeout):
-        real = resolve_in_workspace(self.workspace, args.get("path"))
-        if real == self.workspace or os.path.isdir(real):
-            raise ToolError("is_directory", "%s: is a directory" % args.get("path"))
+        return await self._in_thread(self._write_file, args)
+
+    def _write_file(self, args):
+        path = args.get("path")
+        parts = workspace_parts(path, self.roots)
         content = args.get("content", "")
         if not isinstance(content, str):
             raise ToolError("bad_request", "content must be a string")
@@ -487,65 +723,118 @@ class Agent:
             data = content.encode("utf-8")
         else:
             raise ToolError("bad_request", "encoding must be 'text' or 'base64'")
-        mode = args.get("mode")
-        if isinstance(mode, str):
-            mode = int(mode, 8)
-        parent = os.path.dirname(real)
-        os.makedirs(parent, exist_ok=True)
-        # The parent may have been created through a symlink made meanwhile: check again.
-        resolve_in_workspace(self.workspace, parent)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".hpc-sandbox-write-")
+        mode = _file_mode(args.get("mode"))
+        if not parts:
+            raise ToolError("is_directory", "%s: is a directory (the workspace)" % path)
+        name = parts[-1]
+        parent = self._open_dir(parts[:-1], path, create=True)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            if mode is not None:
-                os.chmod(tmp, mode)
-            elif os.path.exists(real):
-                os.chmod(tmp, stat.S_IMODE(os.stat(real).st_mode))
-            else:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, real)  # atomic: readers see the old file or the new one
-        except BaseException:
             try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return {"path": _relative(self.workspace, real), "size": len(data)}
+                old = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                old = None
+            except OSError as exc:
+                raise _refusal(parent, name, path, exc)
+            if old is not None:
+                _check_regular(old, path, name)  # a symlink, folder, FIFO or device is left alone
+                if mode is None:
+                    mode = stat.S_IMODE(old.st_mode)
+            # Created 0666 less the umask, like any new file; then the asked or the old mode.
+            tmp = ".hpc-sandbox-write-%s" % os.urandom(6).hex()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                         dir_fd=parent)
+            try:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    if mode is not None:
+                        os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
+                # Atomic: readers see the old file or the new one. rename() replaces
+                # whatever is at the name (even a symlink swapped in since) and follows nothing.
+                os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=parent)
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(parent)
+        return {"path": "/".join(parts), "size": len(data)}
 
     async def tool_list_files(self, request_id, args, timeout):
-        real = resolve_in_workspace(self.workspace, args.get("path") or ".")
+        return await self._in_thread(self._list_files, args)
+
+    def _list_files(self, args):
+        path = args.get("path") or "."
+        parts = workspace_parts(path, self.roots)
         recursive = bool(args.get("recursive"))
         max_entries = _bounded_int(args, "max_entries", 10000, MAX_LIST_ENTRIES)
-        if not os.path.isdir(real):
-            raise ToolError("not_a_directory", "%s: not a directory" % args.get("path"))
+        top_fd = self._open_dir(parts, path)
         entries = []
         truncated = False
-        for dirpath, dirnames, filenames in os.walk(real):
-            dirnames.sort()
-            for name in sorted(dirnames + filenames):
+        cut = []
+        walk = _walk(top_fd, "/".join(parts), recursive, cut)
+        try:
+            for _, entry_path, _, st in walk:
                 if len(entries) >= max_entries:
                     truncated = True
                     break
-                full = os.path.join(dirpath, name)
-                st = os.lstat(full)
-                kind = "symlink" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
-                entries.append({"path": _relative(self.workspace, full), "type": kind, "size": st.st_size, "mtime": st.st_mtime})
-            if truncated or not recursive:
-                break
-        return {"entries": entries, "truncated": truncated}
+                mode = st.st_mode
+                kind = ("symlink" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
+                        else "file" if stat.S_ISREG(mode) else "other")
+                entries.append({"path": entry_path, "type": kind, "size": st.st_size, "mtime": st.st_mtime})
+        finally:
+            walk.close()
+            os.close(top_fd)
+        return {"entries": entries, "truncated": truncated or bool(cut)}
 
     async def tool_archive(self, request_id, args, timeout):
-        real = resolve_in_workspace(self.workspace, args.get("path") or ".")
+        return await self._in_thread(self._archive, args)
+
+    def _archive(self, args):
+        path = args.get("path") or "."
+        parts = workspace_parts(path, self.roots)
         cap = _bounded_int(args, "max_bytes", DEFAULT_ARCHIVE_CAP, MAX_ARCHIVE_CAP)
+        top = parts[-1] if parts else "."
+        file_fd = top_fd = None
+        if parts:
+            parent = self._open_dir(parts[:-1], path)
+            try:
+                if stat.S_ISDIR(_lstat_child(parent, top, path).st_mode):
+                    top_fd = _open_child_dir(parent, top, path)
+                else:
+                    file_fd = _open_child_file(parent, top, path)
+            finally:
+                os.close(parent)
+        else:
+            top_fd = os.dup(self.root_fd)
         sink = _CappedBytesIO(cap)
+        cut = []
         try:
             with tarfile.open(fileobj=sink, mode="w:gz") as tar:
-                tar.add(real, arcname=os.path.basename(real) if real != self.workspace else ".")
+                if file_fd is not None:
+                    _tar_file(tar, file_fd, top)
+                else:
+                    tar.addfile(_tar_info(top, os.fstat(top_fd), tarfile.DIRTYPE))
+                    walk = _walk(top_fd, top, True, cut)
+                    try:
+                        for dir_fd, member, name, st in walk:
+                            _tar_entry(tar, dir_fd, member, name, st)
+                    finally:
+                        walk.close()
+                    if cut:
+                        raise ToolError("too_large", "%s: folders nested deeper than %d levels (%s)"
+                                        % (path, MAX_WALK_DEPTH, cut[0]))
         except _TooLarge:
-            raise ToolError("too_large", "archive of %s exceeds %d bytes" % (args.get("path") or ".", cap))
+            raise ToolError("too_large", "archive of %s exceeds %d bytes" % (path, cap))
+        finally:
+            for fd in (file_fd, top_fd):
+                if fd is not None:
+                    os.close(fd)
         data = sink.getvalue()
         return {
             "content": base64.b64encode(data).decode("ascii"),
@@ -568,6 +857,71 @@ class Agent:
 
 class _TooLarge(Exception):
     pass
+
+
+def _tar_info(name: str, st, kind) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.mtime = int(st.st_mtime)
+    return info
+
+
+def _tar_entry(tar, dir_fd: int, member: str, name: str, st) -> None:
+    """Add one entry met by _walk: folders, files and symlinks (as links); nothing else."""
+    if stat.S_ISDIR(st.st_mode):
+        tar.addfile(_tar_info(member, st, tarfile.DIRTYPE))
+    elif stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(name, dir_fd=dir_fd)
+        except OSError:  # gone or replaced meanwhile
+            return
+        info = _tar_info(member, st, tarfile.SYMTYPE)
+        info.linkname = target
+        tar.addfile(info)
+    elif stat.S_ISREG(st.st_mode):
+        try:
+            fd = _open_child_file(dir_fd, name, member)
+        except ToolError as exc:
+            if exc.kind in ("not_found", "path", "not_a_file", "is_directory"):  # changed meanwhile
+                return
+            raise
+        try:
+            _tar_file(tar, fd, member)
+        finally:
+            os.close(fd)
+    # FIFOs, sockets and devices are left out: never opened, never recreated by an unpacker.
+
+
+def _tar_file(tar, fd: int, member: str) -> None:
+    st = os.fstat(fd)
+    info = _tar_info(member, st, tarfile.REGTYPE)
+    info.size = st.st_size
+    tar.addfile(info, _ExactReader(fd, st.st_size))
+
+
+class _ExactReader:
+    """Reads `size` bytes from `fd`: zeros past an early end (the file shrank meanwhile)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self.left:
+            n = self.left
+        chunks = []
+        want = n
+        while want > 0:
+            chunk = os.read(self.fd, min(want, 1 << 20))
+            if not chunk:
+                chunks.append(bytes(want))
+                break
+            chunks.append(chunk)
+            want -= len(chunk)
+        self.left -= n
+        return b"".join(chunks)
 
 
 class _CappedBytesIO(io.BytesIO):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hpc_sandbox import agent as agent_module
-from hpc_sandbox.agent import CappedBuffer, ToolError, resolve_in_workspace
+from hpc_sandbox.agent import CappedBuffer, ToolError
 
 from helpers import AGENT, AgentDriver, pids_matching, wait_until
 
@@ -188,18 +188,49 @@ async def test_paths_leaving_the_workspace_are_refused(agent, tmp_path, path):
     assert (await agent.call("bash", command="true", cwd=path))["error"]["kind"] == "path"
 
 
-async def test_symlink_inside_the_workspace_is_followed(agent, tmp_path):
+async def test_symlink_inside_the_workspace_is_not_followed_either(agent, tmp_path):
     (tmp_path / "real.txt").write_text("inside")
     (tmp_path / "alias.txt").symlink_to("real.txt")
-    assert (await agent.call("read_file", path="alias.txt"))["result"]["content"] == "inside"
+    answer = await agent.call("read_file", path="alias.txt")
+    assert answer["error"]["kind"] == "path" and "symlinks are not followed" in answer["error"]["message"]
 
 
-def test_resolve_in_workspace_accepts_inside_and_refuses_outside(tmp_path):
-    assert resolve_in_workspace(str(tmp_path), "a/./b/../c") == str(tmp_path / "a" / "c")
-    assert resolve_in_workspace(str(tmp_path), str(tmp_path / "x")) == str(tmp_path / "x")
-    for bad in ("..", "/", "", "a\x00b", str(tmp_path) + "-sibling/x"):
-        with pytest.raises(ToolError):
-            resolve_in_workspace(str(tmp_path), bad)
+def test_workspace_parts_accepts_inside_and_refuses_outside(tmp_path):
+    workspace_parts = agent_module.workspace_parts
+    roots = agent_module.workspace_roots(str(tmp_path))
+    assert workspace_parts("a/./b//c", roots) == ["a", "b", "c"]
+    assert workspace_parts(str(tmp_path / "x"), roots) == ["x"]
+    assert workspace_parts("/workspace/x/y", roots) == ["x", "y"]
+    assert workspace_parts(".", roots) == [] and workspace_parts("/workspace", roots) == []
+    for bad, kind in (("..", "path"), ("a/b/../c", "path"), ("/", "path"), ("/etc/passwd", "path"),
+                      (str(tmp_path) + "-sibling/x", "path"), ("", "bad_request"), ("a\x00b", "bad_request"),
+                      (None, "bad_request")):
+        with pytest.raises(ToolError) as caught:
+            workspace_parts(bad, roots)
+        assert caught.value.kind == kind, bad
+
+
+async def test_an_explicit_zero_means_zero_not_the_default(agent, tmp_path):
+    (tmp_path / "f").write_text("hello")
+    read = (await agent.call("read_file", path="f", limit=0))["result"]
+    assert (read["content"], read["bytes_read"], read["size"]) == ("", 0, 5)
+    bash = (await agent.call("bash", command="echo hello", output_cap=0))["result"]
+    assert bash["stdout_dropped"] == 6 and "hello" not in bash["stdout"]
+    listing = (await agent.call("list_files", max_entries=0))["result"]
+    assert listing == {"entries": [], "truncated": True}
+
+
+@pytest.mark.parametrize("mode", ["rwx", "0o999", "99", "", " 644", "+644", "0x1ff", -1, 0o10000, 1.5, True, [7]])
+async def test_write_file_refuses_a_bad_mode_as_a_bad_request(agent, tmp_path, mode):
+    answer = await agent.call("write_file", path="f", content="x", mode=mode)
+    assert answer["ok"] is False and answer["error"]["kind"] == "bad_request", answer
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("mode, expected", [("644", 0o644), ("0o600", 0o600), ("0755", 0o755), (0o750, 0o750)])
+async def test_write_file_takes_an_octal_string_or_an_int_mode(agent, tmp_path, mode, expected):
+    assert (await agent.call("write_file", path="f", content="x", mode=mode))["ok"]
+    assert os.stat(tmp_path / "f").st_mode & 0o7777 == expected
 
 
 async def test_bad_requests_get_errors_and_the_agent_keeps_serving(agent):
