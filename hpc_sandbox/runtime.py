@@ -3,7 +3,8 @@
 A runtime only builds the command line (and checks that it can run); the node
 server spawns it and speaks to the agent over its stdin/stdout. Every runtime but
 `none` shows the slot its own workspace at /workspace, a private /tmp and its own
-pid namespace, and hides the state directory and the token file. A runtime that
+pid namespace, hides the state directory and the token file, and can cut the slot
+off the network (network "none"). A runtime that
 cannot start is an error: there is no silent fallback to a weaker one.
 """
 from __future__ import annotations
@@ -31,6 +32,9 @@ _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 # key (readable when the server runs as root), and per-user runtime dirs (ssh-agent,
 # gpg-agent sockets).
 BWRAP_HIDDEN_HOST_PATHS = ("/run/munge", "/run/user", "/etc/munge")
+# What a slot may reach on the network: "host" shares the node's network (the default:
+# agents usually fetch packages), "none" leaves the slot only a loopback of its own.
+NETWORK_MODES = ("host", "none")
 REMOTE_IMAGE_PREFIXES = ("docker://", "docker-daemon://", "library://", "oras://", "shub://", "http://", "https://")
 
 
@@ -46,6 +50,7 @@ class RuntimeOptions:
     python: str | None = None
     executable: str | None = None  # override the runtime binary (tests, odd installs)
     extra_binds: tuple[str, ...] = field(default=())
+    network: str = "host"  # one of NETWORK_MODES
 
 
 def slot_env(workspace: str, slot_index: int) -> dict[str, str]:
@@ -81,6 +86,12 @@ class NoneRuntime(SlotRuntime):
 
     name = "none"
 
+    def __init__(self, options: RuntimeOptions) -> None:
+        if options.network != "host":
+            raise RuntimeUnavailable(f"runtime none cannot cut a slot off the network (network {options.network!r}): "
+                                     "its slots are plain processes of the node; use runtime bwrap or apptainer")
+        super().__init__(options)
+
     def check(self) -> str:
         return "none: slots are plain local processes with no isolation (trusted local use only)"
 
@@ -89,15 +100,24 @@ class NoneRuntime(SlotRuntime):
         return self._agent_args(python, str(AGENT_SOURCE), str(workspace)), slot_env(str(workspace), slot_index)
 
 
+# Asked once of the interpreter that will run the agent: the binary to run (a venv's
+# base interpreter, resolved), then sys.base_prefix and sys.prefix.
+_INTERPRETER_QUERY = ("import os, sys; "
+                      "print(os.path.realpath(getattr(sys, '_base_executable', '') or sys.executable)); "
+                      "print(sys.base_prefix); print(sys.prefix)")
+
+
 class BwrapRuntime(SlotRuntime):
     """bubblewrap: host files read-only, workspace read-write at /workspace, private
-    /tmp, own pid/ipc/uts namespaces, dies with the node server."""
+    /tmp, own user namespace holding no capability, own pid/ipc/uts (and, with network
+    none, net) namespaces, dies with the node server."""
 
     name = "bwrap"
 
     def __init__(self, options: RuntimeOptions) -> None:
         super().__init__(options)
-        self._prefixes: set[Path] | None = None  # asked once: see _python_prefixes
+        self._interpreter: tuple[str, frozenset[Path]] | None = None  # asked once: see interpreter()
+        self._help: str | None = None
 
     def binary(self) -> str:
         found = self.options.executable or shutil.which("bwrap")
@@ -105,8 +125,35 @@ class BwrapRuntime(SlotRuntime):
             raise RuntimeUnavailable("runtime bwrap: the 'bwrap' executable is not on PATH (install bubblewrap)")
         return found
 
+    def supports(self, option: str) -> bool:
+        """Whether this bwrap knows `option` (from its --help, read once)."""
+        if self._help is None:
+            try:
+                self._help = subprocess.run([self.binary(), "--help"], capture_output=True, text=True,
+                                            timeout=20).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                self._help = ""
+        return option in self._help
+
+    def namespace_args(self) -> list[str]:
+        # A user namespace of its own whoever runs the server: without one, a root
+        # server's slot is root on the host with every capability, and can remount the
+        # read-only binds or unmount the tmpfs that hides $HOME. The ids inside stay the
+        # caller's, so that files in the workspace show their real owner.
+        args = ["--unshare-user", "--uid", str(os.getuid()), "--gid", str(os.getgid())]
+        # No capability even inside it, and no nested user namespace, in which a slot
+        # would hold every capability again (--disable-userns is new in bwrap 0.8).
+        if self.supports("--disable-userns"):
+            args.append("--disable-userns")
+        args += ["--cap-drop", "ALL", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        if self.options.network == "none":
+            args.append("--unshare-net")  # bwrap brings up the new namespace's own loopback
+        return args
+
     def check(self) -> str:
-        argv = [self.binary(), "--ro-bind", "/", "/", "--unshare-pid", "--dev", "/dev", "--proc", "/proc", "true"]
+        # The same namespaces as a slot's: a node that cannot make them fails here, at start.
+        argv = [self.binary(), *self.namespace_args(), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                "true"]
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -115,8 +162,12 @@ class BwrapRuntime(SlotRuntime):
             detail = proc.stderr.strip().splitlines()[-1:] or ["no message"]
             raise RuntimeUnavailable(
                 f"runtime bwrap: bwrap cannot create namespaces here ({detail[0]}); "
-                "are unprivileged user namespaces disabled (kernel.unprivileged_userns_clone)?"
+                "are unprivileged user namespaces disabled (kernel.unprivileged_userns_clone, "
+                "user.max_user_namespaces)?"
             )
+        if not self.supports("--disable-userns"):
+            log.warning("runtime bwrap: this bwrap has no --disable-userns (new in 0.8): a slot can create a nested "
+                        "user namespace (it still holds no capability on the host)")
         version = subprocess.run([self.binary(), "--version"], capture_output=True, text=True).stdout.strip()
         return f"bwrap: {version or 'unknown version'}"
 
@@ -144,20 +195,16 @@ class BwrapRuntime(SlotRuntime):
         return args
 
     def agent_command(self, workspace: Path, slot_index: int) -> tuple[list[str], dict[str, str]]:
-        argv = [self.binary(), "--die-with-parent", "--new-session",
-                "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        python, needs = self.interpreter()
+        argv = [self.binary(), "--die-with-parent", "--new-session", *self.namespace_args()]
         argv += self.root_binds()
-        argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        python = self.options.python or sys.executable
-        argv += self.home_binds(python)
-        hidden = [Path(p) for p in (*self.options.hidden_paths, *BWRAP_HIDDEN_HOST_PATHS)]
-        for path in hidden:
-            # A path under another hidden folder is already covered by that folder's tmpfs.
-            if not any(other != path and other.is_dir() and path.is_relative_to(other) for other in hidden):
-                argv += _bwrap_hide(path)
+        argv += ["--dev", "/dev", "--proc", "/proc"]
+        argv += self.hiding_mounts(needs)
         for bind in self.options.extra_binds:
             src, _, dst = bind.partition(":")
             argv += ["--ro-bind", src, dst or src]
+        # bwrap resolves a bind's source on the host, so a workspace inside a hidden
+        # folder (the per-user base of every server's workspaces) is still bound here.
         argv += ["--bind", str(workspace), SLOT_WORKSPACE,
                  "--ro-bind", str(AGENT_SOURCE), SLOT_AGENT,
                  "--chdir", SLOT_WORKSPACE, "--clearenv"]
@@ -167,43 +214,79 @@ class BwrapRuntime(SlotRuntime):
         argv += self._agent_args(python, SLOT_AGENT, SLOT_WORKSPACE)
         return argv, env
 
-    def home_binds(self, python: str) -> list[str]:
-        """Hide the server user's home ($HOME holds ~/.ssh, cloud credentials and, by
-        default, the state dir) except the Python installation that runs the agent,
-        when that lives there (pyenv, a venv, a `--prefix=$HOME` build): it is bound
-        back read-only."""
-        try:
-            home = Path.home().resolve()
-        except (KeyError, RuntimeError):
-            return []
-        if home == Path("/") or not home.is_dir():
-            return []
-        args = ["--tmpfs", str(home)]
-        for prefix in sorted(self._python_prefixes(python)):
-            if prefix == home:  # a Python installed straight into $HOME: its bin and lib only
-                args += [arg for sub in ("bin", "lib", "lib64") if (home / sub).is_dir()
-                         for arg in ("--ro-bind", str(home / sub), str(home / sub))]
-            elif prefix.is_relative_to(home):
-                args += ["--ro-bind", str(prefix), str(prefix)]
-        return args
+    def interpreter(self) -> tuple[str, frozenset[Path]]:
+        """The binary that runs the agent and the folders it needs (asked once).
 
-    def _python_prefixes(self, python: str) -> set[Path]:
-        """sys.prefix and sys.base_prefix of the interpreter that runs the agent, resolved."""
-        if self._prefixes is not None:
-            return self._prefixes
-        if python == sys.executable:
-            found = [sys.prefix, sys.base_prefix]
-        else:
+        The agent needs a Python's standard library and nothing else, so a venv's own
+        python is not what runs it: its base interpreter is. Then it does not matter
+        where the venv lives (under /tmp, which every slot gets privately; in $HOME,
+        which is hidden): only the base install must be visible, and hiding_mounts binds
+        it back when it lives in such a place itself (pyenv in $HOME). sys.prefix is
+        needed too only when the binary is not in the base install (a venv made with
+        --copies, whose pyvenv.cfg names the base).
+        """
+        if self._interpreter is None:
+            python = self.options.python or sys.executable
             try:
-                found = subprocess.run([python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
-                                       capture_output=True, text=True, timeout=30).stdout.split("\n")[:2]
+                facts = subprocess.run([python, "-I", "-c", _INTERPRETER_QUERY], capture_output=True, text=True,
+                                       timeout=30).stdout.splitlines()
             except (OSError, subprocess.TimeoutExpired):
-                found = []
-            if len([f for f in found if f]) < 2:  # not a Python we can ask: assume bin/python's folder
-                interpreter = Path(shutil.which(python) or python)
-                found = [str(interpreter.absolute().parent.parent), str(interpreter.resolve().parent.parent)]
-        self._prefixes = {Path(f).resolve() for f in found if f}
-        return self._prefixes
+                facts = []
+            if len(facts) == 3 and all(facts):
+                binary, base_prefix, prefix = (Path(fact).resolve() for fact in facts)
+                needs = {base_prefix} if binary.is_relative_to(base_prefix) else {base_prefix, prefix, binary.parent}
+                self._interpreter = (str(binary), frozenset(needs))
+            else:  # not a Python we can ask: run it as named, and assume bin/python's layout
+                found = Path(shutil.which(python) or python)
+                self._interpreter = (python, frozenset({found.absolute().parent.parent,
+                                                        found.resolve().parent.parent}))
+        return self._interpreter
+
+    def hiding_mounts(self, needs: frozenset[Path]) -> list[str]:
+        """A tmpfs over /tmp, $HOME ($HOME holds ~/.ssh, cloud credentials and, by
+        default, the state dir) and every hidden folder, /dev/null over a hidden file,
+        and the folders the interpreter needs bound back read-only where those hide them.
+
+        bwrap mounts in argv order, a later mount over an earlier one, so the mounts are
+        sorted by depth: a deeper path wins over its parent whether it hides (a hidden
+        folder inside a bound-back prefix) or shows (a venv in $HOME); at equal depth,
+        hiding wins. A mount whose nearest parent mount already has the same effect is
+        left out. Paths are resolved on the host first: bwrap cannot make a mount point
+        through an absolute symlink (TMPDIR=/scratch/me with /scratch -> /local/scratch).
+        """
+        covers: dict[Path, list[str]] = {Path("/tmp"): ["--tmpfs", "/tmp"]}
+        home = _home()
+        if home:
+            covers[home] = ["--tmpfs", str(home)]
+        for path in (*self.options.hidden_paths, *BWRAP_HIDDEN_HOST_PATHS):
+            resolved = Path(path).resolve()
+            if hide := _bwrap_hide(resolved):
+                covers[resolved] = hide
+        shows: set[Path] = set()
+        for prefix in needs:
+            if prefix in covers:  # a Python installed straight into $HOME: its bin and lib only
+                shows.update(prefix / sub for sub in ("bin", "lib", "lib64") if (prefix / sub).is_dir())
+            else:
+                shows.add(prefix)
+        hidden_dirs = {path for path, args in covers.items() if args[0] == "--tmpfs"}
+
+        def hidden_by_parent(path: Path) -> bool:
+            parents = [p for p in (*hidden_dirs, *shows) if p != path and path.is_relative_to(p)]
+            return bool(parents) and max(parents, key=lambda p: len(p.parts)) in hidden_dirs
+
+        mounts = [(len(path.parts), 1, str(path), args) for path, args in covers.items() if not hidden_by_parent(path)]
+        mounts += [(len(path.parts), 0, str(path), ["--ro-bind", str(path), str(path)])
+                   for path in shows if hidden_by_parent(path)]
+        return [arg for *_, args in sorted(mounts, key=lambda mount: mount[:3]) for arg in args]
+
+
+def _home() -> Path | None:
+    """The server user's home, resolved; None when there is none worth hiding."""
+    try:
+        home = Path.home().resolve()
+    except (KeyError, RuntimeError):
+        return None
+    return home if home != Path("/") and home.is_dir() else None
 
 
 def _bwrap_hide(path: Path) -> list[str]:
@@ -266,6 +349,8 @@ class ApptainerRuntime(SlotRuntime):
             flags += ["--bind", bind if ":" in bind else f"{bind}:{bind}:ro"]
         if self.options.gpus:
             flags.append("--nv")
+        if self.options.network == "none":
+            flags += ["--net", "--network", "none"]
         env = slot_env(SLOT_WORKSPACE, slot_index)
         for key, value in sorted(env.items()):
             if key != "PATH":  # the image's own PATH is the right one inside it
@@ -294,4 +379,6 @@ def make_runtime(options: RuntimeOptions) -> SlotRuntime:
         cls = RUNTIMES[options.kind]
     except KeyError:
         raise RuntimeUnavailable(f"unknown runtime {options.kind!r}; valid: {', '.join(RUNTIMES)}") from None
+    if options.network not in NETWORK_MODES:
+        raise RuntimeUnavailable(f"unknown network {options.network!r}; valid: {', '.join(NETWORK_MODES)}")
     return cls(options)

@@ -20,15 +20,21 @@ from helpers import SHIMS, pids_matching, requires_bwrap, start_server, wait_unt
 SHIM_PATH = {"PATH": f"{SHIMS}:{os.environ['PATH']}"}
 
 
+async def bash_in_slot(client, granted, command: str, timeout: float = 30) -> dict:
+    """Run one bash command in a leased slot; its result (stdout, stderr, exit_code...).
+
+    Takes the client's typed answers (protocol.Grant, CallAnswer) and the plain dicts
+    it gave before them alike."""
+    slot, lease = (granted["slot"], granted["lease"]) if isinstance(granted, dict) else (granted.slot, granted.lease)
+    answer = await client.execute(slot, lease, "bash", {"command": command}, timeout=timeout)
+    return answer["result"] if isinstance(answer, dict) else answer.result
+
+
 async def _run(server, *commands: str, slots: int = 1) -> list[list[dict]]:
-    """Acquire `slots` slots and run every command in each; answers per slot."""
+    """Acquire `slots` slots and run every command in each; results per slot."""
     async with NodeClient(server.endpoint) as client:
         leases = [await client.acquire(f"t{i}") for i in range(slots)]
-        out = []
-        for granted in leases:
-            out.append([await client.execute(granted["slot"], granted["lease"], "bash", {"command": c}, timeout=30)
-                        for c in commands])
-        return out
+        return [[await bash_in_slot(client, granted, c) for c in commands] for granted in leases]
 
 
 def test_unknown_runtime_lists_the_valid_ones():
@@ -77,9 +83,8 @@ def test_bwrap_slots_cannot_see_each_other_or_the_secrets(state_dir):
         async with NodeClient(server.endpoint) as client:
             a, b = await client.acquire("a"), await client.acquire("b")
 
-            async def run(granted, command):
-                return (await client.execute(granted["slot"], granted["lease"], "bash", {"command": command},
-                                             timeout=30))["result"]
+            def run(granted, command):
+                return bash_in_slot(client, granted, command)
 
             started = await run(a, f"echo secret-a > mine.txt; (exec -a {marker} sleep 30) & echo started")
             own_view = await run(a, "ls /workspace")
@@ -115,19 +120,84 @@ def home_outside_tmp():
     shutil.rmtree(home, ignore_errors=True)
 
 
-def test_bwrap_binds_back_only_the_python_that_lives_in_home(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    for sub in ("bin", "lib", ".ssh", "venv/bin"):
+@pytest.fixture
+def fake_home(home_outside_tmp, monkeypatch):
+    """$HOME outside /tmp, and no host path hidden on every node (munge), for exact argv."""
+    monkeypatch.setenv("HOME", str(home_outside_tmp))
+    monkeypatch.setattr("hpc_sandbox.runtime.BWRAP_HIDDEN_HOST_PATHS", ())
+    return home_outside_tmp.resolve()
+
+
+def test_bwrap_binds_back_only_the_python_that_lives_in_home(fake_home):
+    home = fake_home
+    for sub in ("bin", "lib", "venv/bin"):
         (home / sub).mkdir(parents=True)
-    monkeypatch.setenv("HOME", str(home))
     runtime = BwrapRuntime(RuntimeOptions(kind="bwrap"))
-    runtime._prefixes = {home.resolve()}  # a Python built with --prefix=$HOME
-    assert runtime.home_binds("python3") == ["--tmpfs", str(home.resolve()),
-                                             "--ro-bind", str(home / "bin"), str(home / "bin"),
-                                             "--ro-bind", str(home / "lib"), str(home / "lib")]
-    runtime._prefixes = {(home / "venv").resolve(), Path("/usr")}  # a venv in $HOME over a system Python
-    assert runtime.home_binds("python3") == ["--tmpfs", str(home.resolve()),
-                                             "--ro-bind", str(home / "venv"), str(home / "venv")]
+    # A Python built with --prefix=$HOME: its bin and lib only, never ~/.ssh.
+    assert runtime.hiding_mounts(frozenset({home})) == ["--tmpfs", "/tmp", "--tmpfs", str(home),
+                                                        "--ro-bind", str(home / "bin"), str(home / "bin"),
+                                                        "--ro-bind", str(home / "lib"), str(home / "lib")]
+    # A venv in $HOME over a system Python: the venv only; /usr is visible anyway.
+    assert runtime.hiding_mounts(frozenset({home / "venv", Path("/usr")})) == [
+        "--tmpfs", "/tmp", "--tmpfs", str(home), "--ro-bind", str(home / "venv"), str(home / "venv")]
+
+
+def test_bwrap_mounts_deeper_paths_last_so_the_deeper_rule_wins(fake_home, tmp_path):
+    home = fake_home
+    prefix, hidden_in_prefix, state = home / "py", home / "py" / "secrets", home / ".hpc-sandbox"
+    for folder in (hidden_in_prefix, state, tmp_path / "venv"):
+        folder.mkdir(parents=True)
+    (state / "token").write_text("t")
+    runtime = BwrapRuntime(RuntimeOptions(kind="bwrap", hidden_paths=(hidden_in_prefix, state, state / "token")))
+    argv = runtime.hiding_mounts(frozenset({prefix, tmp_path / "venv"}))
+    mounts = [argv[i:i + 3] if argv[i] == "--ro-bind" else argv[i:i + 2]
+              for i, arg in enumerate(argv) if arg.startswith("--")]
+    # The hidden folder inside the bound-back prefix is hidden again after it; the
+    # venv under the slot's private /tmp is bound back after that tmpfs; $HOME's tmpfs
+    # already hides the state dir and its token, so they take no mount of their own.
+    assert sorted(mounts) == sorted([["--tmpfs", "/tmp"], ["--tmpfs", str(home)],
+                                     ["--ro-bind", str(prefix), str(prefix)], ["--tmpfs", str(hidden_in_prefix)],
+                                     ["--ro-bind", str(tmp_path / "venv"), str(tmp_path / "venv")]])
+    position = {mount[-1]: index for index, mount in enumerate(mounts)}
+    assert position["/tmp"] < position[str(tmp_path / "venv")]
+    assert position[str(home)] < position[str(prefix)] < position[str(hidden_in_prefix)]
+
+
+def test_bwrap_resolves_hidden_paths_and_hides_them_before_binding_the_workspace(home_outside_tmp):
+    outside_tmp = home_outside_tmp.resolve()  # under /tmp, a hidden path would need no mount of its own
+    base = outside_tmp / "base"
+    (base / "job-a-1" / "slot-0").mkdir(parents=True)
+    (outside_tmp / "link").symlink_to(outside_tmp)  # TMPDIR=/scratch/me with /scratch -> /local/scratch
+    runtime = BwrapRuntime(RuntimeOptions(kind="bwrap", hidden_paths=(outside_tmp / "link" / "base",)))
+    argv, _ = runtime.agent_command(outside_tmp / "link" / "base" / "job-a-1" / "slot-0", 0)
+    options = argv[:argv.index("--bind")]
+    assert str(outside_tmp / "link" / "base") not in options  # bwrap cannot make a mount point through a symlink
+    assert options[options.index(str(base)) - 1] == "--tmpfs"
+    assert argv[argv.index("--bind") + 2] == "/workspace"
+
+
+def test_bwrap_slot_has_its_own_user_namespace_and_no_capability():
+    argv, _ = BwrapRuntime(RuntimeOptions(kind="bwrap", executable="/x/bwrap")).agent_command(Path("/ws"), 0)
+    options = argv[:argv.index("--bind")]
+    assert "--unshare-user" in options and options[options.index("--cap-drop") + 1] == "ALL"
+    assert options[options.index("--uid") + 1] == str(os.getuid())
+    assert options[options.index("--gid") + 1] == str(os.getgid())
+    assert "--unshare-net" not in options
+
+
+def test_network_modes_are_checked_once_for_every_runtime(tmp_path):
+    with pytest.raises(RuntimeUnavailable, match="unknown network 'vpn'; valid: host, none"):
+        make_runtime(RuntimeOptions(kind="bwrap", network="vpn"))
+    with pytest.raises(RuntimeUnavailable, match="runtime none cannot cut a slot off the network"):
+        make_runtime(RuntimeOptions(kind="none", network="none"))
+    assert "--unshare-net" in make_runtime(RuntimeOptions(kind="bwrap", network="none")).namespace_args()
+    image = tmp_path / "img.sif"
+    image.write_bytes(b"")
+    for network, flags in (("none", ["--net", "--network", "none"]), ("host", [])):
+        argv, _ = make_runtime(RuntimeOptions(kind="apptainer", image=str(image), network=network,
+                                              executable="/x/apptainer")).agent_command(tmp_path, 0)
+        found = [arg for arg in argv if arg in ("--net", "--network", "none")]
+        assert found == flags
 
 
 @requires_bwrap
@@ -142,7 +212,7 @@ def test_bwrap_hides_home_state_dir_munge_and_other_workspaces(home_outside_tmp)
              "ls -A /run/munge /etc/munge 2>&1; echo probed")
     try:
         [a, b] = asyncio.run(_run(server, "echo neighbour > mine.txt", probe, slots=2))
-        seen = b[1]["result"]["stdout"] + b[1]["result"]["stderr"]
+        seen = b[1]["stdout"] + b[1]["stderr"]
         assert seen.endswith("probed\n")
         assert "PRIVATE-KEY-MARKER" not in seen and server.token not in seen
         assert "mine.txt" not in seen and "slot-" not in seen
@@ -161,10 +231,8 @@ def test_bwrap_timeout_kills_the_group_inside_the_namespace(state_dir):
         async def go():
             async with NodeClient(server.endpoint) as client:
                 granted = await client.acquire("t")
-                return await client.execute(granted["slot"], granted["lease"], "bash",
-                                            {"command": f"(exec -a {marker} sleep 60) & wait"}, timeout=0.5)
-        answer = asyncio.run(go())
-        assert answer["result"]["timed_out"]
+                return await bash_in_slot(client, granted, f"(exec -a {marker} sleep 60) & wait", timeout=0.5)
+        assert asyncio.run(go())["timed_out"]
         assert wait_until(lambda: not pids_matching(marker), 5)
     finally:
         server.stop()
@@ -178,8 +246,8 @@ def test_apptainer_slots_through_the_shim(state_dir, tmp_path):
                           extra=["--image", str(image), "--gpus", "1"], env=SHIM_PATH)
     try:
         [answers] = asyncio.run(_run(server, "pwd; echo $HOME; ls /root | wc -l", f"ls {state_dir} 2>&1 | head -1"))
-        assert answers[0]["result"]["stdout"] == "/workspace\n/workspace\n0\n"
-        assert "No such file" in answers[1]["result"]["stdout"]
+        assert answers[0]["stdout"] == "/workspace\n/workspace\n0\n"
+        assert "No such file" in answers[1]["stdout"]
     finally:
         server.stop()
     calls = (tmp_path / "python.sif.calls").read_text()
