@@ -56,7 +56,7 @@ from _common import Children, Measurement, Op, children_of, run_load  # noqa: E4
 import _swerex  # noqa: E402
 
 from hpc_sandbox import Endpoint, NodeServerSource, SlotPool  # noqa: E402
-from hpc_sandbox.rendezvous import create_token, read_records, read_token, token_path  # noqa: E402
+from hpc_sandbox.jobfolder import JobFolder  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -157,7 +157,7 @@ class NodeServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> Endpoint:
-        create_token(self.state_dir, self.job_id)
+        JobFolder(self.state_dir, self.job_id).create_token()
         argv = [sys.executable, "-m", "hpc_sandbox", "serve", "--job-id", self.job_id,
                 "--state-dir", str(self.state_dir), "--host", "127.0.0.1", "--slots", str(self.slots),
                 "--runtime", "none", "--port-range", PORT_RANGE,
@@ -165,7 +165,7 @@ class NodeServer:
         self.proc = self.children.spawn("node server", argv, log_file=self.log_file)
         deadline = time.monotonic() + timeout
         while True:
-            records = read_records(self.state_dir, self.job_id)
+            records = JobFolder(self.state_dir, self.job_id).read_records()
             if records:
                 break
             if self.proc.poll() is not None:
@@ -174,7 +174,7 @@ class NodeServer:
                 raise RuntimeError(f"node server not ready within {timeout:.0f}s:\n{Children.tail(self.log_file)}")
             time.sleep(0.1)
         record = records[0]
-        token = read_token(token_path(self.state_dir, self.job_id))
+        token = JobFolder(self.state_dir, self.job_id).read_token()
         return Endpoint(url=record.url, token=token, job_id=self.job_id, name=record.name,
                         location="local", slots=record.slots)
 

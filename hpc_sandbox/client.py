@@ -9,34 +9,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .errors import (AuthError, BadRequest, CallTimeout, ClientError, LeaseLost, LimitExceeded, NoFreeSlot,
-                     NotFound, ServerGone)
-from .models import DEFAULT_EXEC_TIMEOUT, Endpoint
+from . import protocol
+from .errors import CallTimeout, ClientError, ServerGone
+from .models import Endpoint
 from .paths import workspace_relative
+from .protocol import (DEFAULT_EXEC_TIMEOUT, AcquireRequest, BadAnswer, Call, CallAnswer, Grant, Health,
+                       ReleaseRequest, SlotsAnswer)
 
 log = logging.getLogger(__name__)
 
-LEASE_HEADER = "X-Lease"
 TIMEOUT_MARGIN = 15.0  # seconds on top of a command's timeout: kill grace + transfer
 CONTROL_TIMEOUT = 30.0  # acquire, release, health...
 # A node that died without a word (power, network) leaves a record that looks alive:
 # connecting to it must fail fast, whatever the call's own timeout.
 CONNECT_TIMEOUT = 5.0
 RETRY_DELAYS = (0.1, 0.5, 1.5)
-_KIND_TO_ERROR: dict[str, type[ClientError]] = {
-    "auth": AuthError,
-    "not_found": NotFound,
-    "bad_request": BadRequest,
-    "lease_lost": LeaseLost,
-    "no_free_slot": NoFreeSlot,
-    "limit": LimitExceeded,
-}
 
 
 def _timeout(total: float) -> aiohttp.ClientTimeout:
@@ -52,7 +44,7 @@ class NodeClient:
         self.endpoint = endpoint
         self._session = session
         self._own_session = session is None
-        self._auth = {"Authorization": f"Bearer {endpoint.token}"}
+        self._auth = {protocol.AUTH_HEADER: protocol.bearer(endpoint.token)}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -77,7 +69,7 @@ class NodeClient:
                        timeout: float = CONTROL_TIMEOUT, retry: bool = True) -> Any:
         headers = dict(self._auth)
         if lease:
-            headers[LEASE_HEADER] = lease
+            headers[protocol.LEASE_HEADER] = lease
         url = self.endpoint.url + path
         attempts = len(RETRY_DELAYS) + 1 if retry else 1
         for attempt in range(attempts):
@@ -108,66 +100,77 @@ class NodeClient:
             try:
                 return await response.json()
             except (aiohttp.ContentTypeError, ValueError):
-                raise ClientError(f"{self.endpoint.url} answered HTTP {response.status} without JSON: "
-                                  "is that a node server?") from None
+                raise self._nonsense(f"HTTP {response.status} without JSON") from None
         try:
             error = (await response.json()).get("error") or {}
-        except (aiohttp.ContentTypeError, ValueError):
-            error = {"kind": "http", "message": (await response.text())[:200]}
-        kind = error.get("kind", "http")
-        message = error.get("message", f"HTTP {response.status}")
-        if response.status == 413:
-            kind = "limit"
-        cls = _KIND_TO_ERROR.get(kind, ClientError)
-        raise cls(f"{self.endpoint.name}: {message}")
+        except (aiohttp.ContentTypeError, ValueError, AttributeError):
+            error = {}
+        if not isinstance(error, dict):
+            error = {}
+        kind = str(error.get("kind") or "http")
+        message = str(error.get("message") or f"HTTP {response.status}")
+        raise protocol.error_for(kind, response.status, f"{self.endpoint.name}: {message}")
+
+    def _nonsense(self, detail: str) -> ServerGone:
+        """Whatever answers on the node server's port, it does not speak our protocol:
+        as good as gone (a stale record, a port taken over), and said plainly."""
+        return ServerGone(f"{self.endpoint.url} ({self.endpoint.name}) is not answering as a node server "
+                          f"would: {detail}")
+
+    def _parse(self, parse: Any, data: Any, *args: Any) -> Any:
+        try:
+            return parse(data, *args)
+        except BadAnswer as exc:
+            raise self._nonsense(str(exc)) from None
 
     # --- API ---------------------------------------------------------------------
 
-    async def health(self, timeout: float = 5.0) -> dict[str, Any]:
-        return await self._request("GET", "/v1/health", timeout=timeout, retry=False)
+    async def health(self, timeout: float = 5.0) -> Health:
+        answer = await self._request("GET", protocol.HEALTH, timeout=timeout, retry=False)
+        return self._parse(Health.from_json, answer)
 
-    async def slots(self) -> dict[str, Any]:
-        return await self._request("GET", "/v1/slots")
+    async def slots(self) -> SlotsAnswer:
+        return self._parse(SlotsAnswer.from_json, await self._request("GET", protocol.SLOTS))
 
-    async def acquire(self, trajectory_id: str | None = None, ttl: float | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"trajectory_id": trajectory_id}
-        if ttl is not None:
-            body["ttl"] = ttl
+    async def acquire(self, trajectory_id: str | None = None, ttl: float | None = None) -> Grant:
         # Not retried: a lost answer would leave a slot leased to nobody until its ttl.
-        return await self._request("POST", "/v1/slots/acquire", json=body, retry=False)
+        answer = await self._request("POST", protocol.ACQUIRE, json=AcquireRequest(trajectory_id, ttl).to_json(),
+                                     retry=False)
+        return self._parse(Grant.from_json, answer)
 
     async def release(self, slot: int, lease: str, reset_workspace: bool = True) -> None:
-        await self._request("POST", f"/v1/slots/{slot}/release", json={"reset_workspace": reset_workspace},
-                            lease=lease, timeout=CONTROL_TIMEOUT + 30)
+        await self._request("POST", protocol.slot_route(slot, "release"),
+                            json=ReleaseRequest(reset_workspace).to_json(), lease=lease,
+                            timeout=CONTROL_TIMEOUT + 30)
 
     async def renew(self, slot: int, lease: str) -> None:
-        await self._request("POST", f"/v1/slots/{slot}/renew", lease=lease)
+        await self._request("POST", protocol.slot_route(slot, "renew"), lease=lease)
 
     async def reset(self, slot: int, lease: str) -> None:
-        await self._request("POST", f"/v1/slots/{slot}/reset", lease=lease, timeout=CONTROL_TIMEOUT + 30)
+        await self._request("POST", protocol.slot_route(slot, "reset"), lease=lease, timeout=CONTROL_TIMEOUT + 30)
 
     async def execute(self, slot: int, lease: str, tool: str, args: dict[str, Any],
-                      timeout: float | None = None, exec_id: str | None = None) -> dict[str, Any]:
-        """One tool call; returns the server's answer {"ok", "tool", "result" | "error"}."""
-        timeout = timeout or DEFAULT_EXEC_TIMEOUT
-        body = {"exec_id": exec_id or new_exec_id(), "tool": tool, "args": args, "timeout": timeout}
-        return await self._request("POST", f"/v1/slots/{slot}/exec", json=body, lease=lease,
-                                   timeout=timeout + TIMEOUT_MARGIN)
+                      timeout: float | None = None, exec_id: str | None = None) -> CallAnswer:
+        """One tool call; a repeated exec id gets the first run's answer."""
+        call = Call(slot, lease, exec_id or new_exec_id(), tool, args, timeout or DEFAULT_EXEC_TIMEOUT)
+        answer = await self._request("POST", protocol.slot_route(slot, "exec"), json=call.to_json(with_slot=False),
+                                     lease=lease, timeout=call.timeout + TIMEOUT_MARGIN)
+        return self._parse(CallAnswer.from_json, answer)
 
-    async def batch(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Several calls (each with slot, lease, exec_id, tool, args, timeout) in one request."""
-        calls = [{**c, "timeout": c.get("timeout") or DEFAULT_EXEC_TIMEOUT} for c in calls]
-        longest = max(c["timeout"] for c in calls)
-        answer = await self._request("POST", "/v1/batch", json={"calls": calls}, timeout=longest + TIMEOUT_MARGIN)
-        return answer["results"]
+    async def batch(self, calls: list[Call]) -> list[CallAnswer]:
+        """Several calls in one request; one answer per call, in call order."""
+        longest = max(c.timeout for c in calls)
+        answer = await self._request("POST", protocol.BATCH, json={"calls": [c.to_json() for c in calls]},
+                                     timeout=longest + TIMEOUT_MARGIN)
+        return self._parse(protocol.batch_answers, answer, calls)
 
     async def download(self, slot: int, lease: str, path: str, dest: Path, timeout: float = 3600.0) -> int:
         """Stream a workspace file to `dest` (written atomically); returns its size."""
         dest = Path(dest)
         partial = dest.with_name(dest.name + ".part")
-        headers = {**self._auth, LEASE_HEADER: lease}
+        headers = {**self._auth, protocol.LEASE_HEADER: lease}
         try:
-            async with self.session.get(f"{self.endpoint.url}/v1/slots/{slot}/files/{quote(workspace_relative(path))}",
+            async with self.session.get(self.endpoint.url + protocol.file_route(slot, workspace_relative(path)),
                                         headers=headers, timeout=_timeout(timeout)) as response:
                 if response.status >= 400:
                     await self._decode(response)
@@ -187,7 +190,7 @@ class NodeClient:
 
     async def upload(self, slot: int, lease: str, source: Path, path: str, timeout: float = 3600.0) -> int:
         """Stream a local file into the workspace (replacing atomically); returns its size."""
-        headers = {**self._auth, LEASE_HEADER: lease}
+        headers = {**self._auth, protocol.LEASE_HEADER: lease}
 
         async def chunks():
             with open(source, "rb") as handle:
@@ -195,10 +198,13 @@ class NodeClient:
                     yield block
 
         try:
-            async with self.session.put(f"{self.endpoint.url}/v1/slots/{slot}/files/{quote(workspace_relative(path))}",
+            async with self.session.put(self.endpoint.url + protocol.file_route(slot, workspace_relative(path)),
                                         data=chunks(), headers=headers,
                                         timeout=_timeout(timeout)) as response:
-                return (await self._decode(response))["size"]
+                answer = await self._decode(response)
+                if not isinstance(answer, dict) or not isinstance(answer.get("size"), int):
+                    raise self._nonsense(f"upload answered {answer!r}"[:200])
+                return answer["size"]
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise ServerGone(f"node server {self.endpoint.name}: upload broke off: {exc}") from None
         except asyncio.TimeoutError:

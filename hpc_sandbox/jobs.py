@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ import aiohttp
 from .client import NodeClient
 from .errors import ClientError, HpcSandboxError, JobNotFound
 from .models import Endpoint
-from .rendezvous import (JobInfo, ServerRecord, create_token, job_dir, job_token, list_jobs, read_job_info,
-                         read_records, write_job_info)
+from .jobfolder import JobFolder, JobInfo, ServerRecord, jobs_root, list_jobs
 from .schedulers import JobState, JobStatus, get_scheduler
 from .schedulers.batch import jittered
 from .spec import SandboxSpec
@@ -67,45 +65,30 @@ def submit(spec: SandboxSpec, scheduler: str = "local") -> JobInfo:
     """Make the job folder and its token, then hand the spec to the scheduler."""
     state_dir = spec.state_dir.expanduser()
     backend = get_scheduler(scheduler, state_dir)
-    job_id = new_job_id(spec.job_name)
-    create_token(state_dir, job_id)
+    folder = JobFolder(state_dir, new_job_id(spec.job_name))
+    folder.create_token()
     try:
-        info = backend.submit(spec, job_id)
+        info = backend.submit(spec, folder)
     except BaseException:
-        shutil.rmtree(job_dir(state_dir, job_id), ignore_errors=True)
+        folder.remove()
         raise
-    write_job_info(state_dir, info)
+    folder.write_info(info)
     return info
-
-
-def log_tail(state_dir: Path, job_id: str, lines: int = 1) -> str:
-    """The last meaningful line(s) of the job's node server logs: usually the reason."""
-    found: list[str] = []
-    for path in sorted((job_dir(state_dir, job_id) / "logs").glob("*")):
-        try:
-            text = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-        except OSError:
-            continue
-        # The node server's own one-line error ("Error: ...") says more than the
-        # scheduler's note that a task exited.
-        errors = ([ln for ln in text if ln.startswith("Error:")]
-                  or [ln for ln in text if "error" in ln.lower()] or text)
-        found += [f"{path.name}: {ln}" for ln in errors[-lines:]]
-    return "; ".join(found[-3:])
 
 
 async def _probe(record: ServerRecord, token: str, session: aiohttp.ClientSession) -> ServerState:
     endpoint = Endpoint(url=record.url, token=token, job_id=record.job_id, name=record.name)
     try:
         answer = await NodeClient(endpoint, session=session).slots()
-        return ServerState(record, True, answer.get("counts", {}))
+        return ServerState(record, True, answer.counts)
     except ClientError as exc:
         return ServerState(record, False, error=str(exc))
 
 
 async def probe_servers(state_dir: Path, job_id: str) -> list[ServerState]:
-    token = job_token(state_dir, job_id)
-    records = read_records(state_dir, job_id)
+    folder = JobFolder(state_dir, job_id)
+    token = folder.read_token()
+    records = folder.read_records()
     async with aiohttp.ClientSession() as session:
         return list(await asyncio.gather(*(_probe(r, token, session) for r in records)))
 
@@ -130,9 +113,10 @@ async def wait_ready(state_dir: Path, info: JobInfo, timeout: float,
         if ready >= info.servers:
             return servers
         if status.state.ended or (info.scheduler == "local" and status.reason):
-            tail = log_tail(state_dir, info.job_id)
+            folder = JobFolder(state_dir, info.job_id)
+            tail = folder.log_tail()
             raise JobFailed(f"job {info.job_id} {status.state.value} before its node servers were ready"
-                            f"{': ' + tail if tail else ''} (logs: {job_dir(state_dir, info.job_id) / 'logs'})")
+                            f"{': ' + tail if tail else ''} (logs: {folder.logs})")
         if time.monotonic() > deadline:
             raise JobFailed(f"job {info.job_id}: {ready} of {info.servers} node servers ready after {timeout:.0f}s "
                             f"(scheduler says {status.state.value}{': ' + status.reason if status.reason else ''}); "
@@ -143,8 +127,8 @@ async def wait_ready(state_dir: Path, info: JobInfo, timeout: float,
 def job_ids(state_dir: Path, job: str | None) -> list[str]:
     if job is None:
         return list_jobs(state_dir)
-    if not job_dir(state_dir, job).is_dir():
-        raise JobNotFound(f"no job {job!r} in {state_dir / 'jobs'} (see `hpc-sandbox status`)")
+    if not JobFolder(state_dir, job).exists():
+        raise JobNotFound(f"no job {job!r} in {jobs_root(state_dir)} (see `hpc-sandbox status`)")
     return [job]
 
 
@@ -152,7 +136,7 @@ async def report(state_dir: Path, job: str | None = None) -> list[JobReport]:
     infos = []
     for job_id in job_ids(state_dir, job):
         try:
-            infos.append(read_job_info(state_dir, job_id))
+            infos.append(JobFolder(state_dir, job_id).read_info())
         except JobNotFound:
             # A folder without job.json is a submit in progress (its token comes first)
             # or a node server started by hand: nothing to report on, unless asked by name.
@@ -172,7 +156,8 @@ async def report(state_dir: Path, job: str | None = None) -> list[JobReport]:
 
 def cancel(state_dir: Path, job: str) -> JobInfo:
     """Cancel through the scheduler, then remove the job folder (records, token, logs)."""
-    info = read_job_info(state_dir, job)
+    folder = JobFolder(state_dir, job)
+    info = folder.read_info()
     get_scheduler(info.scheduler, state_dir).cancel(info)
-    shutil.rmtree(job_dir(state_dir, job), ignore_errors=True)
+    folder.remove()
     return info

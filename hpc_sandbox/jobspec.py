@@ -29,6 +29,7 @@ import jinja2
 from . import __version__
 from .directives import DirectiveTracker, keys_of, normalise
 from .errors import HpcSandboxError, SpecError
+from .jobfolder import JobFolder
 from .spec import PBS_DIALECTS, SandboxSpec, format_hms
 
 if TYPE_CHECKING:  # importlib.abc.Traversable moved in 3.11; only annotations need it
@@ -155,10 +156,6 @@ def hcl_string(value: object) -> str:
 # --- the node server command line -------------------------------------------------------
 
 
-def job_dir(state_dir: Path, job_key: str) -> Path:
-    return Path(state_dir) / "jobs" / job_key
-
-
 def serve_groups(spec: SandboxSpec, job_key: str, *, port_index: int | str = 0,
                  state_dir: str | None = None, token_file: str | None = None,
                  port_range: tuple[int, int] | None = None, host: str | None = None) -> list[list[str]]:
@@ -169,7 +166,7 @@ def serve_groups(spec: SandboxSpec, job_key: str, *, port_index: int | str = 0,
     expressions (an array index, ${NOMAD_SECRETS_DIR}/token).
     """
     state = state_dir if state_dir is not None else str(spec.state_dir)
-    token = token_file if token_file is not None else str(job_dir(Path(state), job_key) / "token")
+    token = token_file if token_file is not None else str(JobFolder(Path(state), job_key).token)
     lo, hi = port_range or spec.port_range
     groups = [[spec.python, "-m", "hpc_sandbox", "serve"],
               ["--job-id", job_key],
@@ -305,7 +302,7 @@ def _render_part(env: jinja2.Environment, name: str, spec: SandboxSpec, schedule
     extras = [normalise(scheduler, raw) if scheduler != "nomad" else raw.strip() for raw in spec.extra_directives]
     for text in extras:
         keys_of(scheduler, text)  # refuse malformed lines before rendering anything
-    jdir = job_dir(spec.state_dir, job_key)
+    folder = JobFolder(spec.state_dir, job_key)
     lo, hi = spec.port_range
     # PBS Pro refuses a one-subjob array (-J 0-0): such a part becomes a plain job.
     plain = is_array and part.count == 1 and scheduler == "pbs" and dialect == "pbspro"
@@ -316,9 +313,9 @@ def _render_part(env: jinja2.Environment, name: str, spec: SandboxSpec, schedule
         "scheduler": scheduler,
         "dialect": dialect,
         "job_key": job_key,
-        "job_dir": str(jdir),
-        "log_dir": str(jdir / "logs"),
-        "token_file": str(jdir / "token"),
+        "job_dir": str(folder.path),
+        "log_dir": str(folder.logs),
+        "token_file": str(folder.token),
         "port_lo": lo,
         "port_hi": hi,
         "part": number,

@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .protocol import CallAnswer
+
 LOCATIONS = ("local", "cluster", "cloud")
-# A tool call that names no timeout gets this one, from the server and the client alike:
-# with none at all, a forgotten `sleep` would hold a slot and a client forever.
-DEFAULT_EXEC_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -69,15 +68,14 @@ class ToolResult:
     data: dict[str, Any] = field(default_factory=dict)  # the tool's own fields (content, entries, sha256, ...)
 
     @classmethod
-    def from_answer(cls, answer: dict[str, Any], slot: Slot | None = None) -> "ToolResult":
-        """Build from a node server's per-call answer {"ok", "tool", "result" | "error"}."""
-        tool = answer.get("tool", "")
+    def from_answer(cls, answer: CallAnswer, slot: Slot | None = None) -> "ToolResult":
+        """Build from a node server's answer to one call."""
+        tool = answer.tool
         where = {"slot": slot.id if slot else None, "location": slot.location if slot else None}
-        if not answer.get("ok"):
-            error = answer.get("error") or {}
-            return cls(success=False, tool=tool, error=error.get("message", "unknown error"),
-                       error_kind=error.get("kind", "error"), **where)
-        result = dict(answer.get("result") or {})
+        if not answer.ok:
+            return cls(success=False, tool=tool, error=answer.error_message or "unknown error",
+                       error_kind=answer.error_kind or "error", **where)
+        result = dict(answer.result)
         if tool == "bash":
             timed_out = bool(result.get("timed_out"))
             exit_code = result.get("exit_code")

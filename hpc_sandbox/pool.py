@@ -28,13 +28,13 @@ from typing import Any
 import aiohttp
 
 from .client import NodeClient, new_exec_id
+from .protocol import DEFAULT_EXEC_TIMEOUT, Call, CallAnswer
 from .errors import (CallTimeout, ClientError, ConfigError, HpcSandboxError, JobEnded, NoCapacity, NoFreeSlot,
                      ServerGone)
 from .models import Endpoint, Slot, ToolResult
-from .rendezvous import JobInfo, job_dir, job_token, list_jobs, read_job_info, read_records
+from .jobfolder import JobFolder, JobInfo, default_state_dir, list_jobs
 from .schedulers import JobState, get_scheduler
 from .schedulers.batch import jittered
-from .spec import default_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class NodeServerSource:
         self._refreshed = float("-inf")  # never yet
         self._free: dict[str, int] = {}
         self._skip_until: dict[str, float] = {}
+        self._trouble: dict[str, str] = {}  # url -> why it was last skipped (for NoCapacity's message)
         self._clients: dict[str, NodeClient] = {}
         self._refreshing: asyncio.Future | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -144,11 +145,14 @@ class NodeServerSource:
                 self._free[endpoint.url] = 0
                 continue
             except ClientError as exc:
-                log.warning("node server %s skipped for %.0fs: %s", endpoint.name, UNHEALTHY_BACKOFF, exc)
+                # Said once, in NoCapacity's message, if no other server serves the caller.
+                log.info("node server %s skipped for %.0fs: %s", endpoint.name, UNHEALTHY_BACKOFF, exc)
                 self._skip_until[endpoint.url] = now + UNHEALTHY_BACKOFF
+                self._trouble[endpoint.url] = f"{endpoint.name}: {exc}"
                 continue
+            self._trouble.pop(endpoint.url, None)
             self._free[endpoint.url] = max(0, self._free.get(endpoint.url, endpoint.slots) - 1)
-            return Slot(endpoint=endpoint, index=granted["slot"], lease=granted["lease"], trajectory_id=trajectory_id)
+            return Slot(endpoint=endpoint, index=granted.slot, lease=granted.lease, trajectory_id=trajectory_id)
         return None
 
     def job_ended(self, job_id: str) -> asyncio.Future | None:
@@ -159,6 +163,10 @@ class NodeServerSource:
         """If the job has ended, the scheduler's word for it (checked now)."""
         return None
 
+    def trouble(self) -> list[str]:
+        """Why node servers were skipped at their last try (empty when none was)."""
+        return list(self._trouble.values())
+
     def released(self, slot: Slot) -> None:
         self._free[slot.endpoint.url] = self._free.get(slot.endpoint.url, 0) + 1
 
@@ -167,11 +175,11 @@ class NodeServerSource:
         free = 0
         for endpoint in endpoints:
             try:
-                counts = (await self.client(endpoint).slots())["counts"]
+                answer = await self.client(endpoint).slots()
             except ClientError:
                 continue
-            self._free[endpoint.url] = counts.get("free", 0)
-            free += counts.get("free", 0)
+            self._free[endpoint.url] = answer.free
+            free += answer.free
         return Capacity(self.name, self.location, len(endpoints), sum(e.slots for e in endpoints), free)
 
 
@@ -201,10 +209,11 @@ class ClusterSource(NodeServerSource):
         for job in (self.jobs if self.jobs is not None else list_jobs(self.state_dir)):
             if job in self._reasons:
                 continue  # ended: its records may linger if its nodes died hard
+            folder = JobFolder(self.state_dir, job)
             try:
-                token = job_token(self.state_dir, job)
+                token = folder.read_token()
             except HpcSandboxError as exc:
-                if job in infos and not job_dir(self.state_dir, job).is_dir():
+                if job in infos and not folder.exists():
                     # It was there: `hpc-sandbox cancel` removed its folder. Marked ended
                     # on the event loop (this runs in a thread).
                     self._vanished.append(job)
@@ -214,12 +223,12 @@ class ClusterSource(NodeServerSource):
                 log.debug("skipping job %s: %s", job, exc)
                 continue
             try:
-                info = read_job_info(self.state_dir, job)
+                info = folder.read_info()
                 infos[job] = info
                 where = info.location
             except HpcSandboxError:
                 where = "local"  # started by hand with `serve`: no job.json, no scheduler to ask
-            records = read_records(self.state_dir, job)
+            records = folder.read_records()
             for record in records:
                 endpoints.append(Endpoint(url=record.url, token=token, job_id=job, name=record.name,
                                           location=where, slots=record.slots))
@@ -370,6 +379,10 @@ class SlotPool:
         waiting = sum(c.waiting_servers for c in capacity)
         coming = (f"; {waiting} more node servers of submitted jobs are queued or starting "
                   "(`hpc-sandbox status`)") if waiting else ""
+        trouble = [line for source in self.sources for line in source.trouble()]
+        if trouble:
+            shown = "; ".join(trouble[:3]) + (f"; and {len(trouble) - 3} more" if len(trouble) > 3 else "")
+            return f"no slot within {waited:.0f}s: node servers that could not be used: {shown}{coming}"
         if total:
             return (f"no free slot within {waited:.0f}s ({total} slots on {sum(c.servers for c in capacity)} "
                     f"node servers, all busy{coming})")
@@ -424,7 +437,7 @@ class SlotPool:
             raise JobEnded(reason) from failure
         raise failure
 
-    async def _to_result(self, slot: Slot, answer: dict[str, Any]) -> ToolResult:
+    async def _to_result(self, slot: Slot, answer: CallAnswer) -> ToolResult:
         result = ToolResult.from_answer(answer, slot)
         if result.error_kind == "server_stopping" or (result.signal and not result.timed_out):
             reason = await self._source(slot).why_gone(slot.endpoint.job_id)
@@ -443,7 +456,7 @@ class SlotPool:
             source.released(slot)
 
     async def reset(self, slot: Slot) -> None:
-        await self._client(slot).reset(slot.index, slot.lease)
+        await self._guarded(slot, self._client(slot).reset(slot.index, slot.lease))
 
     @contextlib.asynccontextmanager
     async def slot(self, trajectory_id: str | None = None, profile: str = "default",
@@ -479,8 +492,8 @@ class SlotPool:
             for p in positions:
                 slot, tool, args = calls[p][0], calls[p][1], calls[p][2]
                 call_timeout = calls[p][3] if len(calls[p]) > 3 else timeout  # type: ignore[misc]
-                wire.append({"slot": slot.index, "lease": slot.lease, "exec_id": new_exec_id(), "tool": tool,
-                             "args": args, **({"timeout": call_timeout} if call_timeout else {})})
+                wire.append(Call(slot.index, slot.lease, new_exec_id(), tool, args,
+                                 call_timeout or DEFAULT_EXEC_TIMEOUT))
             try:
                 answers = await self._guarded(first, self._client(first).batch(wire))
             except ClientError as exc:
@@ -491,13 +504,13 @@ class SlotPool:
                 results[p] = await self._to_result(calls[p][0], answer)
 
         await asyncio.gather(*(send(positions) for positions in by_server.values()))
-        return [r for r in results if r is not None]
+        return results  # type: ignore[return-value]  (every position was filled by its server's send)
 
     async def download(self, slot: Slot, path: str, dest: Path) -> int:
-        return await self._client(slot).download(slot.index, slot.lease, path, dest)
+        return await self._guarded(slot, self._client(slot).download(slot.index, slot.lease, path, dest))
 
     async def upload(self, slot: Slot, source: Path, path: str) -> int:
-        return await self._client(slot).upload(slot.index, slot.lease, source, path)
+        return await self._guarded(slot, self._client(slot).upload(slot.index, slot.lease, source, path))
 
     async def capacity(self) -> list[Capacity]:
         return [await source.capacity() for source in self.sources]

@@ -18,8 +18,8 @@ import aiohttp
 from . import jobs
 from .client import NodeClient
 from .errors import ClientError, HpcSandboxError
-from .models import Endpoint
-from .rendezvous import job_token, read_records
+from .models import Endpoint, ToolResult
+from .jobfolder import JobFolder
 from .schedulers import get_scheduler
 from .schedulers.batch import jittered
 from .spec import SandboxSpec
@@ -52,7 +52,7 @@ async def run_preflight(spec: SandboxSpec, timeout: float, report: Callable[[Ste
         record = await _wait_for_record(spec, info, timeout, step)
         if record is None:
             return steps
-        endpoint = Endpoint(url=record.url, token=job_token(state_dir, info.job_id), job_id=info.job_id,
+        endpoint = Endpoint(url=record.url, token=JobFolder(state_dir, info.job_id).read_token(), job_id=info.job_id,
                             name=record.name, location="cluster", slots=record.slots)
         async with aiohttp.ClientSession() as session:
             client = NodeClient(endpoint, session=session)
@@ -72,19 +72,20 @@ async def run_preflight(spec: SandboxSpec, timeout: float, report: Callable[[Ste
             except ClientError as exc:
                 step("token", False, f"the node server refused the job's token: {exc}")
                 return steps
-            step("token", True, f"token accepted; {len(slots['slots'])} slot(s)")
+            step("token", True, f"token accepted; {len(slots.slots)} slot(s)")
             try:
                 granted = await client.acquire("preflight", ttl=60)
-                answer = await client.execute(granted["slot"], granted["lease"], "bash",
+                answer = await client.execute(granted.slot, granted.lease, "bash",
                                               {"command": "echo ok from $(hostname)"}, timeout=30)
-                await client.release(granted["slot"], granted["lease"])
+                await client.release(granted.slot, granted.lease)
             except ClientError as exc:
                 step("exec", False, str(exc))
                 return steps
-            if answer.get("ok") and answer["result"].get("exit_code") == 0:
-                step("exec", True, answer["result"]["stdout"].strip())
+            result = ToolResult.from_answer(answer)
+            if result.success:
+                step("exec", True, result.stdout.strip())
             else:
-                step("exec", False, str(answer.get("error") or answer.get("result")))
+                step("exec", False, result.error or f"exit code {result.exit_code}: {result.stderr.strip()}")
         return steps
     finally:
         try:
@@ -96,15 +97,16 @@ async def run_preflight(spec: SandboxSpec, timeout: float, report: Callable[[Ste
 
 async def _wait_for_record(spec: SandboxSpec, info, timeout: float, step):
     backend = get_scheduler(info.scheduler, spec.state_dir)
+    folder = JobFolder(spec.state_dir, info.job_id)
     deadline = time.monotonic() + timeout
     while True:
-        records = read_records(spec.state_dir, info.job_id)
+        records = folder.read_records()
         if records:
             step("start", True, f"node server ready on {records[0].hostname} ({records[0].url})")
             return records[0]
         status = backend.status([info])[info.job_id]
         if status.state.ended:
-            tail = jobs.log_tail(spec.state_dir, info.job_id)
+            tail = folder.log_tail()
             step("start", False, f"the job {status.state.value} before its node server was ready"
                                  f"{': ' + tail if tail else ''}")
             return None

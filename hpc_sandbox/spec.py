@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SpecError
+from .jobfolder import default_state_dir
 
 RUNTIMES = ("apptainer", "singularity", "bwrap", "none")
 # Runtimes that can hand GPUs to a slot: Apptainer/Singularity with --nv, and `none`,
@@ -38,10 +39,6 @@ _MEM_FACTOR_MB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
 # Control characters, and the Unicode line breaks that some tools (Python's splitlines,
 # editors) treat as a new line: none may appear inside one line of a jobspec.
 _CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
-
-
-def default_state_dir() -> Path:
-    return Path("~/.hpc-sandbox").expanduser()
 
 
 def parse_walltime(value: str) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpc_sandbox.models import Endpoint
-from hpc_sandbox.rendezvous import ServerRecord, create_token, read_records, read_token, token_path
+from hpc_sandbox.jobfolder import JobFolder, ServerRecord
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "hpc_sandbox" / "agent.py"
@@ -42,7 +42,7 @@ class RunningServer:
 
     @property
     def token(self) -> str:
-        return read_token(token_path(self.state_dir, self.job_id))
+        return JobFolder(self.state_dir, self.job_id).read_token()
 
     @property
     def url(self) -> str:
@@ -62,8 +62,9 @@ class RunningServer:
 def start_server(state_dir: Path, job_id: str = "job", slots: int = 2, runtime: str = "none",
                  extra: list[str] | None = None, env: dict[str, str] | None = None, timeout: float = 30.0,
                  make_token: bool = True) -> RunningServer:
-    if make_token and not token_path(state_dir, job_id).exists():
-        create_token(state_dir, job_id)
+    folder = JobFolder(state_dir, job_id)
+    if make_token and not folder.token.exists():
+        folder.create_token()
     log = state_dir / f"{job_id}-server-{time.monotonic_ns()}.log"
     argv = [sys.executable, "-m", "hpc_sandbox", "-v", "serve", "--job-id", job_id, "--state-dir", str(state_dir),
             "--host", "127.0.0.1", "--slots", str(slots), "--runtime", runtime,
@@ -72,7 +73,7 @@ def start_server(state_dir: Path, job_id: str = "job", slots: int = 2, runtime: 
                             env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        mine = [r for r in read_records(state_dir, job_id) if r.pid == proc.pid]
+        mine = [r for r in folder.read_records() if r.pid == proc.pid]
         if mine:
             return RunningServer(proc, state_dir, job_id, mine[0], log)
         if proc.poll() is not None:

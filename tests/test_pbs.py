@@ -33,7 +33,7 @@ import pytest
 
 from hpc_sandbox import SlotPool
 from hpc_sandbox.errors import NoCapacity, SchedulerError
-from hpc_sandbox.rendezvous import JobInfo
+from hpc_sandbox.jobfolder import JobFolder, JobInfo
 from hpc_sandbox.schedulers import JobState, get_scheduler
 from hpc_sandbox.schedulers import pbs
 from hpc_sandbox.schedulers.pbs import (PbsScheduler, array_key, group_tasks, parse_qstat_json, parse_qstat_text,
@@ -273,7 +273,7 @@ def test_submit_passes_join_and_log_folder_to_a_real_pbs(bin_dir, tmp_path):
     _tool(bin_dir, "qsub", f'echo "qsub $*" >> {bin_dir}/calls.log\necho "7[].pbs"\n')
     spec = SandboxSpec(scheduler="pbs", dialect="pbspro", array=2, slots=1, state_dir=tmp_path)
     (tmp_path / "jobs" / "k-1").mkdir(parents=True)
-    job = PbsScheduler(tmp_path).submit(spec, "k-1")
+    job = PbsScheduler(tmp_path).submit(spec, JobFolder(tmp_path, "k-1"))
     assert job.scheduler_ids == ("7[].pbs",)
     logs, script = tmp_path / "jobs" / "k-1" / "logs", tmp_path / "jobs" / "k-1" / "submit" / "k-1.pbs"
     assert calls(bin_dir) == [f"qsub -j oe -o {logs}/ {script}"]
@@ -296,7 +296,7 @@ def test_qsub_errors_are_one_line(bin_dir, tmp_path):
     spec = SandboxSpec(scheduler="pbs", slots=1, state_dir=tmp_path)
     (tmp_path / "jobs" / "k-2").mkdir(parents=True)
     with pytest.raises(SchedulerError) as caught:
-        PbsScheduler(tmp_path).submit(spec, "k-2")
+        PbsScheduler(tmp_path).submit(spec, JobFolder(tmp_path, "k-2"))
     assert str(caught.value) == ("qsub k-2.pbs failed (exit 1): sbatch: error: invalid partition specified: nope; "
                                  "sbatch: error: Batch job submission failed: Invalid partition name specified")
 

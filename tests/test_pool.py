@@ -114,11 +114,12 @@ async def test_no_jobs_says_how_to_start_one(state_dir):
 async def test_a_job_still_queued_is_named_as_capacity_to_come(state_dir):
     import time
 
-    from hpc_sandbox.rendezvous import JobInfo, create_token, write_job_info
+    from hpc_sandbox.jobfolder import JobFolder, JobInfo
 
-    create_token(state_dir, "queued")  # submitted, no node server ready yet: no records
-    write_job_info(state_dir, JobInfo(job_id="queued", scheduler="slurm", submitted_at=time.time(), servers=3,
-                                      slots_per_server=2, runtime="none", scheduler_ids=("999999",)))
+    folder = JobFolder(state_dir, "queued")
+    folder.create_token()  # submitted, no node server ready yet: no records
+    folder.write_info(JobInfo(job_id="queued", scheduler="slurm", submitted_at=time.time(), servers=3,
+                              slots_per_server=2, runtime="none", scheduler_ids=("999999",)))
     async with SlotPool.from_state_dir(state_dir) as pool:
         with pytest.raises(NoCapacity, match="3 more node servers of submitted jobs are queued or starting"):
             await pool.acquire(timeout=0.2)
@@ -129,7 +130,7 @@ def test_local_scheduler_does_not_mistake_a_recycled_pid_for_its_server():
     import subprocess
     import time
 
-    from hpc_sandbox.rendezvous import JobInfo
+    from hpc_sandbox.jobfolder import JobInfo
     from hpc_sandbox.schedulers.local import _alive
 
     # A session leader whose command line names hpc_sandbox, like a local node server.

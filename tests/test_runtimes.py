@@ -21,13 +21,9 @@ SHIM_PATH = {"PATH": f"{SHIMS}:{os.environ['PATH']}"}
 
 
 async def bash_in_slot(client, granted, command: str, timeout: float = 30) -> dict:
-    """Run one bash command in a leased slot; its result (stdout, stderr, exit_code...).
-
-    Takes the client's typed answers (protocol.Grant, CallAnswer) and the plain dicts
-    it gave before them alike."""
-    slot, lease = (granted["slot"], granted["lease"]) if isinstance(granted, dict) else (granted.slot, granted.lease)
-    answer = await client.execute(slot, lease, "bash", {"command": command}, timeout=timeout)
-    return answer["result"] if isinstance(answer, dict) else answer.result
+    """Run one bash command in a leased slot; its result (stdout, stderr, exit_code...)."""
+    answer = await client.execute(granted.slot, granted.lease, "bash", {"command": command}, timeout=timeout)
+    return answer.result
 
 
 async def _run(server, *commands: str, slots: int = 1) -> list[list[dict]]:

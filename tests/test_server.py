@@ -14,7 +14,8 @@ import pytest
 
 from hpc_sandbox.client import NodeClient
 from hpc_sandbox.errors import AuthError, BadRequest, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
-from hpc_sandbox.rendezvous import read_records
+from hpc_sandbox.jobfolder import JobFolder
+from hpc_sandbox.protocol import Call
 
 from helpers import pids_matching, start_server, wait_until
 
@@ -47,85 +48,85 @@ async def test_missing_or_wrong_token_gets_401_and_nothing_else(server, token):
 
 async def test_token_never_reaches_a_slot_or_the_log(server, client):
     granted = await client.acquire("t")
-    answer = await client.execute(granted["slot"], granted["lease"], "bash",
+    answer = await client.execute(granted.slot, granted.lease, "bash",
                                   {"command": "env; cat /proc/$PPID/cmdline | tr '\\0' ' '"})
-    assert server.token not in answer["result"]["stdout"]
-    await client.release(granted["slot"], granted["lease"])
+    assert server.token not in answer.result["stdout"]
+    await client.release(granted.slot, granted.lease)
     assert server.token not in server.log.read_text()
 
 
 async def test_acquire_gives_distinct_slots_then_refuses(client):
     first = await client.acquire("a")
     second = await client.acquire("b")
-    assert {first["slot"], second["slot"]} == {0, 1}
+    assert {first.slot, second.slot} == {0, 1}
     with pytest.raises(NoFreeSlot):
         await client.acquire("c")
-    await client.release(first["slot"], first["lease"])
-    assert (await client.acquire("c"))["slot"] == first["slot"]
+    await client.release(first.slot, first.lease)
+    assert (await client.acquire("c")).slot == first.slot
 
 
 async def test_calls_need_the_current_lease(client):
     granted = await client.acquire("t")
     with pytest.raises(LeaseLost):
-        await client.execute(granted["slot"], "someone-elses-lease", "bash", {"command": "true"})
-    await client.release(granted["slot"], granted["lease"])
+        await client.execute(granted.slot, "someone-elses-lease", "bash", {"command": "true"})
+    await client.release(granted.slot, granted.lease)
     with pytest.raises(LeaseLost):  # a released lease is stale
-        await client.execute(granted["slot"], granted["lease"], "bash", {"command": "true"})
+        await client.execute(granted.slot, granted.lease, "bash", {"command": "true"})
 
 
 async def test_unused_lease_expires_and_the_slot_comes_back_clean(client):
     granted = await client.acquire("abandoned", ttl=1)
-    await client.execute(granted["slot"], granted["lease"], "write_file", {"path": "left.txt", "content": "x"})
+    await client.execute(granted.slot, granted.lease, "write_file", {"path": "left.txt", "content": "x"})
 
     async def freed() -> bool:
-        slots = (await client.slots())["slots"]
-        return slots[granted["slot"]]["state"] == "free"
+        slots = (await client.slots()).slots
+        return slots[granted.slot]["state"] == "free"
 
     deadline = time.monotonic() + 10
     while not await freed():
         assert time.monotonic() < deadline, "expired lease was not freed"
         await asyncio.sleep(0.2)
     with pytest.raises(LeaseLost):
-        await client.execute(granted["slot"], granted["lease"], "bash", {"command": "true"})
+        await client.execute(granted.slot, granted.lease, "bash", {"command": "true"})
     again = await client.acquire("next", ttl=60)
-    listing = await client.execute(again["slot"], again["lease"], "list_files", {})
-    assert listing["result"]["entries"] == []
+    listing = await client.execute(again.slot, again.lease, "list_files", {})
+    assert listing.result["entries"] == []
 
 
 async def test_a_running_command_keeps_its_lease_alive(client):
     granted = await client.acquire("long", ttl=1)
-    answer = await client.execute(granted["slot"], granted["lease"], "bash", {"command": "sleep 2.5; echo done"})
-    assert answer["result"]["stdout"] == "done\n"
-    await client.renew(granted["slot"], granted["lease"])  # still ours right after
+    answer = await client.execute(granted.slot, granted.lease, "bash", {"command": "sleep 2.5; echo done"})
+    assert answer.result["stdout"] == "done\n"
+    await client.renew(granted.slot, granted.lease)  # still ours right after
 
 
 async def test_repeated_exec_id_returns_the_first_result_and_runs_once(client):
     granted = await client.acquire("t")
-    call = dict(slot=granted["slot"], lease=granted["lease"], tool="bash",
+    call = dict(slot=granted.slot, lease=granted.lease, tool="bash",
                 args={"command": "echo run >> count; wc -l < count"}, exec_id="same-id")
     first, second = await asyncio.gather(client.execute(**call), client.execute(**call))
     third = await client.execute(**call)
     assert first == second == third
-    assert first["result"]["stdout"].strip() == "1"
-    count = await client.execute(granted["slot"], granted["lease"], "read_file", {"path": "count"})
-    assert count["result"]["content"] == "run\n"
+    assert first.result["stdout"].strip() == "1"
+    count = await client.execute(granted.slot, granted.lease, "read_file", {"path": "count"})
+    assert count.result["content"] == "run\n"
 
 
 async def test_batch_runs_calls_on_several_slots_in_one_request(client):
     a, b = await client.acquire("a"), await client.acquire("b")
     results = await client.batch([
-        {"slot": a["slot"], "lease": a["lease"], "exec_id": "1", "tool": "bash", "args": {"command": "sleep 0.3; echo a"}},
-        {"slot": b["slot"], "lease": b["lease"], "exec_id": "2", "tool": "bash", "args": {"command": "echo b"}},
-        {"slot": b["slot"], "lease": "stale", "exec_id": "3", "tool": "bash", "args": {"command": "echo c"}},
+        Call(a.slot, a.lease, "1", "bash", {"command": "sleep 0.3; echo a"}),
+        Call(b.slot, b.lease, "2", "bash", {"command": "echo b"}),
+        Call(b.slot, "stale", "3", "bash", {"command": "echo c"}),
     ])
-    assert [r["result"]["stdout"] for r in results[:2]] == ["a\n", "b\n"]
-    assert results[2]["ok"] is False and results[2]["error"]["kind"] == "lease_lost"
+    assert [r.result["stdout"] for r in results[:2]] == ["a\n", "b\n"]
+    assert results[2].ok is False and results[2].error_kind == "lease_lost"
 
 
 async def test_bad_inputs_get_4xx_with_a_message_and_the_server_stays_up(server, client):
     granted = await client.acquire("t")
-    lease = {"X-Lease": granted["lease"]}
-    slot = granted["slot"]
+    lease = {"X-Lease": granted.lease}
+    slot = granted.slot
     cases = [
         ("POST", f"/v1/slots/{slot}/exec", {"data": b"{not json", "headers": dict(lease)}, 400, "bad_request"),
         ("POST", f"/v1/slots/{slot}/exec", {"json": {"exec_id": "x", "tool": "format_disk", "args": {}},
@@ -136,20 +137,27 @@ async def test_bad_inputs_get_4xx_with_a_message_and_the_server_stays_up(server,
         ("POST", "/v1/slots/abc/exec", {"json": {}}, 404, "not_found"),
         ("POST", "/v1/batch", {"json": {"calls": []}}, 400, "bad_request"),
         ("POST", "/v1/slots/acquire", {"json": {"ttl": "forever"}}, 400, "bad_request"),
+        # Unicode digits pass str.isdigit(); 5,000 digits pass it too and then break int().
+        ("POST", "/v1/slots/%C2%B2/exec", {"json": {}}, 404, "not_found"),
+        ("POST", f"/v1/slots/{'9' * 5000}/exec", {"json": {}}, 404, "not_found"),
+        # json.loads raises RecursionError, not ValueError, on deep nesting.
+        ("POST", "/v1/slots/acquire", {"data": b"[" * 200000 + b"]" * 200000}, 400, "bad_request"),
+        ("POST", f"/v1/slots/{slot}/release", {"json": {"reset_workspace": "no"}, "headers": dict(lease)},
+         400, "bad_request"),
     ]
     for method, path, kwargs, status, kind in cases:
         got_status, body = await _raw(server, method, path, **kwargs)
         assert (got_status, body["error"]["kind"]) == (status, kind), (path, body)
         assert body["error"]["message"]
-    answer = await client.execute(slot, granted["lease"], "bash", {"command": "echo alive"})
-    assert answer["result"]["stdout"] == "alive\n"
+    answer = await client.execute(slot, granted.lease, "bash", {"command": "echo alive"})
+    assert answer.result["stdout"] == "alive\n"
     assert server.proc.poll() is None
 
 
 async def test_tool_errors_come_back_as_results(client):
     granted = await client.acquire("t")
-    answer = await client.execute(granted["slot"], granted["lease"], "read_file", {"path": "../../etc/passwd"})
-    assert answer["ok"] is False and answer["error"]["kind"] == "path"
+    answer = await client.execute(granted.slot, granted.lease, "read_file", {"path": "../../etc/passwd"})
+    assert answer.ok is False and answer.error_kind == "path"
 
 
 async def test_oversized_body_gets_413(server_factory):
@@ -157,37 +165,37 @@ async def test_oversized_body_gets_413(server_factory):
     async with NodeClient(small.endpoint) as client:
         granted = await client.acquire("t")
         with pytest.raises(LimitExceeded, match="4096"):
-            await client.execute(granted["slot"], granted["lease"], "write_file", {"path": "f", "content": "x" * 10000})
-        assert (await client.execute(granted["slot"], granted["lease"], "bash", {"command": "echo ok"}))["ok"]
+            await client.execute(granted.slot, granted.lease, "write_file", {"path": "f", "content": "x" * 10000})
+        assert (await client.execute(granted.slot, granted.lease, "bash", {"command": "echo ok"})).ok
 
 
 async def test_concurrency_limit_gets_429(server_factory):
     limited = server_factory(job_id="limited", extra=["--max-concurrent", "1"])
     async with NodeClient(limited.endpoint) as client:
         granted = await client.acquire("t")
-        slow = asyncio.ensure_future(client.execute(granted["slot"], granted["lease"], "bash", {"command": "sleep 1"}))
+        slow = asyncio.ensure_future(client.execute(granted.slot, granted.lease, "bash", {"command": "sleep 1"}))
         await asyncio.sleep(0.3)
         with pytest.raises(LimitExceeded, match="limit of 1"):
-            await client.execute(granted["slot"], granted["lease"], "bash", {"command": "true"})
-        assert (await slow)["ok"]
+            await client.execute(granted.slot, granted.lease, "bash", {"command": "true"})
+        assert (await slow).ok
 
 
 async def test_files_stream_in_and_out(client, tmp_path):
     granted = await client.acquire("t")
     source = tmp_path / "big.bin"
     source.write_bytes(os.urandom(3 << 20) * 4)  # 12 MiB, over any single-buffer path
-    assert await client.upload(granted["slot"], granted["lease"], source, "data/big.bin") == source.stat().st_size
-    digest = await client.execute(granted["slot"], granted["lease"], "read_file",
+    assert await client.upload(granted.slot, granted.lease, source, "data/big.bin") == source.stat().st_size
+    digest = await client.execute(granted.slot, granted.lease, "read_file",
                                   {"path": "data/big.bin", "sha256": True, "limit": 1, "encoding": "base64"})
-    assert digest["result"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert digest.result["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     dest = tmp_path / "back.bin"
-    assert await client.download(granted["slot"], granted["lease"], "/workspace/data/big.bin", dest) == source.stat().st_size
+    assert await client.download(granted.slot, granted.lease, "/workspace/data/big.bin", dest) == source.stat().st_size
     assert dest.read_bytes() == source.read_bytes()
 
 
 async def test_file_transfer_never_follows_symlinks_or_dotdot(client, tmp_path):
     granted = await client.acquire("t")
-    slot, lease = granted["slot"], granted["lease"]
+    slot, lease = granted.slot, granted.lease
     await client.execute(slot, lease, "bash", {"command": "ln -s /etc/hostname host; mkdir d; ln -s /etc linkdir"})
     with pytest.raises(BadRequest, match="symlink"):
         await client.download(slot, lease, "host", tmp_path / "x")
@@ -206,45 +214,45 @@ async def test_file_transfer_never_follows_symlinks_or_dotdot(client, tmp_path):
 
 async def test_an_agent_that_dies_is_restarted_and_reported(client):
     granted = await client.acquire("t")
-    slot, lease = granted["slot"], granted["lease"]
-    agent_pid = int((await client.execute(slot, lease, "bash", {"command": "echo $PPID"}))["result"]["stdout"])
+    slot, lease = granted.slot, granted.lease
+    agent_pid = int((await client.execute(slot, lease, "bash", {"command": "echo $PPID"})).result["stdout"])
     os.kill(agent_pid, signal.SIGKILL)
 
     async def restarted() -> bool:
-        return (await client.slots())["slots"][slot]["restarts"] == 1
+        return (await client.slots()).slots[slot]["restarts"] == 1
 
     deadline = time.monotonic() + 10
     while not await restarted():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
-    described = (await client.slots())["slots"][slot]
+    described = (await client.slots()).slots[slot]
     assert described["state"] == "leased" and "restarted" in described["last_error"]
     answer = await client.execute(slot, lease, "bash", {"command": "echo $PPID"})
-    assert answer["ok"] and int(answer["result"]["stdout"]) != agent_pid
+    assert answer.ok and int(answer.result["stdout"]) != agent_pid
 
 
 async def test_reset_wipes_the_workspace_and_kills_commands(client):
     marker = f"hpcsbx-reset-{os.getpid()}"
     granted = await client.acquire("t")
-    slot, lease = granted["slot"], granted["lease"]
+    slot, lease = granted.slot, granted.lease
     await client.execute(slot, lease, "write_file", {"path": "f", "content": "x"})
     running = asyncio.ensure_future(client.execute(slot, lease, "bash", {"command": f"exec -a {marker} sleep 60"}))
     assert await asyncio.to_thread(wait_until, lambda: bool(pids_matching(marker)), 5)
     await client.reset(slot, lease)
     answer = await asyncio.wait_for(running, 10)
     # Killed mid-run: either the agent reported the kill or died with it; never a normal exit.
-    assert (answer["ok"] and answer["result"]["signal"] == 9) or answer["error"]["kind"] == "agent_died"
+    assert (answer.ok and answer.result["signal"] == 9) or answer.error_kind == "agent_died"
     assert not pids_matching(marker)
-    assert (await client.execute(slot, lease, "list_files", {}))["result"]["entries"] == []
+    assert (await client.execute(slot, lease, "list_files", {})).result["entries"] == []
 
 
 def test_a_call_without_a_timeout_gets_the_servers_default():
     from hpc_sandbox.server.app import Api, ServerLimits
 
     api = Api(table=None, limits=ServerLimits(default_timeout=7.0))  # type: ignore[arg-type]
-    call = api.parse_call({"exec_id": "e1", "tool": "bash", "args": {"command": "sleep 1"}}, 0, "lease")
+    call = api._call({"exec_id": "e1", "tool": "bash", "args": {"command": "sleep 1"}}, 0, "lease")
     assert call.timeout == 7.0
-    assert api.parse_call({"exec_id": "e2", "tool": "bash", "timeout": 2}, 0, "lease").timeout == 2.0
+    assert api._call({"exec_id": "e2", "tool": "bash", "timeout": 2}, 0, "lease").timeout == 2.0
 
 
 def test_sigterm_kills_running_work_removes_the_record_and_exits_0(state_dir):
@@ -254,7 +262,7 @@ def test_sigterm_kills_running_work_removes_the_record_and_exits_0(state_dir):
     async def start_long_command() -> None:
         async with NodeClient(server.endpoint) as client:
             granted = await client.acquire("t")
-            asyncio.ensure_future(client.execute(granted["slot"], granted["lease"], "bash",
+            asyncio.ensure_future(client.execute(granted.slot, granted.lease, "bash",
                                                  {"command": f"exec -a {marker} sleep 60"}))
             await asyncio.sleep(0.5)
 
@@ -263,24 +271,20 @@ def test_sigterm_kills_running_work_removes_the_record_and_exits_0(state_dir):
     workspace_root = Path(f"/tmp/hpc-sandbox-{os.getuid()}/term-127.0.0.1-{server.record.port}")
     assert workspace_root.is_dir()
     assert server.stop() == 0
-    assert read_records(state_dir, "term") == []
+    assert JobFolder(state_dir, "term").read_records() == []
     assert wait_until(lambda: not pids_matching(marker), 5)
     assert not workspace_root.exists()
 
 
 def test_token_file_readable_by_others_is_refused(state_dir):
-    from hpc_sandbox.rendezvous import create_token
-
-    path = create_token(state_dir, "loose")
+    path = JobFolder(state_dir, "loose").create_token()
     path.chmod(0o644)
     with pytest.raises(RuntimeError, match="must be 0600"):
         start_server(state_dir, job_id="loose", make_token=False)
 
 
 def test_token_file_is_created_0600(state_dir):
-    from hpc_sandbox.rendezvous import create_token
-
-    assert stat.S_IMODE(create_token(state_dir, "j").stat().st_mode) == 0o600
+    assert stat.S_IMODE(JobFolder(state_dir, "j").create_token().stat().st_mode) == 0o600
 
 
 def test_exhausted_port_range_names_the_range(state_dir):
@@ -338,12 +342,12 @@ async def test_a_lost_answer_is_retried_with_the_same_exec_id_and_runs_once(serv
     try:
         async with NodeClient(endpoint) as client:
             granted = await client.acquire("t")
-            answer = await client.execute(granted["slot"], granted["lease"], "bash",
+            answer = await client.execute(granted.slot, granted.lease, "bash",
                                           {"command": "echo run >> runs.txt; wc -l < runs.txt"}, exec_id="retry-1")
             assert dropped, "the proxy did not drop an answer: the test proves nothing"
-            assert answer["ok"] and answer["result"]["stdout"] == "1\n"
-            runs = await client.execute(granted["slot"], granted["lease"], "read_file", {"path": "runs.txt"})
-            assert runs["result"]["content"] == "run\n"
+            assert answer.ok and answer.result["stdout"] == "1\n"
+            runs = await client.execute(granted.slot, granted.lease, "read_file", {"path": "runs.txt"})
+            assert runs.result["content"] == "run\n"
     finally:
         proxy.close()
         await proxy.wait_closed()

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from hpc_sandbox.errors import SchedulerError
-from hpc_sandbox.rendezvous import JobInfo
+from hpc_sandbox.jobfolder import JobFolder, JobInfo
 from hpc_sandbox.schedulers import JobState, batch, get_scheduler
 from hpc_sandbox.schedulers.slurm import SlurmScheduler
 
@@ -110,7 +110,7 @@ def test_an_array_over_the_clusters_max_array_size_is_submitted_in_parts(bin_dir
     logging_tool(bin_dir, "scontrol", "printf '%s\\n' 'MaxArraySize            = 3' 'MaxJobCount             = 10000'")
     logging_tool(bin_dir, "sbatch", 'echo $(( 100 + $(wc -l < "$(dirname "$0")/calls.log") ))')
     spec = SandboxSpec(scheduler="slurm", array=5, slots=1, state_dir=tmp_path)
-    job = SlurmScheduler(tmp_path).submit(spec, "job-x")
+    job = SlurmScheduler(tmp_path).submit(spec, JobFolder(tmp_path, "job-x"))
     scripts = sorted((tmp_path / "jobs" / "job-x" / "submit").glob("*.sbatch"))
     assert [c.split()[0] for c in stand_in_calls(bin_dir)] == ["scontrol", "sbatch", "sbatch"]
     assert len(job.scheduler_ids) == 2 and len(scripts) == 2

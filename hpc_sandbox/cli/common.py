@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..spec import default_state_dir
+from ..jobfolder import STATE_DIR_ENV, default_state_dir
 
 state_dir_option = click.option(
-    "--state-dir", type=click.Path(path_type=Path), envvar="HPC_SANDBOX_STATE_DIR", default=None,
+    "--state-dir", type=click.Path(path_type=Path), envvar=STATE_DIR_ENV, default=None,
     help="State directory holding job folders [env HPC_SANDBOX_STATE_DIR; default ~/.hpc-sandbox].")
 
 

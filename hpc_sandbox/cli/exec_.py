@@ -10,7 +10,8 @@ import click
 
 from .. import jobs
 from ..errors import HpcSandboxError
-from ..models import DEFAULT_EXEC_TIMEOUT, ToolResult
+from ..models import ToolResult
+from ..protocol import DEFAULT_EXEC_TIMEOUT
 from ..pool import SlotPool
 from .common import resolve_state_dir, state_dir_option
 

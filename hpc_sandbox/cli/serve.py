@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..rendezvous import token_path
+from ..jobfolder import JobFolder
 from ..runtime import RUNTIMES, RuntimeOptions
 from ..server.app import ServerLimits
 from ..server.main import ServeOptions, parse_port_range, run
@@ -57,7 +57,7 @@ def serve(job_id: str, slots: int, runtime: str, image: str | None, gpus: int, p
     options = ServeOptions(
         job_id=job_id,
         slots=slots,
-        token_file=token_file or token_path(state, job_id),
+        token_file=token_file or JobFolder(state, job_id).token,
         state_dir=state,
         runtime=RuntimeOptions(kind=runtime, image=image, gpus=gpus, python=slot_python),
         port_range=parse_port_range(port_range),

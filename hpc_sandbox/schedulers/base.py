@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..rendezvous import JobInfo
+from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
 
 
@@ -46,7 +46,7 @@ class Scheduler(ABC):
         self.state_dir = Path(state_dir).expanduser()
 
     @abstractmethod
-    def submit(self, spec: SandboxSpec, job_id: str) -> JobInfo:
+    def submit(self, spec: SandboxSpec, folder: JobFolder) -> JobInfo:
         """Start the job's node servers (or queue it); the job folder and token exist already."""
 
     @abstractmethod

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import SchedulerError
 from ..jobspec import RenderedJobspec, render
-from ..rendezvous import JobInfo, job_dir
+from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
 from .base import JobState, JobStatus, Scheduler
 
@@ -74,18 +74,18 @@ class BatchScheduler(Scheduler):
     submit_command: tuple[str, ...] = ()
     cancel_command: tuple[str, ...] = ()
 
-    def submit(self, spec: SandboxSpec, job_id: str) -> JobInfo:
-        folder = job_dir(self.state_dir, job_id)
+    def submit(self, spec: SandboxSpec, folder: JobFolder) -> JobInfo:
         # The scheduler writes job output there and does not create missing folders.
-        (folder / "logs").mkdir(parents=True, exist_ok=True)
-        (folder / "submit").mkdir(exist_ok=True)
+        folder.logs.mkdir(parents=True, exist_ok=True)
+        folder.submit_dir.mkdir(exist_ok=True)
         spec = self.with_cluster_limits(spec.replace(scheduler=self.name))
         ids: list[str] = []
-        for part in render(spec, self.name, job_key=job_id):
-            script = folder / "submit" / part.name
+        for part in render(spec, self.name, job_key=folder.job_id):
+            script = folder.submit_dir / part.name
             script.write_text(part.text, encoding="utf-8")
             try:
-                out = run_command(self.submit_argv(script, part), what=f"{self.submit_command[0]} {script.name}")
+                out = run_command(self.submit_argv(folder, script, part),
+                                  what=f"{self.submit_command[0]} {script.name}")
             except SchedulerError:
                 if ids:  # a split array half submitted is worse than none
                     self._cancel_ids(ids)
@@ -93,8 +93,8 @@ class BatchScheduler(Scheduler):
             scheduler_id = self.parse_job_id(out)
             ids.append(scheduler_id)
             log.info("submitted %s as %s job %s", script, self.name, scheduler_id)
-        (folder / "submit" / "scheduler-ids").write_text("\n".join(ids) + "\n")
-        return JobInfo(job_id=job_id, scheduler=self.name, submitted_at=time.time(), servers=spec.servers,
+        folder.write_scheduler_ids(ids)
+        return JobInfo(job_id=folder.job_id, scheduler=self.name, submitted_at=time.time(), servers=spec.servers,
                        slots_per_server=spec.slots, runtime=spec.runtime, scheduler_ids=tuple(ids),
                        image=spec.image)
 
@@ -103,7 +103,7 @@ class BatchScheduler(Scheduler):
         (`render` never asks, so that it prints the same text anywhere)."""
         return spec
 
-    def submit_argv(self, script: Path, part: RenderedJobspec) -> list[str]:
+    def submit_argv(self, folder: JobFolder, script: Path, part: RenderedJobspec) -> list[str]:
         return [*self.submit_command, str(script)]
 
     def parse_job_id(self, stdout: str) -> str:

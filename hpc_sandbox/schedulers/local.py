@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..jobspec import serve_argv
-from ..rendezvous import JobInfo, job_dir
+from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
 from .base import JobState, JobStatus, Scheduler
 
@@ -66,21 +66,17 @@ def _signal(pid: int, sig: int, group: bool = False) -> None:
         pass  # it exited between the check and the signal: what we wanted
 
 
-def server_log(state_dir: Path, job_id: str, index: int) -> Path:
-    return job_dir(state_dir, job_id) / "logs" / f"server-{index}.log"
-
-
 class LocalScheduler(Scheduler):
     name = "local"
 
-    def submit(self, spec: SandboxSpec, job_id: str) -> JobInfo:
-        logs = job_dir(self.state_dir, job_id) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+    def submit(self, spec: SandboxSpec, folder: JobFolder) -> JobInfo:
+        job_id = folder.job_id
+        folder.logs.mkdir(parents=True, exist_ok=True)
         pids = []
         for index in range(spec.servers):
-            with open(server_log(self.state_dir, job_id, index), "ab") as out:
+            with open(folder.server_log(index), "ab") as out:
                 proc = subprocess.Popen(
-                    serve_argv(spec, job_id, port_index=index, state_dir=self.state_dir, host="127.0.0.1"),
+                    serve_argv(spec, job_id, port_index=index, state_dir=str(folder.state_dir), host="127.0.0.1"),
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     start_new_session=True,  # outlives the submitting CLI, like a batch job
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},

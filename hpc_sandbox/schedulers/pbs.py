@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..errors import SchedulerError
 from ..jobspec import RenderedJobspec
-from ..rendezvous import JobInfo
+from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
 from .base import JobState
 from .batch import BatchScheduler, run_command
@@ -305,13 +305,13 @@ class PbsScheduler(BatchScheduler):
     submit_command = ("qsub",)
     cancel_command = ("qdel",)
 
-    def submit(self, spec: SandboxSpec, job_id: str) -> JobInfo:
+    def submit(self, spec: SandboxSpec, folder: JobFolder) -> JobInfo:
         try:
-            return super().submit(spec, job_id)
+            return super().submit(spec, folder)
         except SchedulerError as exc:
             raise SchedulerError(_one_line(str(exc))) from None
 
-    def submit_argv(self, script: Path, part: RenderedJobspec) -> list[str]:
+    def submit_argv(self, folder: JobFolder, script: Path, part: RenderedJobspec) -> list[str]:
         """`qsub -j oe -o LOGS ...`: output joined and kept in the job folder, where
         `hpc-sandbox submit --wait` reads a node server's error.
 
@@ -323,11 +323,9 @@ class PbsScheduler(BatchScheduler):
         qstat lists each array task under its own Slurm id: the name is what ties them
         to the array.
         """
-        logs = script.parent.parent / "logs"
         if slurm_torque_wrapper():
-            key = script.parent.parent.name
-            return ["qsub", "-j", "oe", "-o", str(logs / "pbs-%j.out"), "-N", key, str(script)]
-        return ["qsub", "-j", "oe", "-o", f"{logs}/", str(script)]
+            return ["qsub", "-j", "oe", "-o", str(folder.logs / "pbs-%j.out"), "-N", folder.job_id, str(script)]
+        return ["qsub", "-j", "oe", "-o", f"{folder.logs}/", str(script)]
 
     def parse_job_id(self, stdout: str) -> str:
         return parse_qsub_output(stdout)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 
 from ..errors import SchedulerError
-from ..rendezvous import JobInfo
+from ..jobfolder import JobInfo
 from ..spec import SandboxSpec
 from .base import JobState
 from . import slurm_pyslurm

@@ -20,7 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..errors import ConfigError, HpcSandboxError
-from ..rendezvous import ServerRecord, read_token, record_path, write_record
+from ..jobfolder import JobFolder, ServerRecord, read_token
 from ..runtime import RuntimeOptions, make_runtime
 from .app import ServerLimits, make_app
 from .slots import SlotTable
@@ -142,7 +142,7 @@ async def serve(options: ServeOptions) -> int:
         record = ServerRecord(job_id=options.job_id, host=host, port=port, slots=options.slots, pid=os.getpid(),
                               hostname=socket.gethostname(), runtime=options.runtime.kind,
                               started_at=time.time(), task_index=options.port_index)
-        record_file = write_record(options.state_dir, record)
+        record_file = JobFolder(options.state_dir, options.job_id).write_record(record)
         log.info("ready: %s with %d slots, job %s (record %s)", record.url, options.slots, options.job_id, record_file)
         await stop.wait()
         log.info("stopping: no new work, killing running commands")
@@ -168,4 +168,4 @@ def run(options: ServeOptions) -> int:
         raise ConfigError(f"node server failed: {exc}") from exc
 
 
-__all__ = ["ServeOptions", "run", "serve", "parse_port_range", "record_path"]
+__all__ = ["ServeOptions", "run", "serve"]

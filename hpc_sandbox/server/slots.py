@@ -8,22 +8,24 @@ result (or waits for the first run to finish) and never runs twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import BadRequest, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
+from ..protocol import TOOLS, Call, CallAnswer, Grant
 from ..runtime import SlotRuntime
 from .agent_process import AgentDied, AgentError, AgentProcess
 
 log = logging.getLogger(__name__)
 
-TOOLS = ("bash", "read_file", "write_file", "list_files", "archive")
 DEFAULT_LEASE_TTL = 600.0
 MAX_LEASE_TTL = 7 * 24 * 3600.0
 REMEMBERED_EXEC_IDS = 2048  # per slot
@@ -42,7 +44,7 @@ class Slot:
     in_flight: int = 0
     restarts: int = 0
     last_error: str | None = None
-    results: OrderedDict = field(default_factory=OrderedDict)  # exec id -> Future of a result dict
+    results: OrderedDict = field(default_factory=OrderedDict)  # exec id -> Future of a CallAnswer
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # serialises start/stop/reset
 
     def expires_in(self, now: float) -> float | None:
@@ -64,18 +66,6 @@ class Slot:
         }
 
 
-@dataclass(frozen=True)
-class ExecCall:
-    """One tool call, validated at the HTTP edge."""
-
-    slot: int
-    lease: str
-    exec_id: str
-    tool: str
-    args: dict[str, Any]
-    timeout: float | None
-
-
 class SlotTable:
     def __init__(self, runtime: SlotRuntime, workspace_root: Path, slots: int, *,
                  max_concurrent: int = 256, agent_start_timeout: float = 120.0) -> None:
@@ -87,7 +77,9 @@ class SlotTable:
         self.in_flight = 0
         self.accepting = True
         self.stopping = asyncio.Event()
-        self._watchers: set[asyncio.Task] = set()
+        # Every background task the table starts is kept here until it ends, so none is
+        # collected mid-run and none fails unseen (see _spawn).
+        self._tasks: set[asyncio.Task] = set()
         self._expiry_task: asyncio.Task | None = None
 
     # --- lifecycle ---------------------------------------------------------------
@@ -108,7 +100,7 @@ class SlotTable:
         self.stopping.set()
         if self._expiry_task:
             self._expiry_task.cancel()
-        for task in list(self._watchers):
+        for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(slot.agent.stop() for slot in self.slots if slot.agent), return_exceptions=True)
 
@@ -119,9 +111,21 @@ class SlotTable:
         slot.agent = agent
         if slot.state in ("starting", "restarting", "resetting", "broken"):
             slot.state = "leased" if slot.lease else "free"
-        watcher = asyncio.create_task(self._watch(slot, agent))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
+        self._spawn(self._watch(slot, agent), f"watch slot {slot.index}")
+
+    def _spawn(self, work: Coroutine[Any, Any, Any], what: str) -> None:
+        """Run `work` in the background, owned by the table: kept until done, and a
+        failure is logged with what it was (never "exception was never retrieved")."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task) -> None:
+            self._tasks.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                exc = finished.exception()
+                log.error("%s failed: %s: %s", what, type(exc).__name__, exc)
+
+        task.add_done_callback(done)
 
     async def _watch(self, slot: Slot, agent: AgentProcess) -> None:
         """Restart an agent that died on its own, and say so."""
@@ -158,11 +162,12 @@ class SlotTable:
                 if slot.state == "leased" and not slot.in_flight and now > slot.last_used + slot.ttl:
                     log.info("slot %d: lease of %s expired after %.0fs idle; resetting", slot.index,
                              slot.trajectory_id or "(no trajectory)", slot.ttl)
-                    asyncio.create_task(self._free(slot, reset=True))
+                    slot.state = "expiring"  # not expired twice while its reset runs
+                    self._spawn(self._free(slot, reset=True), f"slot {slot.index}: reset after lease expiry")
 
     # --- leases ------------------------------------------------------------------
 
-    def acquire(self, trajectory_id: str | None, ttl: float | None) -> Slot:
+    def acquire(self, trajectory_id: str | None, ttl: float | None) -> Grant:
         if not self.accepting:
             raise NoFreeSlot("node server is shutting down")
         ttl = DEFAULT_LEASE_TTL if ttl is None else float(ttl)
@@ -176,7 +181,7 @@ class SlotTable:
                 slot.ttl = ttl
                 slot.last_used = time.monotonic()
                 slot.results.clear()
-                return slot
+                return Grant(slot.index, slot.lease, slot.ttl)
         raise NoFreeSlot(f"all {len(self.slots)} slots are leased or restarting")
 
     def leased(self, index: int, lease: str | None) -> Slot:
@@ -195,12 +200,17 @@ class SlotTable:
         await self._free(slot, reset)
 
     async def _free(self, slot: Slot, reset: bool) -> None:
+        """End a lease. The lease is gone whatever happens next: an agent that cannot
+        be restarted leaves the slot `broken` (with its reason), not the caller in doubt."""
         slot.lease = None
         slot.trajectory_id = None
         slot.results.clear()
         if reset:
-            await self.reset(slot, keep_lease=False)
-        elif slot.state == "leased":
+            try:
+                await self.reset(slot, keep_lease=False)
+            except AgentDied as exc:
+                log.error("slot %d: reset after release failed: %s", slot.index, exc)
+        elif slot.state in ("leased", "expiring"):
             slot.state = "free"
 
     async def reset(self, slot: Slot, keep_lease: bool = True) -> None:
@@ -217,7 +227,22 @@ class SlotTable:
 
     # --- execution ---------------------------------------------------------------
 
-    async def execute(self, call: ExecCall) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def running(self, slot: Slot) -> Iterator[None]:
+        """Count one piece of work (a call, a file transfer) against the server's
+        concurrency limit; while it runs, the slot's lease does not expire."""
+        if self.in_flight >= self.max_concurrent:
+            raise LimitExceeded(f"node server is running its limit of {self.max_concurrent} calls; retry later")
+        self.in_flight += 1
+        slot.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            slot.in_flight -= 1
+            slot.last_used = time.monotonic()
+
+    async def execute(self, call: Call) -> CallAnswer:
         """Run one call (or return the first result for a repeated exec id)."""
         slot = self.leased(call.slot, call.lease)
         if call.tool not in TOOLS:
@@ -225,56 +250,47 @@ class SlotTable:
         first = slot.results.get(call.exec_id)
         if first is not None and not first.cancelled():
             return await asyncio.shield(first)
-        if self.in_flight >= self.max_concurrent:
-            raise LimitExceeded(f"node server is running its limit of {self.max_concurrent} calls; retry later")
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        slot.results[call.exec_id] = future
-        while len(slot.results) > REMEMBERED_EXEC_IDS:
-            slot.results.popitem(last=False)
-        self.in_flight += 1
-        slot.in_flight += 1
-        try:
-            result = await self._run(slot, call)
-        except BaseException:
-            # No result (the caller went away, the server is stopping): forget the id
-            # so that a retry runs the call instead of waiting on nothing.
-            slot.results.pop(call.exec_id, None)
-            future.cancel()
-            raise
-        finally:
-            self.in_flight -= 1
-            slot.in_flight -= 1
-            slot.last_used = time.monotonic()
-        future.set_result(result)
-        return result
+        with self.running(slot):
+            future: asyncio.Future = asyncio.get_running_loop().create_future()
+            slot.results[call.exec_id] = future
+            while len(slot.results) > REMEMBERED_EXEC_IDS:
+                slot.results.popitem(last=False)
+            try:
+                answer = await self._run(slot, call)
+            except BaseException:
+                # No result (the caller went away, the server is stopping): forget the id
+                # so that a retry runs the call instead of waiting on nothing.
+                slot.results.pop(call.exec_id, None)
+                future.cancel()
+                raise
+        future.set_result(answer)
+        return answer
 
-    async def _run(self, slot: Slot, call: ExecCall) -> dict[str, Any]:
-        base = {"slot": slot.index, "exec_id": call.exec_id, "tool": call.tool}
+    async def _run(self, slot: Slot, call: Call) -> CallAnswer:
         if slot.state in ("restarting", "resetting"):
             async with slot.lock:  # wait for the fresh agent rather than fail the call
                 pass
         if slot.state != "leased" or slot.agent is None:
-            return {**base, "ok": False, "error": {"kind": "slot_unavailable",
-                                                   "message": f"slot {slot.index} is {slot.state}: {slot.last_error or ''}".rstrip(": ")}}
+            return CallAnswer.failure(call, "slot_unavailable",
+                                      f"slot {slot.index} is {slot.state}: {slot.last_error or ''}".rstrip(": "))
         try:
             result = await slot.agent.call(call.tool, call.args, call.timeout)
-            answer = {**base, "ok": True, "result": result}
+            answer = CallAnswer.success(call, result)
             if result.get("signal") and not result.get("timed_out"):
                 # Killed by a signal nobody here sent: perhaps the job's own SIGTERM,
                 # which reaches commands and this server at the same moment.
                 await _wait_briefly(self.stopping, 0.5)
         except AgentError as exc:
-            answer = {**base, "ok": False, "error": {"kind": exc.kind, "message": exc.message}}
+            answer = CallAnswer.failure(call, exc.kind, exc.message)
         except AgentDied as exc:
             # Under a batch scheduler the agent may die of the job's SIGTERM a moment
             # before the server hears of it: give that signal a moment to arrive.
             if not await _wait_briefly(self.stopping, 0.5):
-                return {**base, "ok": False,
-                        "error": {"kind": "agent_died", "message": f"{exc}; the slot's agent is being restarted"}}
+                return CallAnswer.failure(call, "agent_died", f"{exc}; the slot's agent is being restarted")
         if self.stopping.is_set():
-            return {**base, "ok": False, "error": {"kind": "server_stopping", "message": (
+            return CallAnswer.failure(call, "server_stopping", (
                 "the node server is stopping (SIGTERM: its job was cancelled, preempted or reached its "
-                "walltime); the command was killed")}}
+                "walltime); the command was killed"))
         return answer
 
     def describe(self) -> list[dict[str, Any]]:

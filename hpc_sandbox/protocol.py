@@ -1,0 +1,336 @@
+"""The node server's wire protocol, written once: routes, headers, tool names, the
+typed shape of every request and answer, and the error kind <-> HTTP status table.
+
+The server (`server/app.py`), the client (`client.py`), the pool and the preflight
+import these; none of them spells a route, a header or a dict shape of its own.
+
+    GET  /v1/health                  no auth                    -> Health
+    GET  /v1/slots                                              -> SlotsAnswer
+    POST /v1/slots/acquire           AcquireRequest             -> Grant
+    POST /v1/slots/{i}/release       ReleaseRequest (X-Lease)   -> {"slot", "released"}
+    POST /v1/slots/{i}/renew                        (X-Lease)   -> {"slot", "ttl"}
+    POST /v1/slots/{i}/reset                        (X-Lease)   -> {"slot", "reset"}
+    POST /v1/slots/{i}/exec          Call           (X-Lease)   -> CallAnswer
+    POST /v1/batch                   {"calls": [Call...]}       -> {"results": [CallAnswer...]}
+    GET  /v1/slots/{i}/files/{path}  stream a file out of the workspace  (X-Lease)
+    PUT  /v1/slots/{i}/files/{path}  stream a file into the workspace    (X-Lease)
+
+Every request but /v1/health carries `Authorization: Bearer TOKEN`. An error is
+`{"error": {"kind", "message"}}` with the status ERRORS gives its kind.
+
+Requests are validated by the server (`from_json` raises BadRequest); answers are
+validated by the client (`from_json` raises BadAnswer): a node server, or whatever
+answers on its port, that sends nonsense is an error with a name, never a KeyError.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from .errors import (AuthError, BadRequest, ClientError, LeaseLost, LimitExceeded, NoFreeSlot, NotFound)
+
+# --- routes and headers ---------------------------------------------------------------
+
+HEALTH = "/v1/health"
+SLOTS = "/v1/slots"
+ACQUIRE = "/v1/slots/acquire"
+BATCH = "/v1/batch"
+LEASE_HEADER = "X-Lease"
+AUTH_HEADER = "Authorization"
+
+
+def slot_route(index: int, action: str) -> str:
+    """/v1/slots/{i}/{action}: release, renew, reset, exec."""
+    return f"{SLOTS}/{index}/{action}"
+
+
+def file_route(index: int, path: str) -> str:
+    return f"{SLOTS}/{index}/files/{quote(path)}"
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+# A slot index in a URL: ASCII digits only (str.isdigit() also takes "²"), and few
+# enough of them that int() never meets its digit limit.
+_SLOT_INDEX = re.compile(r"[0-9]{1,9}")
+
+
+def parse_slot_index(raw: str) -> int:
+    if not _SLOT_INDEX.fullmatch(raw):
+        raise NotFound(f"no slot {raw[:40]!r}")
+    return int(raw)
+
+
+# --- tools and defaults ---------------------------------------------------------------
+
+TOOLS = ("bash", "read_file", "write_file", "list_files", "archive")
+# A tool call that names no timeout gets this one, from the server and the client alike:
+# with none at all, a forgotten `sleep` would hold a slot and a client forever.
+DEFAULT_EXEC_TIMEOUT = 300.0
+MAX_EXEC_ID = 128
+
+# --- errors ---------------------------------------------------------------------------
+
+# kind -> (the class a client raises, the HTTP status a server answers with). Kinds
+# not listed here (a tool's own: path, not_found_file...) travel inside a CallAnswer.
+ERRORS: dict[str, tuple[type[ClientError], int]] = {
+    AuthError.kind: (AuthError, 401),
+    NotFound.kind: (NotFound, 404),
+    LeaseLost.kind: (LeaseLost, 409),
+    BadRequest.kind: (BadRequest, 400),
+    NoFreeSlot.kind: (NoFreeSlot, 503),
+    LimitExceeded.kind: (LimitExceeded, 429),
+}
+BODY_TOO_LARGE = 413  # aiohttp's own answer to an oversized body: a `limit` error
+
+
+def status_for(exc: ClientError) -> int:
+    return ERRORS.get(exc.kind, (ClientError, 400))[1]
+
+
+def error_for(kind: str, status: int, message: str) -> ClientError:
+    """The exception a client raises for an error answer."""
+    if status == BODY_TOO_LARGE:
+        kind = LimitExceeded.kind
+    cls = ERRORS.get(kind, (ClientError, status))[0]
+    return cls(message)
+
+
+def error_body(kind: str, message: str) -> dict[str, Any]:
+    return {"error": {"kind": kind, "message": message}}
+
+
+class BadAnswer(ValueError):
+    """An answer that does not have the shape this protocol gives it."""
+
+
+# --- helpers for validation -------------------------------------------------------------
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _need(data: object, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise BadAnswer(f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _get(data: dict[str, Any], key: str, check, what: str, expected: str) -> Any:
+    value = data.get(key)
+    if not check(value):
+        raise BadAnswer(f"{what}: {key!r} should be {expected}, got {value!r}"[:300])
+    return value
+
+
+# --- requests -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AcquireRequest:
+    trajectory_id: str | None = None
+    ttl: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"trajectory_id": self.trajectory_id}
+        if self.ttl is not None:
+            body["ttl"] = self.ttl
+        return body
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> "AcquireRequest":
+        trajectory_id = body.get("trajectory_id")
+        if trajectory_id is not None and not isinstance(trajectory_id, str):
+            raise BadRequest("'trajectory_id' must be a string")
+        ttl = body.get("ttl")
+        if ttl is not None and not _number(ttl):
+            raise BadRequest("'ttl' must be a number of seconds")
+        return cls(trajectory_id, float(ttl) if ttl is not None else None)
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    reset_workspace: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reset_workspace": self.reset_workspace}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> "ReleaseRequest":
+        reset = body.get("reset_workspace", True)
+        if not isinstance(reset, bool):
+            raise BadRequest("'reset_workspace' must be true or false")
+        return cls(reset)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One tool call on one leased slot."""
+
+    slot: int
+    lease: str = field(repr=False)
+    exec_id: str
+    tool: str
+    args: dict[str, Any]
+    timeout: float = DEFAULT_EXEC_TIMEOUT
+
+    def to_json(self, *, with_slot: bool = True) -> dict[str, Any]:
+        """The request body: in a batch each call names its slot and lease; a single
+        exec names them in the URL and the X-Lease header."""
+        body: dict[str, Any] = {"exec_id": self.exec_id, "tool": self.tool, "args": self.args,
+                                "timeout": self.timeout}
+        if with_slot:
+            body.update(slot=self.slot, lease=self.lease)
+        return body
+
+    @classmethod
+    def from_json(cls, body: object, *, max_timeout: float, default_timeout: float,
+                  slot: int | None = None, lease: str | None = None) -> "Call":
+        """Validated at the server's edge; `slot`/`lease` come from the URL and header
+        for a single exec, from the body for a call of a batch."""
+        if not isinstance(body, dict):
+            raise BadRequest("each call must be a JSON object")
+        if slot is None:
+            slot, lease = body.get("slot"), body.get("lease")
+            if not _integer(slot):
+                raise BadRequest("each call needs an integer 'slot'")
+            if lease is not None and not isinstance(lease, str):
+                raise BadRequest("'lease' must be a string")
+        exec_id = body.get("exec_id")
+        if not isinstance(exec_id, str) or not 1 <= len(exec_id) <= MAX_EXEC_ID:
+            raise BadRequest(f"'exec_id' must be a string of 1-{MAX_EXEC_ID} characters")
+        tool = body.get("tool")
+        if not isinstance(tool, str):
+            raise BadRequest("'tool' must be a string")
+        args = body.get("args", {})
+        if not isinstance(args, dict):
+            raise BadRequest("'args' must be an object")
+        timeout = body.get("timeout")
+        if timeout is not None and (not _number(timeout) or not 0 < timeout <= max_timeout):
+            raise BadRequest(f"'timeout' must be a number of seconds in (0, {max_timeout:.0f}]")
+        return cls(slot=slot, lease=lease or "", exec_id=exec_id, tool=tool, args=args,
+                   timeout=float(timeout) if timeout is not None else default_timeout)
+
+
+# --- answers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Health:
+    ready: bool
+    slots: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ready": self.ready, "slots": self.slots}
+
+    @classmethod
+    def from_json(cls, data: object) -> "Health":
+        data = _need(data, "health")
+        return cls(bool(data.get("ready")), _get(data, "slots", _integer, "health", "an integer"))
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A leased slot, as the server grants it."""
+
+    slot: int
+    lease: str = field(repr=False)
+    ttl: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"slot": self.slot, "lease": self.lease, "ttl": self.ttl}
+
+    @classmethod
+    def from_json(cls, data: object) -> "Grant":
+        data = _need(data, "acquire")
+        return cls(slot=_get(data, "slot", lambda v: _integer(v) and v >= 0, "acquire", "a slot index"),
+                   lease=_get(data, "lease", lambda v: isinstance(v, str) and v, "acquire", "a lease string"),
+                   ttl=float(_get(data, "ttl", _number, "acquire", "a number of seconds")))
+
+
+@dataclass(frozen=True)
+class CallAnswer:
+    """What one call came to, on the wire: the tool's result, or an error kind and message."""
+
+    slot: int
+    exec_id: str
+    tool: str
+    ok: bool
+    result: dict[str, Any] = field(default_factory=dict)
+    error_kind: str | None = None
+    error_message: str | None = None
+
+    @classmethod
+    def success(cls, call: Call, result: dict[str, Any]) -> "CallAnswer":
+        return cls(call.slot, call.exec_id, call.tool, True, result)
+
+    @classmethod
+    def failure(cls, call: Call, kind: str, message: str) -> "CallAnswer":
+        return cls(call.slot, call.exec_id, call.tool, False, error_kind=kind, error_message=message)
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"slot": self.slot, "exec_id": self.exec_id, "tool": self.tool, "ok": self.ok}
+        if self.ok:
+            body["result"] = self.result
+        else:
+            body.update(error_body(self.error_kind or "error", self.error_message or ""))
+        return body
+
+    @classmethod
+    def from_json(cls, data: object) -> "CallAnswer":
+        data = _need(data, "call answer")
+        ok = _get(data, "ok", lambda v: isinstance(v, bool), "call answer", "true or false")
+        base = dict(slot=_get(data, "slot", _integer, "call answer", "a slot index"),
+                    exec_id=_get(data, "exec_id", lambda v: isinstance(v, str), "call answer", "a string"),
+                    tool=_get(data, "tool", lambda v: isinstance(v, str), "call answer", "a tool name"), ok=ok)
+        if ok:
+            return cls(**base, result=_get(data, "result", lambda v: isinstance(v, dict), "call answer",
+                                           "an object"))
+        error = _get(data, "error", lambda v: isinstance(v, dict), "call answer", "an error object")
+        return cls(**base, error_kind=str(error.get("kind") or "error"),
+                   error_message=str(error.get("message") or "unknown error"))
+
+
+def batch_answers(data: object, calls: list[Call]) -> list[CallAnswer]:
+    """The answers of a batch in call order, matched by exec id (not by position: an
+    answer list that is short or out of order must not pin one call's result on
+    another). A call the answer does not cover gets a `server_gone` failure of its own."""
+    data = _need(data, "batch")
+    results = _get(data, "results", lambda v: isinstance(v, list), "batch", "a list")
+    by_id = {answer.exec_id: answer for answer in map(CallAnswer.from_json, results)}
+    return [by_id.get(call.exec_id) or CallAnswer.failure(
+                call, "server_gone", "the node server's answer to the batch holds no result for this call")
+            for call in calls]
+
+
+@dataclass(frozen=True)
+class SlotsAnswer:
+    """GET /v1/slots: every slot's state, the count per state, calls running."""
+
+    slots: list[dict[str, Any]]
+    counts: dict[str, int]
+    running: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"slots": self.slots, "counts": self.counts, "running": self.running}
+
+    @classmethod
+    def from_json(cls, data: object) -> "SlotsAnswer":
+        data = _need(data, "slots")
+        counts = _get(data, "counts", lambda v: isinstance(v, dict) and all(_integer(n) for n in v.values()),
+                      "slots", "an object of counts")
+        return cls(slots=_get(data, "slots", lambda v: isinstance(v, list), "slots", "a list"),
+                   counts=counts, running=int(data.get("running") or 0))
+
+    @property
+    def free(self) -> int:
+        return self.counts.get("free", 0)
