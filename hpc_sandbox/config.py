@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError, SpecError
-from .spec import SandboxSpec, parse_port_range
+from .spec import FIELD_KINDS, SandboxSpec, parse_port_range
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,6 @@ class _Clear:
 
 CLEAR = _Clear()
 
-# How each key's value is read: from YAML (typed) or from the environment (a string).
-_INT = {"nodes", "array", "array_limit", "slots", "cpus_per_node", "gpus", "max_array_size", "servers_per_node",
-        "signal_seconds"}
-_OPTIONAL = {"array", "array_limit", "image", "cpus_per_node", "mem", "partition", "account", "qos",
-             "max_array_size", "servers_per_node", "interface", "template_dir"}
-_LINES = {"setup_lines", "extra_directives", "skip_directives"}
-_PATHS = {"state_dir", "template_dir"}
 
 
 @dataclass
@@ -101,23 +94,25 @@ def _expected(origin: str, key: str, what: str, value: object) -> ConfigError:
 
 
 def coerce(key: str, value: object, origin: str, base: Path | None = None) -> object:
-    """A YAML value for `key`, checked and converted to what SandboxSpec takes."""
+    """A YAML value for `key`, checked and converted to what SandboxSpec takes (how is
+    read off the spec's own annotations: spec.FIELD_KINDS)."""
+    kind = FIELD_KINDS[key]
     if value is None:
-        if key in _OPTIONAL:
+        if kind.optional:
             return None
         raise _expected(origin, key, "a value (this key cannot be empty)", value)
-    if key in _INT:
+    if kind.type is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _expected(origin, key, "an integer" + (" or null" if key in _OPTIONAL else ""), value)
+            raise _expected(origin, key, "an integer" + (" or null" if kind.optional else ""), value)
         return value
-    if key in _LINES:
+    if kind.lines:
         if isinstance(value, str):
             return tuple(line for line in value.splitlines() if line.strip())  # a YAML block scalar
         if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
                                                   for v in value):
             raise _expected(origin, key, "a list of strings (one line each)", value)
         return tuple(str(v) for v in value)
-    if key == "port_range":
+    if kind.type is tuple:  # the port range
         try:
             return parse_port_range(value)
         except SpecError as exc:
@@ -126,7 +121,7 @@ def coerce(key: str, value: object, origin: str, base: Path | None = None) -> ob
         return value  # seconds (YAML reads 01:00:00 as 3600) / megabytes; the spec converts
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise _expected(origin, key, "a string", value)
-    if key in _PATHS:
+    if kind.type is Path:
         path = Path(str(value)).expanduser()
         if key == "template_dir" and base is not None and not path.is_absolute():
             path = base / path  # relative to the file that names it
@@ -136,14 +131,15 @@ def coerce(key: str, value: object, origin: str, base: Path | None = None) -> ob
 
 def coerce_env(key: str, text: str, origin: str) -> object:
     """An environment variable's string for `key`, checked and converted."""
-    if text == "" and key in _OPTIONAL:
+    kind = FIELD_KINDS[key]
+    if text == "" and kind.optional:
         return None
-    if key in _INT:
+    if kind.type is int:
         try:
             return int(text)
         except ValueError:
             raise _expected(origin, key, "an integer", text) from None
-    if key in _LINES:
+    if kind.lines:
         if text.lstrip().startswith("["):
             try:
                 parsed = yaml.safe_load(text)

@@ -34,7 +34,16 @@ class RuntimeUnavailable(HpcSandboxError):
 
 
 class SchedulerError(HpcSandboxError):
+    """A scheduler command failed; what happened is in fields, not only in the text."""
+
     kind = "scheduler"
+
+    def __init__(self, message: str, *, timed_out: bool = False, returncode: int | None = None,
+                 said: str = "") -> None:
+        super().__init__(message)
+        self.timed_out = timed_out  # the command did not answer in time (a hung controller)
+        self.returncode = returncode  # its exit code, when it ran and failed
+        self.said = said  # what it printed on failure (stderr, else stdout), "" when silent
 
 
 class JobNotFound(HpcSandboxError):

@@ -30,14 +30,15 @@ from . import __version__
 from .directives import DirectiveTracker, keys_of, normalise
 from .errors import HpcSandboxError, SpecError
 from .jobfolder import JobFolder
-from .spec import PBS_DIALECTS, SandboxSpec, format_hms
+from .spec import NAME, PBS_DIALECTS, SCHEDULERS, SandboxSpec, format_hms
 
 if TYPE_CHECKING:  # importlib.abc.Traversable moved in 3.11; only annotations need it
     from importlib.resources.abc import Traversable
 
 log = logging.getLogger(__name__)
 
-RENDER_SCHEDULERS = ("slurm", "pbs", "nomad")
+# Every scheduler but the embedded `local` one has a template.
+RENDER_SCHEDULERS = tuple(name for name in SCHEDULERS if name != "local")
 # Most tasks one array job may have when the spec does not say (max_array_size):
 # Slurm's default MaxArraySize is 1001 (indices 0-1000); PBS Pro's max_array_size is
 # 10000; Torque has no default cap and Nomad has no arrays.
@@ -45,8 +46,7 @@ DEFAULT_MAX_ARRAY_SIZE: dict[str, int | None] = {"slurm": 1001, "torque": None, 
 SUFFIXES = {"slurm": ".sbatch", "pbs": ".pbs", "nomad": ".nomad.hcl"}
 # A state dir path is written into directive lines (`#SBATCH --output=...`), unquoted:
 # it must not hold spaces, quotes, `%` (a Slurm filename pattern) or shell syntax.
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+@,=:~-]*$")
-_JOB_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+@,=:~-]*")  # fullmatch: no final newline slips through
 NODE_SCRIPT_END = "HPC_SANDBOX_NODE_SCRIPT"
 NOMAD_KILL_TIMEOUT = 30
 
@@ -178,6 +178,8 @@ def serve_groups(spec: SandboxSpec, job_key: str, *, port_index: int | str = 0,
         groups.append(["--image", spec.image])
     if spec.gpus:
         groups.append(["--gpus", str(spec.gpus)])
+    if spec.network != "host":
+        groups.append(["--network", spec.network])
     groups.append(["--port-range", f"{lo}-{hi}"])
     groups.append(["--port-index", port_index if isinstance(port_index, Raw) else str(port_index)])
     if host is not None:
@@ -222,9 +224,9 @@ def _check_renderable(spec: SandboxSpec, scheduler: str, dialect: str, job_key: 
         raise SpecError("scheduler", f"{scheduler!r} has no jobspec; render one of {', '.join(RENDER_SCHEDULERS)}")
     if dialect not in PBS_DIALECTS:
         raise SpecError("dialect", f"{dialect!r} is not one of {', '.join(PBS_DIALECTS)}")
-    if not _JOB_KEY.match(job_key):
+    if not NAME.fullmatch(job_key):
         raise SpecError("job_key", f"{job_key!r} must be 1-63 of letters, digits, '.', '_', '-'")
-    if scheduler != "nomad" and not _SAFE_PATH.match(str(spec.state_dir)):
+    if scheduler != "nomad" and not _SAFE_PATH.fullmatch(str(spec.state_dir)):
         raise SpecError("state_dir", f"{spec.state_dir} is written into #SBATCH/#PBS lines unquoted: it may only "
                                      "hold letters, digits and . _ / + @ , = : ~ -")
     if NODE_SCRIPT_END in (line.strip() for line in spec.setup_lines):

@@ -65,6 +65,10 @@ class SlotRuntime:
     """Base: builds the agent command line for one slot."""
 
     name = "base"
+    # Whether slots can be handed GPUs: Apptainer/Singularity with --nv, and `none`,
+    # whose slots are plain host processes that see the host's devices. bwrap builds a
+    # minimal /dev (`--dev /dev`) without the NVIDIA device nodes, so it cannot.
+    passes_gpus = False
 
     def __init__(self, options: RuntimeOptions) -> None:
         self.options = options
@@ -85,6 +89,7 @@ class NoneRuntime(SlotRuntime):
     """A plain local process. No isolation at all: for trusted local use only."""
 
     name = "none"
+    passes_gpus = True
 
     def __init__(self, options: RuntimeOptions) -> None:
         if options.network != "host":
@@ -309,6 +314,7 @@ class ApptainerRuntime(SlotRuntime):
     """
 
     name = "apptainer"
+    passes_gpus = True
 
     def binary(self) -> str:
         exe = self.options.executable or shutil.which(self.name)

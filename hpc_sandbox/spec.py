@@ -11,30 +11,36 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SpecError
 from .jobfolder import default_state_dir
+from .runtime import NETWORK_MODES, RUNTIMES as _RUNTIME_CLASSES
 
-RUNTIMES = ("apptainer", "singularity", "bwrap", "none")
-# Runtimes that can hand GPUs to a slot: Apptainer/Singularity with --nv, and `none`,
-# whose slots are plain host processes that see the host's devices. bwrap builds a
-# minimal /dev (`--dev /dev`) without the NVIDIA device nodes, so it cannot.
-GPU_RUNTIMES = ("apptainer", "singularity", "none")
+RUNTIMES = tuple(_RUNTIME_CLASSES)
+GPU_RUNTIMES = tuple(name for name, cls in _RUNTIME_CLASSES.items() if cls.passes_gpus)
+# Every scheduler a profile may name; schedulers/ says which of them can submit today,
+# jobspec.py which have a template.
 SCHEDULERS = ("local", "slurm", "pbs", "nomad")
 PBS_DIALECTS = ("torque", "pbspro")
 NOMAD_TYPES = ("batch", "service")
 DEFAULT_PORT_RANGE = (9100, 9163)
+# Ports below 1024 need root; a node server never runs as root on a cluster.
+MIN_PORT = 1024
 # Slurm's `--signal` takes at most 65535 seconds.
 MAX_SIGNAL_SECONDS = 65535
 
-_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Every pattern below is used with fullmatch: `$` with match() lets a final "\n"
+# through, and a newline in a value written into a jobspec starts a line of its own.
+# Job names, job keys (ids) and profile names: safe as a file name and in a directive.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # Partition, account, QoS and interface names go into directive lines unquoted, so
 # they are held to the characters schedulers use for names (comma: partition lists).
-_SITE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,+@:-]{0,127}$")
-_WALLTIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<hours>\d+):(?P<minutes>[0-5]\d):(?P<seconds>[0-5]\d)$")
-_MEM = re.compile(r"^(?P<number>\d+)\s*(?P<unit>[KMGT]?)B?$", re.IGNORECASE)
+_SITE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,+@:-]{0,127}")
+_WALLTIME = re.compile(r"(?:(?P<days>\d+)-)?(?P<hours>\d+):(?P<minutes>[0-5]\d):(?P<seconds>[0-5]\d)")
+_MEM = re.compile(r"(?P<number>\d+)\s*(?P<unit>[KMGT]?)B?", re.IGNORECASE)
 _MEM_FACTOR_MB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
 # Control characters, and the Unicode line breaks that some tools (Python's splitlines,
 # editors) treat as a new line: none may appear inside one line of a jobspec.
@@ -43,7 +49,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 def parse_walltime(value: str) -> int:
     """Seconds in a `[D-]HH:MM:SS` walltime; SpecError('walltime') when malformed."""
-    match = _WALLTIME.match(value)
+    match = _WALLTIME.fullmatch(value)
     if not match:
         raise SpecError("walltime", f"{value!r} is not HH:MM:SS or D-HH:MM:SS (e.g. 01:30:00, 2-00:00:00)")
     days = int(match["days"] or 0)
@@ -64,7 +70,7 @@ def format_hms(seconds: int) -> str:
 
 def parse_mem_mb(value: str) -> int:
     """Megabytes in a memory size: 16G, 16GB, 16gb, 512M, 1T, or a bare number of MB."""
-    match = _MEM.match(value.strip())
+    match = _MEM.fullmatch(value.strip())
     if not match:
         raise SpecError("mem", f"{value!r} is not a size like 512M, 16G, 16GB or 1T (a bare number means MB)")
     mb = int(match["number"]) * _MEM_FACTOR_MB[match["unit"].upper()]
@@ -73,17 +79,25 @@ def parse_mem_mb(value: str) -> int:
     return int(-(-mb // 1))  # round up: never ask for less than was written
 
 
+_PORT_RANGE = re.compile(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*")
+
+
 def parse_port_range(value: object) -> tuple[int, int]:
-    """(lo, hi) from "LO-HI", [lo, hi] or (lo, hi); SpecError('port_range') otherwise."""
+    """(lo, hi) from "LO-HI", [lo, hi] or (lo, hi), ascending within MIN_PORT-65535;
+    SpecError('port_range') otherwise. The spec, the config and `serve` all use it."""
     if isinstance(value, str):
-        lo, sep, hi = value.partition("-")
-        if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+        match = _PORT_RANGE.fullmatch(value)
+        if not match:
             raise SpecError("port_range", f"{value!r} is not LO-HI, e.g. 9100-9163")
-        return int(lo), int(hi)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        lo, hi = int(match[1]), int(match[2])
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return int(value[0]), int(value[1])
-    raise SpecError("port_range", f"{value!r} is not LO-HI or a [lo, hi] pair")
+        lo, hi = int(value[0]), int(value[1])
+    else:
+        raise SpecError("port_range", f"{value!r} is not LO-HI or a [lo, hi] pair")
+    if not (MIN_PORT <= lo <= hi <= 65535):
+        raise SpecError("port_range", f"{lo}-{hi} must be an ascending range within {MIN_PORT}-65535")
+    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,8 @@ class SandboxSpec:
     account: str | None = None
     qos: str | None = None
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
+    # `none` cuts slots off the network (bwrap --unshare-net, Apptainer --network none).
+    network: str = "host"
     python: str = field(default_factory=lambda: sys.executable)
     setup_lines: tuple[str, ...] = ()
     extra_directives: tuple[str, ...] = ()
@@ -198,7 +214,7 @@ class SandboxSpec:
 
     def validate(self) -> None:
         self._check_types()
-        if not _JOB_NAME.match(self.job_name):
+        if not NAME.fullmatch(self.job_name):
             raise SpecError("job_name", f"{self.job_name!r} must be 1-63 of letters, digits, '.', '_', '-'")
         if self.nodes < 1:
             raise SpecError("nodes", f"must be at least 1, got {self.nodes}")
@@ -217,6 +233,11 @@ class SandboxSpec:
             raise SpecError("slots", f"must be at least 1, got {self.slots}")
         if self.runtime not in RUNTIMES:
             raise SpecError("runtime", f"{self.runtime!r} is not one of {', '.join(RUNTIMES)}")
+        if self.network not in NETWORK_MODES:
+            raise SpecError("network", f"{self.network!r} is not one of {', '.join(NETWORK_MODES)}")
+        if self.network != "host" and self.runtime == "none":
+            raise SpecError("network", "runtime none runs slots as plain processes of the node: it cannot cut them "
+                                       "off the network; use runtime bwrap, apptainer or singularity")
         if self.runtime in ("apptainer", "singularity") and not self.image:
             raise SpecError("image", f"runtime {self.runtime} needs an image (a .sif path or docker:// URI)")
         if self.cpus_per_node is not None and self.cpus_per_node < 1:
@@ -233,12 +254,10 @@ class SandboxSpec:
             raise SpecError("signal_seconds", f"must be 0-{MAX_SIGNAL_SECONDS}, got {self.signal_seconds}")
         for name in ("partition", "account", "qos", "interface"):
             value = getattr(self, name)
-            if value is not None and not _SITE_NAME.match(value):
+            if value is not None and not _SITE_NAME.fullmatch(value):
                 raise SpecError(name, f"{value!r} may only hold letters, digits and . _ , + @ : - "
                                       "(it is written into directive lines)")
         lo, hi = self.port_range
-        if not (1024 <= lo <= hi <= 65535):
-            raise SpecError("port_range", f"{lo}-{hi} must be an ascending range within 1024-65535")
         if self.servers_per_node is not None and self.servers_per_node < 1:
             raise SpecError("servers_per_node", f"must be at least 1, got {self.servers_per_node}")
         if self.colocated_servers > self.port_count:
@@ -256,7 +275,7 @@ class SandboxSpec:
             raise SpecError("nomad_type", f"{self.nomad_type!r} is not one of {', '.join(NOMAD_TYPES)}")
         if not self.python or _CONTROL.search(self.python):
             raise SpecError("python", f"{self.python!r} must be a non-empty path without control characters")
-        if not _JOB_NAME.match(self.profile):
+        if not NAME.fullmatch(self.profile):
             raise SpecError("profile", f"{self.profile!r} must be 1-63 of letters, digits, '.', '_', '-'")
         if self.image is not None and (not self.image or _CONTROL.search(self.image)):
             raise SpecError("image", f"{self.image!r} must be non-empty, without control characters")
@@ -271,28 +290,43 @@ class SandboxSpec:
                     raise SpecError(name, "entries must not be empty")
 
     def _check_types(self) -> None:
-        """Catch wrong Python types early with the field's name (not a TypeError later)."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            expected = _FIELD_KINDS.get(f.name)
-            if expected is None:
+        """Catch wrong Python types early with the field's name (not a TypeError later).
+        Paths, lines and port ranges are normalised before this runs."""
+        for name, kind in FIELD_KINDS.items():
+            value = getattr(self, name)
+            if kind.type not in (int, str) or (value is None and kind.optional):
                 continue
-            kind, optional = expected
-            if value is None and optional:
-                continue
-            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-            if not ok:
-                raise SpecError(f.name, f"expected {_KIND_NAMES[kind]}{' or nothing' if optional else ''}, "
-                                        f"got {value!r}")
+            if not isinstance(value, kind.type) or (kind.type is int and isinstance(value, bool)):
+                raise SpecError(name, f"expected {'an integer' if kind.type is int else 'a string'}"
+                                      f"{' or nothing' if kind.optional else ''}, got {value!r}")
 
 
-_KIND_NAMES = {int: "an integer", str: "a string"}
-_FIELD_KINDS: dict[str, tuple[type, bool]] = {
-    "job_name": (str, False), "nodes": (int, False), "array": (int, True), "array_limit": (int, True),
-    "slots": (int, False), "runtime": (str, False), "image": (str, True), "cpus_per_node": (int, True),
-    "mem": (str, True), "gpus": (int, False), "walltime": (str, False), "partition": (str, True),
-    "account": (str, True), "qos": (str, True), "python": (str, False), "profile": (str, False),
-    "scheduler": (str, False), "dialect": (str, False), "max_array_size": (int, True),
-    "servers_per_node": (int, True), "signal_seconds": (int, False), "interface": (str, True),
-    "nomad_type": (str, False),
-}
+@dataclass(frozen=True)
+class FieldKind:
+    """What a SandboxSpec field holds, read off its annotation (the one place it is
+    written): `type` is int, str, Path, or tuple; `lines` tells a tuple of lines
+    (tuple[str, ...]) from a pair (the port range)."""
+
+    type: type
+    optional: bool
+    lines: bool = False
+
+
+def _field_kinds() -> dict[str, FieldKind]:
+    hints = typing.get_type_hints(SandboxSpec)
+    kinds = {}
+    for f in dataclasses.fields(SandboxSpec):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args and typing.get_origin(hint) is not tuple
+        base = next(a for a in args if a is not type(None)) if optional else hint
+        if typing.get_origin(base) is tuple:
+            kinds[f.name] = FieldKind(tuple, optional, lines=typing.get_args(base)[-1] is Ellipsis)
+        elif base in (int, str, Path):
+            kinds[f.name] = FieldKind(base, optional)
+        else:  # a new field of a new kind: say so at import, not as a wrong coercion later
+            raise TypeError(f"SandboxSpec.{f.name}: no FieldKind for {hint!r}")
+    return kinds
+
+
+FIELD_KINDS: dict[str, FieldKind] = _field_kinds()

@@ -7,19 +7,21 @@ from pathlib import Path
 import click
 
 from ..jobfolder import JobFolder
-from ..runtime import RUNTIMES, RuntimeOptions
+from ..runtime import NETWORK_MODES, RUNTIMES, RuntimeOptions
 from ..server.app import ServerLimits
-from ..server.main import ServeOptions, parse_port_range, run
-from ..spec import DEFAULT_PORT_RANGE
+from ..server.main import ServeOptions, run
+from ..spec import DEFAULT_PORT_RANGE, parse_port_range
 from .common import resolve_state_dir, state_dir_option
 
 
 @click.command("serve")
 @click.option("--job-id", required=True, help="hpc-sandbox job id (the job folder's name under the state dir).")
 @click.option("--slots", type=click.IntRange(1, 4096), default=4, show_default=True, help="Slots this server runs.")
-@click.option("--runtime", type=click.Choice(sorted(RUNTIMES)), default="none", show_default=True,
+@click.option("--runtime", type=click.Choice(list(RUNTIMES)), default="none", show_default=True,
               help="How slots are isolated. 'none' is for trusted local use only.")
 @click.option("--image", default=None, help="Container image (.sif path or docker:// URI) for apptainer/singularity.")
+@click.option("--network", type=click.Choice(NETWORK_MODES), default="host", show_default=True,
+              help="'none' cuts every slot off the network (its own loopback only; not with runtime none).")
 @click.option("--gpus", type=click.IntRange(0, 64), default=0, show_default=True, help="GPUs to pass to slots (--nv).")
 @click.option("--port-range", default=f"{DEFAULT_PORT_RANGE[0]}-{DEFAULT_PORT_RANGE[1]}", show_default=True,
               help="Ports this server may bind; it takes the first free one.")
@@ -39,7 +41,7 @@ from .common import resolve_state_dir, state_dir_option
               help="Largest JSON request body in bytes.")
 @click.option("--max-concurrent", type=click.IntRange(1), default=256, show_default=True,
               help="Tool calls running at once before new ones get 429.")
-def serve(job_id: str, slots: int, runtime: str, image: str | None, gpus: int, port_range: str, port_index: int,
+def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None, gpus: int, port_range: str, port_index: int,
           host: str | None, interface: str | None, state_dir: Path | None, token_file: Path | None,
           workspace_root: Path | None, slot_python: str | None, max_body: int, max_concurrent: int) -> None:
     """Run one node server: N slots behind an authenticated HTTP API.
@@ -59,7 +61,7 @@ def serve(job_id: str, slots: int, runtime: str, image: str | None, gpus: int, p
         slots=slots,
         token_file=token_file or JobFolder(state, job_id).token,
         state_dir=state,
-        runtime=RuntimeOptions(kind=runtime, image=image, gpus=gpus, python=slot_python),
+        runtime=RuntimeOptions(kind=runtime, image=image, gpus=gpus, python=slot_python, network=network),
         port_range=parse_port_range(port_range),
         port_index=port_index,
         host=host,

@@ -9,9 +9,8 @@ import click
 
 from .. import jobs
 from ..config import CLEAR, load_spec
-from ..runtime import RUNTIMES
-from ..schedulers import SCHEDULERS
-from ..spec import PBS_DIALECTS
+from ..schedulers import SUBMIT_SCHEDULERS
+from ..spec import PBS_DIALECTS, RUNTIMES
 from .common import interactive
 
 _STAGES = {"pending": "queued", "running": "starting", "completing": "ending"}
@@ -27,14 +26,14 @@ def _progress(ready: int, total: int, state: str) -> None:
 
 
 @click.command("submit")
-@click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default=None,
+@click.option("--scheduler", type=click.Choice(SUBMIT_SCHEDULERS), default=None,
               help="Where node servers run [default: the profile's, else local]. 'local' starts them as "
                    "processes on this machine.")
 @click.option("--nodes", type=click.IntRange(1), default=None, help="Node servers to start, one per node [1].")
 @click.option("--array", type=click.IntRange(1), default=None, metavar="N",
               help="An array of N tasks, one node server each (instead of --nodes).")
 @click.option("--slots", type=click.IntRange(1), default=None, help="Slots per node server [4].")
-@click.option("--runtime", type=click.Choice(sorted(RUNTIMES)), default=None,
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=None,
               help="Slot isolation [none]; 'none' is for trusted local use only.")
 @click.option("--image", default=None, help="Container image for apptainer/singularity (.sif or docker://).")
 @click.option("--partition", default=None, help="Slurm partition / PBS queue.")

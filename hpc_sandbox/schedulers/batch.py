@@ -44,10 +44,12 @@ def run_command(argv: Sequence[str], timeout: float | None = None, what: str | N
     except FileNotFoundError:
         raise SchedulerError(f"{argv[0]} is not on PATH (is this a login node of the cluster?)") from None
     except subprocess.TimeoutExpired:
-        raise SchedulerError(f"{label} did not answer within {timeout:.0f}s (is the controller down or overloaded?)") from None
+        raise SchedulerError(f"{label} did not answer within {timeout:.0f}s (is the controller down or overloaded?)",
+                             timed_out=True) from None
     if proc.returncode != 0:
         said = " ".join(line.strip() for line in proc.stderr.strip().splitlines()[-2:]) or proc.stdout.strip()[-200:]
-        raise SchedulerError(f"{label} failed (exit {proc.returncode}): {said or 'no message'}")
+        raise SchedulerError(f"{label} failed (exit {proc.returncode}): {said or 'no message'}",
+                             returncode=proc.returncode, said=said)
     return proc.stdout
 
 

@@ -131,7 +131,7 @@ def parse_qsub_output(stdout: str) -> str:
     """The job id qsub printed: the last non-empty line (a site may print notices first)."""
     lines = [line.strip() for line in stdout.splitlines() if line.strip()]
     job_id = lines[-1] if lines else ""
-    if not _JOB_ID.match(job_id):
+    if not _JOB_ID.fullmatch(job_id):
         raise SchedulerError(f"qsub printed {stdout.strip()[-200:]!r}, not a job id")
     return job_id
 
@@ -309,7 +309,8 @@ class PbsScheduler(BatchScheduler):
         try:
             return super().submit(spec, folder)
         except SchedulerError as exc:
-            raise SchedulerError(_one_line(str(exc))) from None
+            raise SchedulerError(_one_line(str(exc)), timed_out=exc.timed_out, returncode=exc.returncode,
+                                 said=exc.said) from None
 
     def submit_argv(self, folder: JobFolder, script: Path, part: RenderedJobspec) -> list[str]:
         """`qsub -j oe -o LOGS ...`: output joined and kept in the job folder, where
@@ -386,7 +387,7 @@ class PbsScheduler(BatchScheduler):
             try:
                 out = run_command(argv, what=" ".join(argv))
             except SchedulerError as exc:
-                if "(exit 153)" in str(exc) and str(exc).endswith("no message"):
+                if exc.returncode == 153 and not exc.said:
                     out = ""  # Slurm's wrapper when it lists no job at all: exit 153 (PBSE_UNKJOBID), silent
                 elif known:
                     raise  # this form worked before: what qstat says now is the answer

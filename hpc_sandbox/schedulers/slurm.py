@@ -157,7 +157,7 @@ class SlurmScheduler(BatchScheduler):
             try:
                 tasks = parse_squeue_json(run_command(["squeue", "--json"], what="squeue --json"))
             except SchedulerError as exc:
-                if "did not answer" in str(exc):
+                if exc.timed_out:
                     raise  # a hung controller: asking again another way would only wait twice as long
                 # Slurm before 21.08 has no --json, and a build without its JSON
                 # plugin fails on it: the plain format says what we need.

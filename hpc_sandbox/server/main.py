@@ -43,17 +43,6 @@ class ServeOptions:
     limits: ServerLimits = field(default_factory=ServerLimits)
 
 
-def parse_port_range(text: str) -> tuple[int, int]:
-    lo, sep, hi = text.partition("-")
-    try:
-        lo_port, hi_port = int(lo), int(hi if sep else lo)
-    except ValueError:
-        raise ConfigError(f"port range {text!r} must look like 9100-9163") from None
-    if not (1 <= lo_port <= hi_port <= 65535):
-        raise ConfigError(f"port range {text!r} must be ascending ports within 1-65535")
-    return lo_port, hi_port
-
-
 def interface_address(name: str) -> str:
     """The IPv4 address of a network interface (SIOCGIFADDR), e.g. the cluster fabric's."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
