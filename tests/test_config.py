@@ -95,7 +95,7 @@ def test_bad_values_name_the_file_and_the_allowed_values(home, site):
     with pytest.raises(ConfigError) as err:
         load_spec(environ=env(home, site))
     assert str(err.value) == (f"{site} profile 'default': runtime: 'dockr' is not one of "
-                              "apptainer, singularity, bwrap, none")
+                              "none, bwrap, apptainer, singularity")
 
 
 def test_environment_values_are_converted_and_named_in_errors(home, site):
