@@ -490,7 +490,10 @@ class Agent:
         self.tasks = set()
         self.out = sys.stdout.buffer
         # Tags every command's environment (see _kill_tagged): this agent's, then the call's.
-        self.tag = "%d.%s" % (os.getpid(), os.urandom(4).hex())
+        # The node server learns it from the ready line, to find a slot's commands that
+        # left the agent's process tree; under a pid namespace every agent is pid 2, so
+        # the random part alone tells the slots apart.
+        self.tag = "%d.%s" % (os.getpid(), os.urandom(8).hex())
         self.calls_started = 0
         # Looked up once: a command's environment starts from the agent's own, and
         # naming bash by its path spares every spawn a search along PATH.
@@ -963,7 +966,7 @@ def main(argv=None) -> int:
     # SIG_IGN: commands we start must still die of SIGTERM.
     loop.add_signal_handler(signal.SIGTERM, lambda: None)
     # The ready line lets the server know the runtime started us (not just the container tool).
-    agent.send({"id": None, "ok": True, "result": {"ready": True, "pid": os.getpid()}})
+    agent.send({"id": None, "ok": True, "result": {"ready": True, "pid": os.getpid(), "tag": agent.tag}})
     try:
         loop.run_until_complete(agent.serve())
     finally:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -10,6 +11,7 @@ import signal
 from typing import Any
 
 from ..errors import RuntimeUnavailable
+from .limits import kill_tree
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +19,20 @@ log = logging.getLogger(__name__)
 # JSON-escaped) or a base64 archive must fit.
 MAX_ANSWER_LINE = 512 << 20
 STOP_GRACE_SECONDS = 3.0
+# The agent answers a command by its timeout plus its kill grace (1 s) and pipe drain
+# (0.2 s). One that has not answered by the call's timeout plus this is stuck (stopped,
+# blocked in a syscall, wedged by a bug), and nothing it holds will ever be answered.
+STUCK_GRACE_SECONDS = 5.0
 
 
 class AgentDied(RuntimeUnavailable):
     """The agent process ended (or could not start) while calls were in flight."""
+
+
+class AgentStuck(AgentDied):
+    """The agent did not answer a call within the call's timeout and a grace."""
+
+    kind = "agent_stuck"
 
 
 class AgentError(Exception):
@@ -45,6 +57,12 @@ class AgentProcess:
         self.exited = asyncio.Event()
         self.stderr_tail: list[str] = []
         self._tasks: list[asyncio.Task] = []
+        # From the ready line: the prefix of the HPC_SANDBOX_CALL tag of its commands,
+        # which finds them when they leave its process tree.
+        self.tag: str | None = None
+        # The agent's and the runtime's own processes, when a limit watchdog wants them.
+        self.infra: frozenset[int] | None = None
+        self.stuck: str | None = None  # why it was given up on
 
     @property
     def pid(self) -> int | None:
@@ -66,10 +84,12 @@ class AgentProcess:
         self.pending["__ready__"] = ready
         self._tasks = [asyncio.create_task(self._read_answers()), asyncio.create_task(self._read_stderr())]
         try:
-            await asyncio.wait_for(ready, timeout)
+            answer = await asyncio.wait_for(ready, timeout)
         except asyncio.TimeoutError:
             await self.stop()
             raise AgentDied(f"{self.name}: agent did not start within {timeout:.0f}s{self._stderr_hint()}") from None
+        tag = (answer.get("result") or {}).get("tag")
+        self.tag = tag if isinstance(tag, str) and tag else None
 
     def _stderr_hint(self) -> str:
         return f" (its stderr: {' | '.join(self.stderr_tail[-3:])})" if self.stderr_tail else ""
@@ -110,7 +130,7 @@ class AgentProcess:
             reason = f"{self.name}: agent exited (code {code}){self._stderr_hint()}"
             for future in self.pending.values():
                 if not future.done():
-                    future.set_exception(AgentDied(reason))
+                    future.set_exception(AgentStuck(self.stuck) if self.stuck else AgentDied(reason))
             self.pending.clear()
             if not self.stopping:
                 log.warning("%s", reason)
@@ -133,7 +153,8 @@ class AgentProcess:
                 pass
 
     async def call(self, tool: str, args: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-        """Run one tool call; return the agent's result or raise AgentError/AgentDied."""
+        """Run one tool call; return the agent's result or raise AgentError/AgentDied
+        (AgentStuck when no answer came within `timeout` + STUCK_GRACE_SECONDS)."""
         if not self.alive or self.proc is None or self.proc.stdin is None:
             raise AgentDied(f"{self.name}: agent is not running")
         request_id = str(next(self.ids))
@@ -142,12 +163,24 @@ class AgentProcess:
         message = {"id": request_id, "tool": tool, "args": args}
         if timeout:
             message["timeout"] = timeout
+        stdin = self.proc.stdin
         try:
-            self.proc.stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-            await self.proc.stdin.drain()
+            stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            if timeout and stdin.transport.get_write_buffer_size():
+                # The pipe is full, so the agent is not reading (or a large request is
+                # on its way): wait for room no longer than an answer would be waited for.
+                await asyncio.wait_for(stdin.drain(), timeout + STUCK_GRACE_SECONDS)
+            else:
+                await stdin.drain()
         except (BrokenPipeError, ConnectionResetError) as exc:
             self.pending.pop(request_id, None)
             raise AgentDied(f"{self.name}: agent is gone ({exc})") from None
+        except asyncio.TimeoutError:
+            self._give_up(request_id, timeout or 0.0)
+        # One timer per call, cancelled on the answer: the backstop costs the hot path
+        # nothing more.
+        backstop = (asyncio.get_running_loop().call_later(timeout + STUCK_GRACE_SECONDS, self._give_up,
+                                                          request_id, timeout) if timeout else None)
         try:
             answer = await future
         except asyncio.CancelledError:
@@ -156,10 +189,22 @@ class AgentProcess:
             if tool == "bash" and self.alive:
                 asyncio.ensure_future(self._cancel_quietly(request_id))
             raise
+        finally:
+            if backstop is not None:
+                backstop.cancel()
         if answer.get("ok"):
             return answer.get("result") or {}
         error = answer.get("error") or {}
         raise AgentError(error.get("kind", "error"), error.get("message", "unknown agent error"))
+
+    def _give_up(self, request_id: str, timeout: float) -> None:
+        future = self.pending.pop(request_id, None)
+        if future is None or future.done():
+            return
+        self.stuck = (f"{self.name}: the agent did not answer within {timeout + STUCK_GRACE_SECONDS:.0f}s "
+                      f"(the call's timeout of {timeout:g}s plus {STUCK_GRACE_SECONDS:g}s)")
+        log.error("%s", self.stuck)
+        future.set_exception(AgentStuck(self.stuck))
 
     async def _cancel_quietly(self, target: str) -> None:
         try:
@@ -168,15 +213,21 @@ class AgentProcess:
             pass
 
     async def stop(self) -> None:
-        """Close stdin (the agent kills its commands and exits), then make sure."""
+        """Close stdin (the agent kills its commands and exits), then make sure. An
+        agent given up on as stuck is killed at once: it would not hear its stdin close."""
         self.stopping = True
         if self.proc is None:
             return
         if self.proc.stdin and not self.proc.stdin.is_closing():
             self.proc.stdin.close()
-        try:
-            await asyncio.wait_for(self.exited.wait(), STOP_GRACE_SECONDS)
-        except asyncio.TimeoutError:
+        if not self.stuck:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), STOP_GRACE_SECONDS)
+        if not self.exited.is_set():
+            # It did not end its commands: nobody else will. They sit in sessions of
+            # their own, some perhaps (runtime none) outside its tree.
+            if self.proc.returncode is None:
+                await asyncio.to_thread(kill_tree, self.proc.pid, self.tag)
             self._kill()
             await self.exited.wait()
         for task in self._tasks:

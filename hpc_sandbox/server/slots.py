@@ -4,12 +4,17 @@ Slot ownership lives here and nowhere else. Acquiring a slot returns a lease; ev
 later call must carry it; a lease unused for its time-to-live expires and the slot
 is reset and freed. Execution ids make retries safe: a repeated id gets the first
 result (or waits for the first run to finish) and never runs twice.
+
+Ending a lease always ends the slot's processes (a fresh agent); only the files may
+stay. An agent that stops answering is given up on after the call's timeout and a
+grace, and replaced. Per-slot limits are kept by a watchdog (see limits.py).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import shutil
 import time
@@ -22,7 +27,8 @@ from typing import Any
 from ..errors import BadRequest, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
 from ..protocol import TOOLS, Call, CallAnswer, Grant
 from ..runtime import SlotRuntime
-from .agent_process import AgentDied, AgentError, AgentProcess
+from .agent_process import STUCK_GRACE_SECONDS, AgentDied, AgentError, AgentProcess, AgentStuck
+from .limits import DISK_EVERY, LIMIT_EXCEEDED, WATCH_INTERVAL, SlotLimits, SlotView, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +48,28 @@ class Slot:
     ttl: float = DEFAULT_LEASE_TTL
     last_used: float = 0.0
     in_flight: int = 0
+    # When each piece of running work stops keeping the lease alive: a call's timeout
+    # plus the grace after which its agent is given up on (inf for a file transfer,
+    # which ends with its connection).
+    deadlines: list[float] = field(default_factory=list)
     restarts: int = 0
     last_error: str | None = None
     results: OrderedDict = field(default_factory=OrderedDict)  # exec id -> Future of a CallAnswer
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # serialises start/stop/reset
+    # The last limit breach: (time.monotonic() of the kill, message). A call running
+    # then that came back killed by a signal is answered with it.
+    breach: tuple[float, str] | None = None
+    # The watchdog's marks: the last_used at which a scan found nothing running in the
+    # slot (it need not look again until last_used moves), and at which its workspace
+    # was measured with nothing running.
+    quiet_at: float | None = None
+    measured_at: float | None = None
 
     def expires_in(self, now: float) -> float | None:
         if self.state != "leased":
             return None
-        if self.in_flight:
-            return self.ttl  # a running call keeps the lease alive
+        if self.deadlines and now < max(self.deadlines):
+            return self.ttl  # a running call keeps the lease alive, until its agent is given up on
         return max(0.0, self.last_used + self.ttl - now)
 
     def describe(self, now: float) -> dict[str, Any]:
@@ -68,7 +86,8 @@ class Slot:
 
 class SlotTable:
     def __init__(self, runtime: SlotRuntime, workspace_root: Path, slots: int, *,
-                 max_concurrent: int = 256, agent_start_timeout: float = 120.0) -> None:
+                 max_concurrent: int = 256, agent_start_timeout: float = 120.0,
+                 limits: SlotLimits | None = None) -> None:
         self.runtime = runtime
         self.workspace_root = workspace_root
         self.slots = [Slot(index=i, workspace=workspace_root / f"slot-{i}" / "workspace") for i in range(slots)]
@@ -81,6 +100,10 @@ class SlotTable:
         # collected mid-run and none fails unseen (see _spawn).
         self._tasks: set[asyncio.Task] = set()
         self._expiry_task: asyncio.Task | None = None
+        self.limits = limits or SlotLimits()
+        self.watchdog = Watchdog(self.limits) if self.limits.any else None
+        self._watch_task: asyncio.Task | None = None
+        self._round: asyncio.Task | None = None  # the watchdog's round in progress
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -93,13 +116,16 @@ class SlotTable:
             await self.stop()
             raise failures[0]
         self._expiry_task = asyncio.create_task(self._expire_leases())
+        if self.watchdog:
+            self._watch_task = asyncio.create_task(self._keep_limits())
 
     async def stop(self) -> None:
         """Stop taking work, kill running commands, stop every agent."""
         self.accepting = False
         self.stopping.set()
-        if self._expiry_task:
-            self._expiry_task.cancel()
+        for task in (self._expiry_task, self._watch_task, self._round):
+            if task:
+                task.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(slot.agent.stop() for slot in self.slots if slot.agent), return_exceptions=True)
@@ -108,7 +134,14 @@ class SlotTable:
         argv, env = self.runtime.agent_command(slot.workspace, slot.index)
         agent = AgentProcess(argv, env, cwd=str(slot.workspace), name=f"slot {slot.index}")
         await agent.start(self.agent_start_timeout)
+        if self.watchdog:
+            try:
+                agent.infra = await asyncio.to_thread(self.watchdog.infrastructure, agent.pid)
+            except BaseException:
+                await agent.stop()
+                raise
         slot.agent = agent
+        slot.quiet_at = slot.measured_at = None
         if slot.state in ("starting", "restarting", "resetting", "broken"):
             slot.state = "leased" if slot.lease else "free"
         self._spawn(self._watch(slot, agent), f"watch slot {slot.index}")
@@ -159,7 +192,7 @@ class SlotTable:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for slot in self.slots:
-                if slot.state == "leased" and not slot.in_flight and now > slot.last_used + slot.ttl:
+                if slot.state == "leased" and slot.expires_in(now) == 0:
                     log.info("slot %d: lease of %s expired after %.0fs idle; resetting", slot.index,
                              slot.trajectory_id or "(no trajectory)", slot.ttl)
                     slot.state = "expiring"  # not expired twice while its reset runs
@@ -201,26 +234,27 @@ class SlotTable:
 
     async def _free(self, slot: Slot, reset: bool) -> None:
         """End a lease. The lease is gone whatever happens next: an agent that cannot
-        be restarted leaves the slot `broken` (with its reason), not the caller in doubt."""
+        be restarted leaves the slot `broken` (with its reason), not the caller in doubt.
+
+        The slot's processes end either way (a background loop of one holder must not
+        run into the next one's lease); `reset` says whether its files go too."""
         slot.lease = None
         slot.trajectory_id = None
         slot.results.clear()
-        if reset:
-            try:
-                await self.reset(slot, keep_lease=False)
-            except AgentDied as exc:
-                log.error("slot %d: reset after release failed: %s", slot.index, exc)
-        elif slot.state in ("leased", "expiring"):
-            slot.state = "free"
+        try:
+            await self.reset(slot, keep_lease=False, wipe=reset)
+        except AgentDied as exc:
+            log.error("slot %d: %s after release failed: %s", slot.index, "reset" if reset else "restart", exc)
 
-    async def reset(self, slot: Slot, keep_lease: bool = True) -> None:
-        """Stop the agent (killing its commands), wipe the workspace, start a fresh agent."""
+    async def reset(self, slot: Slot, keep_lease: bool = True, wipe: bool = True) -> None:
+        """Stop the agent (killing its commands), wipe the workspace (if `wipe`), start a fresh agent."""
         async with slot.lock:
             slot.state = "resetting"
             if slot.agent:
                 await slot.agent.stop()
-            await asyncio.to_thread(_wipe, slot.workspace)
-            if not await self._restart_agent(slot, "reset"):
+            if wipe:
+                await asyncio.to_thread(_wipe, slot.workspace)
+            if not await self._restart_agent(slot, "reset" if wipe else "restart"):
                 raise AgentDied(slot.last_error or "agent could not be restarted")
             slot.state = "leased" if keep_lease and slot.lease else "free"
             slot.last_used = time.monotonic()
@@ -228,18 +262,22 @@ class SlotTable:
     # --- execution ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def running(self, slot: Slot) -> Iterator[None]:
+    def running(self, slot: Slot, timeout: float | None = None) -> Iterator[None]:
         """Count one piece of work (a call, a file transfer) against the server's
-        concurrency limit; while it runs, the slot's lease does not expire."""
+        concurrency limit; while it runs, the slot's lease does not expire, up to
+        `timeout` plus the grace after which a silent agent is given up on."""
         if self.in_flight >= self.max_concurrent:
             raise LimitExceeded(f"node server is running its limit of {self.max_concurrent} calls; retry later")
+        deadline = time.monotonic() + timeout + STUCK_GRACE_SECONDS if timeout else math.inf
         self.in_flight += 1
         slot.in_flight += 1
+        slot.deadlines.append(deadline)
         try:
             yield
         finally:
             self.in_flight -= 1
             slot.in_flight -= 1
+            slot.deadlines.remove(deadline)
             slot.last_used = time.monotonic()
 
     async def execute(self, call: Call) -> CallAnswer:
@@ -250,7 +288,7 @@ class SlotTable:
         first = slot.results.get(call.exec_id)
         if first is not None and not first.cancelled():
             return await asyncio.shield(first)
-        with self.running(slot):
+        with self.running(slot, call.timeout):
             future: asyncio.Future = asyncio.get_running_loop().create_future()
             slot.results[call.exec_id] = future
             while len(slot.results) > REMEMBERED_EXEC_IDS:
@@ -270,18 +308,27 @@ class SlotTable:
         if slot.state in ("restarting", "resetting"):
             async with slot.lock:  # wait for the fresh agent rather than fail the call
                 pass
-        if slot.state != "leased" or slot.agent is None:
+        agent = slot.agent
+        if slot.state != "leased" or agent is None:
             return CallAnswer.failure(call, "slot_unavailable",
                                       f"slot {slot.index} is {slot.state}: {slot.last_error or ''}".rstrip(": "))
+        started = time.monotonic()
         try:
-            result = await slot.agent.call(call.tool, call.args, call.timeout)
+            result = await agent.call(call.tool, call.args, call.timeout)
             answer = CallAnswer.success(call, result)
             if result.get("signal") and not result.get("timed_out"):
+                breach = await self._breach_since(slot, started)
+                if breach:
+                    return CallAnswer.failure(call, LIMIT_EXCEEDED, breach)
                 # Killed by a signal nobody here sent: perhaps the job's own SIGTERM,
                 # which reaches commands and this server at the same moment.
                 await _wait_briefly(self.stopping, 0.5)
         except AgentError as exc:
             answer = CallAnswer.failure(call, exc.kind, exc.message)
+        except AgentStuck as exc:
+            await self._replace_stuck(slot, agent)
+            answer = CallAnswer.failure(call, AgentStuck.kind,
+                                        f"{exc}; the slot's agent is being restarted (its workspace is kept)")
         except AgentDied as exc:
             # Under a batch scheduler the agent may die of the job's SIGTERM a moment
             # before the server hears of it: give that signal a moment to arrive.
@@ -292,6 +339,93 @@ class SlotTable:
                 "the node server is stopping (SIGTERM: its job was cancelled, preempted or reached its "
                 "walltime); the command was killed"))
         return answer
+
+    async def _replace_stuck(self, slot: Slot, agent: AgentProcess) -> None:
+        """Kill an agent that stopped answering and start a fresh one, in the
+        background: the call that found it stuck is answered at once, while the
+        slot's next call waits for the fresh agent (state `restarting`, lock held)."""
+        # asyncio.Lock has no owner: taken here (at once, unless a reset or release
+        # holds it) so that no call slips in before the restart, released by it.
+        await slot.lock.acquire()
+        if slot.agent is not agent or agent.stopping:
+            slot.lock.release()  # already replaced, or being stopped by whoever held the lock
+            return
+        slot.state = "restarting"
+        why = agent.stuck or "agent stopped answering"
+
+        async def restart() -> None:
+            try:
+                await agent.stop()  # at once: a stuck agent is killed, with its whole tree
+                if await self._restart_agent(slot, why):
+                    slot.restarts += 1
+                    slot.last_error = f"{why}; restarted"
+                    log.warning("slot %d: %s (restart %d)", slot.index, slot.last_error, slot.restarts)
+            finally:
+                slot.lock.release()
+
+        self._spawn(restart(), f"slot {slot.index}: restart of a stuck agent")
+
+    # --- limits ------------------------------------------------------------------
+
+    async def _keep_limits(self) -> None:
+        """The watchdog's loop: a round every WATCH_INTERVAL over the slots where
+        something may run; none at all while every slot is free or quiet."""
+        assert self.watchdog is not None
+        rounds = 0
+        disk_limit = self.limits.disk_mb is not None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            rounds += 1
+            disk_round = rounds % DISK_EVERY == 0
+            views, marks = [], []
+            for slot in self.slots:
+                agent = slot.agent
+                if slot.state != "leased" or agent is None or not agent.alive or agent.infra is None:
+                    continue
+                busy = bool(slot.in_flight)
+                scan = busy or slot.quiet_at != slot.last_used
+                measure = disk_limit and (busy or slot.measured_at != slot.last_used)
+                if not scan and not (measure and disk_round):
+                    continue  # nothing has run in it since a round found it empty (and measured it)
+                views.append(SlotView(slot.index, agent.pid or 0, agent.tag, agent.infra, slot.workspace,
+                                      measure_disk=measure))
+                marks.append((slot, agent, busy, slot.last_used))
+            if not views:
+                continue
+            self._round = asyncio.ensure_future(self._watch_round(views, marks, disk_round))
+            try:
+                await asyncio.shield(self._round)
+            except Exception as exc:  # a bad round must not end the watchdog
+                log.error("limit watchdog: %s: %s", type(exc).__name__, exc)
+
+    async def _watch_round(self, views: list[SlotView], marks: list, disk_round: bool) -> None:
+        assert self.watchdog is not None
+        findings = await asyncio.to_thread(self.watchdog.check, views, disk_round)
+        for finding, (slot, agent, busy, last_used) in zip(findings, marks):
+            if slot.agent is not agent or finding.index != slot.index:
+                continue  # replaced meanwhile: its marks start over
+            if finding.breach:
+                slot.breach = (finding.at, finding.breach)
+                slot.last_error = finding.breach
+                log.warning("slot %d: %s", slot.index, finding.breach)
+                slot.quiet_at = slot.measured_at = None
+                continue
+            empty = not busy and finding.processes == 0
+            slot.quiet_at = last_used if empty else None
+            if finding.disk_measured:
+                slot.measured_at = last_used if empty else None
+
+    async def _breach_since(self, slot: Slot, started: float) -> str | None:
+        """The breach that killed a call started at `started`, if any. A round that is
+        killing right now has its findings applied before this answers."""
+        if self.watchdog is None:
+            return None
+        if self._round is not None and not self._round.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._round)
+        if slot.breach and slot.breach[0] >= started:
+            return slot.breach[1]
+        return None
 
     def describe(self) -> list[dict[str, Any]]:
         now = time.monotonic()

@@ -1,0 +1,436 @@
+"""Per-slot limits (memory, processes, workspace disk) and the watchdog that keeps them.
+
+HPC nodes rarely delegate cgroups to their users, so the baseline is a watchdog in the
+node server: twice a second it walks /proc, finds each busy slot's processes, and
+kills what breaks a limit; every two seconds it measures the workspaces of slots that
+may have written. It is a watchdog, not a fence: a slot can overshoot for up to one
+interval (a fast burst of writes can finish between two measurements), and a process
+that both leaves its slot's process tree and clears its environment escapes it.
+
+A slot's processes are its agent's descendants (under bwrap the spawned process is
+bwrap itself; the agent and its commands are below it, and a command that `setsid`s
+away stays below it inside the pid namespace), plus processes re-parented out of the
+tree (a daemon under runtime none) that carry one of its agent's call tags
+(HPC_SANDBOX_CALL=<agent tag>.<n>, which agent.py puts in every command's environment).
+
+Memory is the resident set of the slot's commands, process counts are the slot's
+commands: the agent and the runtime's own processes (its "infrastructure", taken
+when the agent starts) are left out of both, so a limit is what commands get.
+Resident sets are summed per process, so pages that processes share (after a fork)
+count once for each: the measure can overstate a slot's memory, never understate it.
+Only processes of the server's own uid are looked at (their environments too): a
+setuid program, or one that makes itself non-dumpable, is not seen. A delegated
+cgroup v2 subtree (memory.max, pids.max) would be a fence where a node offers one;
+RLIMITs are not used: none is per slot (RLIMIT_NPROC counts the whole uid).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import signal
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LIMIT_EXCEEDED = "limit_exceeded"  # the error kind of a call a breach ended
+CALL_ENV = b"HPC_SANDBOX_CALL="  # agent.py's CALL_ENV
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1 << 20
+
+WATCH_INTERVAL = 0.5  # seconds between process scans
+DISK_EVERY = 4  # scans per workspace measurement (2 s)
+# Work per workspace measurement: a slot with more entries is measured in part (a lower
+# bound), and a round measures no more than this many entries over all slots.
+DISK_SLOT_ENTRIES = 100_000
+DISK_ROUND_ENTRIES = 400_000
+DISK_MAX_DEPTH = 64  # directory descriptors a walk holds open at once
+# While a workspace is over its limit, growing it by more than this kills the slot's
+# commands again; staying put (or shrinking it, say with rm) does not.
+DISK_GROWTH_SLACK = 1 * MIB
+
+
+@dataclass(frozen=True)
+class SlotLimits:
+    memory_mb: int | None = None  # MiB of resident memory of the slot's commands
+    max_procs: int | None = None  # processes of the slot's commands
+    disk_mb: int | None = None  # MiB of workspace usage (blocks allocated)
+
+    @property
+    def any(self) -> bool:
+        return any(value is not None for value in (self.memory_mb, self.max_procs, self.disk_mb))
+
+
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_UNIT_MIB = {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024 * 1024}
+
+
+def parse_size_mb(value: str | int, what: str = "size") -> int:
+    """A size in MiB: 2048 or '2048' (MiB), '512M', '1G', '1.5G', '1T', '800K'
+    (rounded up to whole MiB); K/M/G/T are binary, a trailing B or iB is allowed."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value!r} is not a size (say 512M, 1G or a number of MiB)")
+    if isinstance(value, int):
+        mib = float(value)
+    else:
+        match = _SIZE.fullmatch(str(value).strip())
+        if not match:
+            raise ConfigError(f"{what}: {value!r} is not a size (say 512M, 1G or a number of MiB)")
+        mib = float(match.group(1)) * _UNIT_MIB[match.group(2).lower()]
+    whole = int(-(-mib // 1))  # rounded up: a limit is never made smaller than asked
+    if whole < 1:
+        raise ConfigError(f"{what}: {value!r} must be at least 1 MiB")
+    return whole
+
+
+# --- /proc ----------------------------------------------------------------------------
+
+
+class Proc(NamedTuple):  # a tuple: made for every process twice a second
+    pid: int
+    ppid: int
+    pgid: int
+    rss: int  # bytes
+    start: int  # start time in clock ticks: (pid, start) names a process, pid alone may be reused
+
+
+def scan_processes(uid: int | None) -> dict[int, Proc]:
+    """Every process of `uid` (all when None), from /proc/PID/stat."""
+    procs: dict[int, Proc] = {}
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return procs
+    with entries:
+        for entry in entries:
+            name = entry.name
+            if not name.isdigit():
+                continue
+            try:
+                if uid is not None and entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                fd = os.open(f"/proc/{name}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    raw = os.read(fd, 4096)
+                finally:
+                    os.close(fd)
+            except OSError:  # gone meanwhile
+                continue
+            # comm may hold spaces and parentheses: the fields start after the last ')'.
+            fields = raw[raw.rfind(b")") + 2:].split(None, 22)
+            try:
+                procs[int(name)] = Proc(int(name), int(fields[1]), int(fields[2]), int(fields[21]) * PAGE,
+                                        int(fields[19]))
+            except (IndexError, ValueError):
+                continue
+    return procs
+
+
+def children_of(procs: dict[int, Proc]) -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for proc in procs.values():
+        children.setdefault(proc.ppid, []).append(proc.pid)
+    return children
+
+
+def subtree(root: int, children: dict[int, list[int]]) -> list[int]:
+    """`root` and its descendants."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def call_tag(pid: int) -> str | None:
+    """The agent tag (HPC_SANDBOX_CALL up to its last dot) in a process's environment."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            environ = handle.read()
+    except OSError:
+        return None
+    start = environ.find(b"\0" + CALL_ENV)
+    if start >= 0:
+        start += 1
+    elif environ.startswith(CALL_ENV):
+        start = 0
+    else:
+        return None
+    end = environ.find(b"\0", start)
+    value = environ[start + len(CALL_ENV):end if end >= 0 else len(environ)]
+    return value.rpartition(b".")[0].decode("ascii", "replace") or None
+
+
+def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def kill_tree(root: int, tag: str | None) -> int:
+    """SIGKILL `root`'s descendants and every process tagged with its agent's `tag`,
+    with their process groups (what was forked since the scan is mostly in those).
+    For an agent that no longer answers: nobody else will end its commands."""
+    procs = scan_processes(os.getuid())
+    doomed = set(subtree(root, children_of(procs))) if root in procs else {root}
+    if tag:
+        doomed.update(pid for pid in procs if pid not in doomed and call_tag(pid) == tag)
+    groups = {procs[pid].pgid for pid in doomed if pid in procs}
+    for pid in doomed:
+        _kill(pid, signal.SIGSTOP)  # no more forks while the rest is being killed
+    for pgid in groups - {os.getpgrp()}:
+        if pgid > 1:
+            _killpg(pgid)
+    for pid in doomed:
+        _kill(pid)
+    return len(doomed)
+
+
+# --- workspace usage --------------------------------------------------------------------
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def disk_usage(path: Path, max_entries: int) -> tuple[int, int, bool]:
+    """(bytes allocated under `path`, entries seen, whether the walk stopped early).
+
+    Folders are entered through descriptors with O_NOFOLLOW, so a symlink swapped in by
+    the slot is never followed out of the workspace; hard links are counted once.
+    """
+    try:
+        top = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return 0, 0, False
+    total = seen = 0
+    cut = False
+    inodes: set[tuple[int, int]] = set()
+    stack: list[tuple[int, list[str]]] = []  # (folder fd, subfolders still to enter)
+    fd: int | None = top
+    try:
+        while True:
+            if fd is not None:
+                subfolders: list[str] = []
+                try:
+                    with os.scandir(fd) as entries:
+                        for entry in entries:
+                            seen += 1
+                            if seen > max_entries:
+                                cut = True
+                                break
+                            try:
+                                st = entry.stat(follow_symlinks=False)
+                            except OSError:
+                                continue
+                            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                                if (st.st_dev, st.st_ino) in inodes:
+                                    continue
+                                inodes.add((st.st_dev, st.st_ino))
+                            total += st.st_blocks * 512
+                            if stat.S_ISDIR(st.st_mode):
+                                subfolders.append(entry.name)
+                except OSError:
+                    pass
+                stack.append((fd, subfolders))
+                fd = None
+                if cut:
+                    break
+            if not stack:
+                break
+            parent, pending = stack[-1]
+            if not pending:
+                os.close(stack.pop()[0])
+                continue
+            name = pending.pop()
+            if len(stack) >= DISK_MAX_DEPTH:
+                cut = True
+                continue
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
+                    log.debug("disk usage of %s: %s: %s", path, name, exc)
+                fd = None
+    finally:
+        if fd is not None:
+            os.close(fd)
+        for folder, _ in stack:
+            os.close(folder)
+    return total, seen, cut
+
+
+# --- the watchdog ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What the watchdog needs of one slot, taken on the event loop."""
+
+    index: int
+    pid: int  # the process the runtime spawned (bwrap, apptainer, or the agent itself)
+    tag: str | None  # the agent's call tag prefix
+    infra: frozenset[int]  # the agent's and the runtime's own processes
+    workspace: Path
+    measure_disk: bool
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One slot, as one round found it."""
+
+    index: int
+    processes: int  # the slot's commands' processes (0: nothing runs in it)
+    breach: str | None = None  # the message, when a limit was broken and the slot's commands killed
+    at: float = 0.0  # time.monotonic() of the kill
+    disk_measured: bool = False
+
+
+@dataclass
+class _DiskState:
+    floor: int  # the least usage seen since the last kill while over the limit
+
+
+@dataclass
+class Watchdog:
+    """Measures slots against their limits and kills what breaks them.
+
+    `check` is synchronous and does its own blocking reads: the server runs it on a
+    worker thread, never on the event loop."""
+
+    limits: SlotLimits
+    uid: int = field(default_factory=os.getuid)
+    # (pid, start) -> agent tag of a process found outside every slot's tree (None: no tag),
+    # so that each such process has its environment read once.
+    _tags: dict[tuple[int, int], str | None] = field(default_factory=dict)
+    _disk: dict[int, _DiskState] = field(default_factory=dict)
+    _disk_turn: int = 0
+
+    def infrastructure(self, pid: int) -> frozenset[int]:
+        """The processes of a freshly started agent's tree (before any command runs)."""
+        procs = scan_processes(self.uid)
+        if pid not in procs:
+            return frozenset({pid})
+        return frozenset(subtree(pid, children_of(procs)))
+
+    def check(self, views: list[SlotView], disk_round: bool) -> list[Finding]:
+        procs = scan_processes(self.uid)
+        children = children_of(procs)
+        owner: dict[int, int] = {}  # pid -> position in views
+        for position, view in enumerate(views):
+            if view.pid in procs:
+                for pid in subtree(view.pid, children):
+                    owner.setdefault(pid, position)
+        by_tag = {view.tag: position for position, view in enumerate(views) if view.tag}
+        live_tags: dict[tuple[int, int], str | None] = {}
+        for pid, proc in procs.items():
+            if pid in owner:
+                continue
+            key = (pid, proc.start)
+            tag = self._tags[key] if key in self._tags else call_tag(pid)
+            live_tags[key] = tag
+            if tag in by_tag:
+                # Re-parented out of its slot's tree, with whatever it started since.
+                for member in subtree(pid, children):
+                    owner.setdefault(member, by_tag[tag])
+        self._tags = live_tags
+
+        members: list[list[Proc]] = [[] for _ in views]
+        for pid, position in owner.items():
+            if pid in procs and pid not in views[position].infra:
+                members[position].append(procs[pid])
+
+        findings: list[Finding | None] = [None] * len(views)
+        disk_budget = DISK_ROUND_ENTRIES
+        order = list(range(len(views)))
+        if disk_round and order:  # the budget's first claim rotates between slots
+            self._disk_turn = (self._disk_turn + 1) % len(order)
+            order = order[self._disk_turn:] + order[:self._disk_turn]
+        for position in order:
+            view = views[position]
+            mine = members[position]
+            # Commands run in sessions of their own, never in the agent's group; should one be
+            # there anyway, only it is killed, not its group (that would kill the agent).
+            spared = {procs[pid].pgid for pid in view.infra if pid in procs} | {os.getpgrp()}
+            breach, measured = None, False
+            try:
+                breach = self._check_processes(spared, mine) or self._check_memory(spared, mine)
+                if breach is None and disk_round and view.measure_disk and self.limits.disk_mb and disk_budget > 0:
+                    breach, used = self._check_disk(view, spared, mine, min(DISK_SLOT_ENTRIES, disk_budget))
+                    disk_budget -= used
+                    measured = True
+            except Exception as exc:  # one slot's surprise must not lose the others' findings
+                log.error("limit watchdog: slot %d: %s: %s", view.index, type(exc).__name__, exc)
+            findings[position] = Finding(view.index, len(mine), breach,
+                                         time.monotonic() if breach else 0.0, measured)
+        return findings  # type: ignore[return-value]  # one per view, in the order of views
+
+    def _check_processes(self, spared: set[int], mine: list[Proc]) -> str | None:
+        limit = self.limits.max_procs
+        if limit is None or len(mine) <= limit:
+            return None
+        self._kill_all(spared, mine)
+        return (f"process limit: the slot ran {len(mine)} processes, its limit is {limit}; "
+                "its commands were killed")
+
+    def _check_memory(self, spared: set[int], mine: list[Proc]) -> str | None:
+        limit = self.limits.memory_mb
+        if limit is None or not mine:
+            return None
+        used = sum(proc.rss for proc in mine)
+        if used <= limit * MIB:
+            return None
+        largest = max(mine, key=lambda proc: proc.rss)
+        self._kill_group(spared, largest)
+        return (f"memory limit: the slot used {used // MIB} MiB, its limit is {limit} MiB; "
+                "the command was killed")
+
+    def _check_disk(self, view: SlotView, spared: set[int], mine: list[Proc], budget: int) -> tuple[str | None, int]:
+        limit = self.limits.disk_mb
+        assert limit is not None
+        used, entries, cut = disk_usage(view.workspace, budget)
+        if used <= limit * MIB:
+            self._disk.pop(view.index, None)
+            return None, entries
+        state = self._disk.get(view.index)
+        if state is not None and used <= state.floor + DISK_GROWTH_SLACK:
+            # Still over, but not growing: leave the slot usable, so that it can clean up.
+            state.floor = min(state.floor, used)
+            return None, entries
+        self._disk[view.index] = _DiskState(floor=used)
+        self._kill_all(spared, mine)
+        holds = "holds at least" if cut else "holds"
+        # A burst of writes can end between two measurements: then there is nothing to kill.
+        outcome = "its commands were killed" if mine else "nothing was running; commands that grow it are killed"
+        return f"disk limit: the slot's workspace {holds} {used // MIB} MiB, its limit is {limit} MiB; {outcome}", \
+            entries
+
+    def _kill_group(self, spared: set[int], proc: Proc) -> None:
+        if proc.pgid in spared or proc.pgid <= 1:
+            _kill(proc.pid)
+        else:
+            _killpg(proc.pgid)
+            _kill(proc.pid)  # it may have left its group since the scan
+
+    def _kill_all(self, spared: set[int], mine: list[Proc]) -> None:
+        for proc in mine:
+            _kill(proc.pid, signal.SIGSTOP)  # a fork bomb stops forking while it is being killed
+        for pgid in {proc.pgid for proc in mine} - spared:
+            if pgid > 1:
+                _killpg(pgid)
+        for proc in mine:
+            _kill(proc.pid)
