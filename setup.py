@@ -33,6 +33,7 @@ setup(
         "PyYAML>=6.0",
         "spython>=0.3",
         "python-nomad>=2.0",
+        "cryptography>=41",  # the job's TLS certificate, made at submit
     ],
     extras_require={
         "modal": ["modal>=1.0"],

@@ -148,20 +148,22 @@ def node_batch_op(pool: SlotPool, slots) -> Op:
 
 
 class NodeServer:
-    def __init__(self, children: Children, state_dir: Path, slots: int) -> None:
+    def __init__(self, children: Children, state_dir: Path, slots: int, tls: bool = True) -> None:
         self.children = children
         self.state_dir = state_dir
         self.slots = slots
+        self.tls = tls  # HTTPS with the job's pinned certificate, as submit sets it up; False: --insecure-http
         self.job_id = "bench-" + secrets.token_hex(4)
         self.log_file = state_dir / "node-server.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> Endpoint:
-        JobFolder(self.state_dir, self.job_id).create_token()
+        folder = JobFolder(self.state_dir, self.job_id)
+        folder.create_credentials(tls=self.tls)
         argv = [sys.executable, "-m", "hpc_sandbox", "serve", "--job-id", self.job_id,
                 "--state-dir", str(self.state_dir), "--host", "127.0.0.1", "--slots", str(self.slots),
                 "--runtime", "none", "--port-range", PORT_RANGE,
-                "--workspace-root", str(self.state_dir / "workspaces")]
+                "--workspace-root", str(self.state_dir / "workspaces"), *([] if self.tls else ["--insecure-http"])]
         self.proc = self.children.spawn("node server", argv, log_file=self.log_file)
         deadline = time.monotonic() + timeout
         while True:
@@ -173,10 +175,7 @@ class NodeServer:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"node server not ready within {timeout:.0f}s:\n{Children.tail(self.log_file)}")
             time.sleep(0.1)
-        record = records[0]
-        token = JobFolder(self.state_dir, self.job_id).read_token()
-        return Endpoint(url=record.url, token=token, job_id=self.job_id, name=record.name,
-                        location="local", slots=record.slots)
+        return Endpoint.of(records[0], folder.credentials(), "local")
 
     def stop(self) -> None:
         if self.proc is not None:

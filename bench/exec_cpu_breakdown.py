@@ -3,6 +3,7 @@
 
     python bench/exec_cpu_breakdown.py            # 3000 calls at concurrency 32, 32 slots
     python bench/exec_cpu_breakdown.py --calls 6000 --slots 8
+    python bench/exec_cpu_breakdown.py --tls-ab   # HTTPS (pinned) against plain HTTP, alternating rounds
 
 Starts one node server (runtime none), acquires its slots, runs the calls (one call per
 slot at a time) and reads, from /proc, the user+system CPU each party spent per call:
@@ -41,12 +42,13 @@ def cpu_seconds(pid: int, reaped_children: bool = False) -> float:
     return ((cutime + cstime) if reaped_children else (utime + stime)) / TICKS
 
 
-async def run(calls: int, slots: int) -> None:
+async def run(calls: int, slots: int, tls: bool = True) -> dict[str, float]:
+    """CPU ms per call of each party (client, server, agent, bash), and calls per second."""
     children = Children()
     work = Path(tempfile.mkdtemp(prefix="hpc-sandbox-cpu-"))
     state = work / "state"
     state.mkdir()
-    node = NodeServer(children, state, slots)
+    node = NodeServer(children, state, slots, tls=tls)
     pool: SlotPool | None = None
     try:
         endpoint = await asyncio.to_thread(node.start)
@@ -73,9 +75,11 @@ async def run(calls: int, slots: int) -> None:
         seconds, after = time.perf_counter() - started, snapshot()
         done = per_slot * slots
         client, server, agent, bash = ((b - a) / done * 1e3 for a, b in zip(before, after))
-        print(f"{done} calls on {slots} slots in {seconds:.2f}s ({done / seconds:.0f}/s); CPU ms per call:")
+        print(f"{'https' if tls else 'http '}: {done} calls on {slots} slots in {seconds:.2f}s "
+              f"({done / seconds:.0f}/s); CPU ms per call:")
         print(f"  client (SlotPool) {client:.2f}   node server {server:.2f}   agents {agent:.2f}   "
               f"bash {bash:.2f}   total {client + server + agent + bash:.2f}")
+        return {"client": client, "server": server, "agent": agent, "bash": bash, "rate": done / seconds}
     finally:
         if pool is not None:
             await pool.stop()
@@ -87,8 +91,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--slots", type=int, default=32, help="slots, one call in flight on each")
+    parser.add_argument("--tls-ab", action="store_true",
+                        help="alternate HTTPS and plain-HTTP rounds; print the ratios of each round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each mode with --tls-ab")
     args = parser.parse_args()
-    asyncio.run(run(args.calls, args.slots))
+    if not args.tls_ab:
+        asyncio.run(run(args.calls, args.slots))
+        return 0
+    ratios: dict[str, list[float]] = {"client+server CPU": [], "total CPU": [], "throughput": []}
+    for _ in range(args.rounds):
+        tls, plain = asyncio.run(run(args.calls, args.slots, tls=True)), asyncio.run(run(args.calls, args.slots, tls=False))
+        ratios["client+server CPU"].append((tls["client"] + tls["server"]) / (plain["client"] + plain["server"]))
+        ratios["total CPU"].append(sum(tls[k] for k in ("client", "server", "agent", "bash"))
+                                   / sum(plain[k] for k in ("client", "server", "agent", "bash")))
+        ratios["throughput"].append(tls["rate"] / plain["rate"])
+    print("https / http, per round (keep-alive connections):")
+    for name, values in ratios.items():
+        print(f"  {name:18s} " + "  ".join(f"{v:.3f}" for v in values) + f"   median {sorted(values)[len(values) // 2]:.3f}")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from . import protocol
 from .errors import CallTimeout, ClientError, ServerGone
 from .models import Endpoint
 from .paths import workspace_relative
+from .tls import pinned_context
 from .protocol import (DEFAULT_EXEC_TIMEOUT, AcquireRequest, BadAnswer, Call, CallAnswer, Grant, Health,
                        ReleaseRequest, SlotsAnswer)
 
@@ -39,12 +41,24 @@ def new_exec_id() -> str:
     return uuid.uuid4().hex
 
 
+def _ssl_for(endpoint: Endpoint) -> ssl.SSLContext | bool:
+    """How to reach `endpoint`: pinned to its job's certificate, with the system's CAs
+    (https without a pin: a cloud tunnel), or plain HTTP (the documented opt-out)."""
+    if endpoint.url.startswith("https://"):
+        return pinned_context(endpoint.cert) if endpoint.cert else True
+    if endpoint.cert:
+        raise ServerGone(f"node server {endpoint.name} is recorded as plain HTTP ({endpoint.url}) but its job has "
+                          "a certificate: refusing to send the job's token unencrypted")
+    return False
+
+
 class NodeClient:
     def __init__(self, endpoint: Endpoint, session: aiohttp.ClientSession | None = None) -> None:
         self.endpoint = endpoint
         self._session = session
         self._own_session = session is None
         self._auth = {protocol.AUTH_HEADER: protocol.bearer(endpoint.token)}
+        self._ssl = _ssl_for(endpoint)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -74,9 +88,11 @@ class NodeClient:
         attempts = len(RETRY_DELAYS) + 1 if retry else 1
         for attempt in range(attempts):
             try:
-                async with self.session.request(method, url, json=json, headers=headers,
+                async with self.session.request(method, url, json=json, headers=headers, ssl=self._ssl,
                                                 timeout=_timeout(timeout)) as response:
                     return await self._decode(response)
+            except aiohttp.ClientSSLError as exc:  # before ClientConnectorError: it is one too
+                raise self._impostor(exc) from None
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectorError,
                     aiohttp.ClientPayloadError) as exc:
                 # A broken or refused connection: the request may not have arrived (or
@@ -111,6 +127,13 @@ class NodeClient:
         message = str(error.get("message") or f"HTTP {response.status}")
         raise protocol.error_for(kind, response.status, f"{self.endpoint.name}: {message}")
 
+    def _impostor(self, exc: Exception) -> ServerGone:
+        """The TLS handshake failed: whatever answers there cannot prove it is the job's
+        own node server (the token was not sent). Not retried: it will not become so."""
+        return ServerGone(f"node server {self.endpoint.name} ({self.endpoint.url}) is gone: what answers on its "
+                          f"port does not hold the job's certificate, so the token was not sent "
+                          f"(a stale record of a dead server?): {exc}")
+
     def _nonsense(self, detail: str) -> ServerGone:
         """Whatever answers on the node server's port, it does not speak our protocol:
         as good as gone (a stale record, a port taken over), and said plainly."""
@@ -132,10 +155,14 @@ class NodeClient:
     async def slots(self) -> SlotsAnswer:
         return self._parse(SlotsAnswer.from_json, await self._request("GET", protocol.SLOTS))
 
-    async def acquire(self, trajectory_id: str | None = None, ttl: float | None = None) -> Grant:
-        # Not retried: a lost answer would leave a slot leased to nobody until its ttl.
-        answer = await self._request("POST", protocol.ACQUIRE, json=AcquireRequest(trajectory_id, ttl).to_json(),
-                                     retry=False)
+    async def acquire(self, trajectory_id: str | None = None, ttl: float | None = None, wait: float = 0.0,
+                      confirm_within: float = protocol.DEFAULT_CONFIRM_WITHIN) -> Grant:
+        """A slot of this server; with `wait`, the server holds the request (first come,
+        first served) until one is free or `wait` seconds pass (then NoFreeSlot)."""
+        asked = AcquireRequest(trajectory_id, ttl, min(wait, protocol.MAX_ACQUIRE_WAIT), confirm_within)
+        # Not retried: a lost answer's grant returns to the server unconfirmed (confirm_within).
+        answer = await self._request("POST", protocol.ACQUIRE, json=asked.to_json(), retry=False,
+                                     timeout=CONTROL_TIMEOUT + asked.wait)
         return self._parse(Grant.from_json, answer)
 
     async def release(self, slot: int, lease: str, reset_workspace: bool = True) -> None:
@@ -171,7 +198,7 @@ class NodeClient:
         headers = {**self._auth, protocol.LEASE_HEADER: lease}
         try:
             async with self.session.get(self.endpoint.url + protocol.file_route(slot, workspace_relative(path)),
-                                        headers=headers, timeout=_timeout(timeout)) as response:
+                                        headers=headers, ssl=self._ssl, timeout=_timeout(timeout)) as response:
                 if response.status >= 400:
                     await self._decode(response)
                 size = 0
@@ -199,7 +226,7 @@ class NodeClient:
 
         try:
             async with self.session.put(self.endpoint.url + protocol.file_route(slot, workspace_relative(path)),
-                                        data=chunks(), headers=headers,
+                                        data=chunks(), headers=headers, ssl=self._ssl,
                                         timeout=_timeout(timeout)) as response:
                 answer = await self._decode(response)
                 if not isinstance(answer, dict) or not isinstance(answer.get("size"), int):

@@ -105,6 +105,10 @@ def coerce(key: str, value: object, origin: str, base: Path | None = None) -> ob
         if isinstance(value, bool) or not isinstance(value, int):
             raise _expected(origin, key, "an integer" + (" or null" if kind.optional else ""), value)
         return value
+    if kind.type is bool:
+        if not isinstance(value, bool):
+            raise _expected(origin, key, "true or false", value)
+        return value
     if kind.lines:
         if isinstance(value, str):
             return tuple(line for line in value.splitlines() if line.strip())  # a YAML block scalar
@@ -129,6 +133,9 @@ def coerce(key: str, value: object, origin: str, base: Path | None = None) -> ob
     return str(value)
 
 
+_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
 def coerce_env(key: str, text: str, origin: str) -> object:
     """An environment variable's string for `key`, checked and converted."""
     kind = FIELD_KINDS[key]
@@ -139,6 +146,10 @@ def coerce_env(key: str, text: str, origin: str) -> object:
             return int(text)
         except ValueError:
             raise _expected(origin, key, "an integer", text) from None
+    if kind.type is bool:
+        if text.strip().lower() not in _BOOLEANS:
+            raise _expected(origin, key, f"one of {', '.join(_BOOLEANS)}", text)
+        return _BOOLEANS[text.strip().lower()]
     if kind.lines:
         if text.lstrip().startswith("["):
             try:

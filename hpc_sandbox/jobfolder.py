@@ -7,6 +7,9 @@ nodes share):
 
     STATE_DIR/jobs/JOB/                  the job folder (0700)
         token                            the job's bearer token (0600, made at submit)
+        tls.crt, tls.key                 the job's own certificate and key (0600, made at
+                                         submit): node servers serve HTTPS with them and
+                                         clients trust nothing else (see tls.py)
         job.json                         what was submitted: scheduler, its ids, sizes
         servers/HOST-PORT.json           one ready record per node server (rendezvous)
         logs/                            node server logs (local: server-N.log; Slurm:
@@ -27,8 +30,9 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, JobNotFound
@@ -67,15 +71,30 @@ class ServerRecord:
     runtime: str
     started_at: float
     task_index: int = 0
+    tls: bool = False  # serves HTTPS with the job's certificate (False: a plain-HTTP opt-out)
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     @property
     def name(self) -> str:
         return f"{self.hostname}:{self.port}"
+
+    def process_gone(self) -> bool:
+        """True when the record is certainly stale: its server ran on this very host and
+        its process is gone (a server killed with SIGKILL cannot remove its record). A
+        pid now held by another user counts as gone: our server runs as us."""
+        if self.hostname != socket.gethostname():
+            return False  # another node's process: only a request can tell
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -110,18 +129,38 @@ def write_json_atomic(path: Path, data: dict, mode: int = 0o644) -> None:
         raise
 
 
-def read_token(path: Path) -> str:
-    """Read a token file, refusing one that others could read."""
-    path = Path(path)
+@dataclass(frozen=True)
+class Credentials:
+    """What a client needs to talk to a job's node servers: the bearer token, and the
+    certificate to pin (None for a job submitted with the plain-HTTP opt-out)."""
+
+    token: str = field(repr=False)
+    cert: str | None = field(default=None, repr=False)
+
+
+def read_private(path: Path, what: str) -> str:
+    """Read a secret file, refusing one that others could read or that is not ours."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ConfigError(f"token file {path} does not exist") from None
+        raise ConfigError(f"{what} {path} does not exist") from None
     if st.st_mode & 0o077:
-        raise ConfigError(f"token file {path} has mode {oct(st.st_mode & 0o777)}; it must be 0600 (chmod 600 {path})")
+        raise ConfigError(f"{what} {path} has mode {oct(st.st_mode & 0o777)}; it must be 0600 (chmod 600 {path})")
     if st.st_uid != os.getuid():
-        raise ConfigError(f"token file {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
-    token = path.read_text(encoding="utf-8").strip()
+        raise ConfigError(f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
+    return path.read_text(encoding="utf-8")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create a file 0600 from the start (never readable by others, not even briefly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def read_token(path: Path) -> str:
+    """Read a token file, refusing one that others could read."""
+    token = read_private(Path(path), "token file").strip()
     if len(token) < 16:
         raise ConfigError(f"token file {path} holds no usable token (under 16 characters)")
     return token
@@ -146,6 +185,14 @@ class JobFolder:
     @property
     def token(self) -> Path:
         return self.path / "token"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.path / "tls.crt"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.path / "tls.key"
 
     @property
     def job_json(self) -> Path:
@@ -177,21 +224,35 @@ class JobFolder:
     def exists(self) -> bool:
         return self.path.is_dir()
 
-    # --- the token -----------------------------------------------------------------
+    # --- the token and the certificate ---------------------------------------------
 
     def create_token(self) -> Path:
         """Make the folder (0700) and its token file (created 0600: never readable by others)."""
         self.path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
-        fd = os.open(self.token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32) + "\n")
+        _write_private(self.token, (secrets.token_urlsafe(32) + "\n").encode())
         return self.token
+
+    def create_credentials(self, tls: bool = True) -> None:
+        """The token and, unless opted out, the job's own TLS key pair (see tls.py)."""
+        self.create_token()
+        if tls:
+            from .tls import make_self_signed  # needs `cryptography`: only where jobs are submitted
+
+            cert, key = make_self_signed(f"hpc-sandbox {self.job_id}")
+            _write_private(self.tls_key, key)
+            _write_private(self.tls_cert, cert)
 
     def read_token(self) -> str:
         if not self.exists():
             raise JobNotFound(f"no job {self.job_id!r} in {jobs_root(self.state_dir)}")
         return read_token(self.token)
+
+    def credentials(self) -> Credentials:
+        """The token, and the certificate to pin when the job has one."""
+        token = self.read_token()
+        cert = read_private(self.tls_cert, "certificate") if self.tls_cert.exists() else None
+        return Credentials(token, cert)
 
     # --- job.json ------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +19,9 @@ import aiohttp
 from .client import NodeClient
 from .errors import ClientError, HpcSandboxError, JobNotFound
 from .models import Endpoint
-from .jobfolder import JobFolder, JobInfo, ServerRecord, jobs_root, list_jobs
+from .jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, jobs_root, list_jobs
 from .schedulers import JobState, JobStatus, get_scheduler
-from .schedulers.batch import jittered
+from .schedulers.base import jittered
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -61,23 +61,84 @@ def new_job_id(job_name: str) -> str:
     return f"{job_name}-{secrets.token_hex(3)}"
 
 
-def submit(spec: SandboxSpec, scheduler: str = "local") -> JobInfo:
-    """Make the job folder and its token, then hand the spec to the scheduler."""
+def submit(spec: SandboxSpec, scheduler: str | None = None) -> "Job":
+    """Make the job folder and its credentials, then hand the spec to the scheduler
+    (the spec's own, unless named here)."""
     state_dir = spec.state_dir.expanduser()
-    backend = get_scheduler(scheduler, state_dir)
+    backend = get_scheduler(scheduler or spec.scheduler, state_dir)
     folder = JobFolder(state_dir, new_job_id(spec.job_name))
-    folder.create_token()
+    folder.create_credentials(tls=spec.tls)
     try:
         info = backend.submit(spec, folder)
     except BaseException:
         folder.remove()
         raise
     folder.write_info(info)
-    return info
+    return Job(state_dir, info)
 
 
-async def _probe(record: ServerRecord, token: str, session: aiohttp.ClientSession) -> ServerState:
-    endpoint = Endpoint(url=record.url, token=token, job_id=record.job_id, name=record.name)
+@dataclass(frozen=True)
+class Job:
+    """A submitted job, from Python: what `hpc-sandbox submit/status/cancel` use too.
+
+        job = jobs.submit(load_spec(profile="gpu", overrides={"array": 16}))
+        await job.wait_ready(progress=print)
+        print(job.id, job.scheduler_ids, (await job.status()).status.state)
+        job.cancel()
+    """
+
+    state_dir: Path
+    info: JobInfo
+
+    @classmethod
+    def attach(cls, state_dir: Path, job_id: str) -> "Job":
+        """A job submitted earlier (by this process or another), by its id."""
+        return cls(Path(state_dir).expanduser(), JobFolder(state_dir, job_id).read_info())
+
+    @property
+    def id(self) -> str:
+        return self.info.job_id
+
+    @property
+    def scheduler_ids(self) -> tuple[str, ...]:
+        """The scheduler's own job ids (Slurm/PBS job ids, local pids)."""
+        return self.info.scheduler_ids
+
+    @property
+    def folder(self) -> JobFolder:
+        return JobFolder(self.state_dir, self.id)
+
+    async def wait_ready(self, timeout: float = 600.0, progress: Callable[[int, int, str], None] | None = None,
+                         servers: int | None = None) -> list[ServerState]:
+        """Wait until `servers` node servers (default: all of them) answer."""
+        return await wait_ready(self.state_dir, self.info, timeout, progress, servers)
+
+    async def status(self) -> JobReport:
+        [found] = await report(self.state_dir, self.id)
+        return found
+
+    def cancel(self) -> None:
+        """Cancel through the scheduler and remove the job folder; a job already gone is fine."""
+        try:
+            cancel(self.state_dir, self.id)
+        except JobNotFound:
+            pass
+
+
+def job_states(state_dir: Path, infos: Sequence[JobInfo]) -> dict[str, JobStatus]:
+    """The state of every given job: one status call per scheduler, for all its jobs."""
+    statuses: dict[str, JobStatus] = {}
+    for scheduler in sorted({info.scheduler for info in infos}):
+        group = [info for info in infos if info.scheduler == scheduler]
+        statuses.update(get_scheduler(scheduler, state_dir).status(group))
+    return statuses
+
+
+async def _probe(record: ServerRecord, credentials: Credentials, session: aiohttp.ClientSession) -> ServerState:
+    if record.process_gone():
+        return ServerState(record, False, error=f"stale record: its node server (pid {record.pid} on this host) "
+                                                "has exited")
+    endpoint = Endpoint.of(record, credentials)
     try:
         answer = await NodeClient(endpoint, session=session).slots()
         return ServerState(record, True, answer.counts)
@@ -87,16 +148,19 @@ async def _probe(record: ServerRecord, token: str, session: aiohttp.ClientSessio
 
 async def probe_servers(state_dir: Path, job_id: str) -> list[ServerState]:
     folder = JobFolder(state_dir, job_id)
-    token = folder.read_token()
+    credentials = folder.credentials()
     records = folder.read_records()
     async with aiohttp.ClientSession() as session:
-        return list(await asyncio.gather(*(_probe(r, token, session) for r in records)))
+        return list(await asyncio.gather(*(_probe(r, credentials, session) for r in records)))
 
 
 async def wait_ready(state_dir: Path, info: JobInfo, timeout: float,
-                     progress: Callable[[int, int, str], None] | None = None) -> list[ServerState]:
-    """Wait until every node server of the job answers; fail fast if the job ends."""
+                     progress: Callable[[int, int, str], None] | None = None,
+                     servers: int | None = None) -> list[ServerState]:
+    """Wait until `servers` (default: every) node server of the job answers; fail fast
+    if the job ends."""
     backend = get_scheduler(info.scheduler, state_dir)
+    wanted = min(servers or info.servers, info.servers)
     deadline = time.monotonic() + timeout
     next_status = 0.0
     status = JobStatus(info.job_id, JobState.UNKNOWN)
@@ -106,12 +170,12 @@ async def wait_ready(state_dir: Path, info: JobInfo, timeout: float,
         if time.monotonic() >= next_status:
             status = backend.status([info])[info.job_id]
             next_status = time.monotonic() + jittered(STATUS_INTERVAL)
-        servers = await probe_servers(state_dir, info.job_id)
-        ready = sum(s.reachable for s in servers)
+        found = await probe_servers(state_dir, info.job_id)
+        ready = sum(s.reachable for s in found)
         if progress:
             progress(ready, info.servers, status.state.value)
-        if ready >= info.servers:
-            return servers
+        if ready >= wanted:
+            return found
         if status.state.ended or (info.scheduler == "local" and status.reason):
             folder = JobFolder(state_dir, info.job_id)
             tail = folder.log_tail()
@@ -143,10 +207,7 @@ async def report(state_dir: Path, job: str | None = None) -> list[JobReport]:
             if job is not None:
                 raise
             log.debug("skipping %s: no job.json", job_id)
-    statuses: dict[str, JobStatus] = {}
-    for scheduler in sorted({i.scheduler for i in infos}):
-        group = [i for i in infos if i.scheduler == scheduler]
-        statuses.update(get_scheduler(scheduler, state_dir).status(group))
+    statuses = job_states(state_dir, infos)
     reports = []
     for info in infos:
         servers = await probe_servers(state_dir, info.job_id)

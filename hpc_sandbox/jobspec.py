@@ -48,6 +48,9 @@ SUFFIXES = {"slurm": ".sbatch", "pbs": ".pbs", "nomad": ".nomad.hcl"}
 # it must not hold spaces, quotes, `%` (a Slurm filename pattern) or shell syntax.
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+@,=:~-]*")  # fullmatch: no final newline slips through
 NODE_SCRIPT_END = "HPC_SANDBOX_NODE_SCRIPT"
+TLS_CERT, TLS_KEY = "tls.crt", "tls.key"
+# What a Nomad task gets from its job's Variable: (key in the Variable, file in the secrets dir).
+NOMAD_SECRET_FILES = (("token", "token"), ("tls_cert", TLS_CERT), ("tls_key", TLS_KEY))
 NOMAD_KILL_TIMEOUT = 30
 
 
@@ -157,13 +160,14 @@ def hcl_string(value: object) -> str:
 
 
 def serve_groups(spec: SandboxSpec, job_key: str, *, port_index: int | str = 0,
-                 state_dir: str | None = None, token_file: str | None = None,
+                 state_dir: str | None = None, token_file: str | None = None, tls_dir: str | None = None,
                  port_range: tuple[int, int] | None = None, host: str | None = None) -> list[list[str]]:
     """`python -m hpc_sandbox serve ...` as groups: the interpreter, then one flag per group.
 
     This is the contract with `hpc-sandbox serve`; every template (and anything else
     that starts node servers) builds it here. Values may be `Raw` shell or Nomad
-    expressions (an array index, ${NOMAD_SECRETS_DIR}/token).
+    expressions (an array index, ${NOMAD_SECRETS_DIR}/token). `tls_dir` names where the
+    job's certificate and key are when not in its job folder (Nomad's secrets dir).
     """
     state = state_dir if state_dir is not None else str(spec.state_dir)
     token = token_file if token_file is not None else str(JobFolder(Path(state), job_key).token)
@@ -180,6 +184,13 @@ def serve_groups(spec: SandboxSpec, job_key: str, *, port_index: int | str = 0,
         groups.append(["--gpus", str(spec.gpus)])
     if spec.network != "host":
         groups.append(["--network", spec.network])
+    if not spec.tls:
+        groups.append(["--insecure-http"])
+    elif tls_dir is not None:
+        # A Raw folder (a Nomad expression) keeps its paths Raw: the template must not quote them.
+        wrap = Raw if isinstance(tls_dir, Raw) else str
+        groups.append(["--tls-cert", wrap(f"{tls_dir}/{TLS_CERT}")])
+        groups.append(["--tls-key", wrap(f"{tls_dir}/{TLS_KEY}")])
     groups.append(["--port-range", f"{lo}-{hi}"])
     groups.append(["--port-index", port_index if isinstance(port_index, Raw) else str(port_index)])
     if host is not None:
@@ -342,10 +353,15 @@ def _render_part(env: jinja2.Environment, name: str, spec: SandboxSpec, schedule
     if scheduler == "nomad":
         context["serve"] = serve_groups(
             spec, job_key, port_index=0, state_dir=Raw("${NOMAD_ALLOC_DIR}/hpc-sandbox"),
-            token_file=Raw("${NOMAD_SECRETS_DIR}/token"), port_range=(lo, lo), host=Raw("${NOMAD_IP_http}"))
+            token_file=Raw("${NOMAD_SECRETS_DIR}/token"), tls_dir=Raw("${NOMAD_SECRETS_DIR}"), port_range=(lo, lo),
+            host=Raw("${NOMAD_IP_http}"))
         context["nomad_variable"] = f"nomad/jobs/{job_key}"
-        # Go template for Nomad's template block; built here so Jinja never parses it.
-        context["token_template"] = f'{{{{ with nomadVar "nomad/jobs/{job_key}" }}}}{{{{ .token }}}}{{{{ end }}}}'
+        # Each secret file: its key in the Variable, its name in the secrets dir, and the
+        # Go template that renders it (built here so Jinja never parses it).
+        context["secret_files"] = [
+            {"key": key, "file": file, "template": f'{{{{ with nomadVar "nomad/jobs/{job_key}" }}}}'
+                                                  f'{{{{ .{key} }}}}{{{{ end }}}}'}
+            for key, file in NOMAD_SECRET_FILES if key == "token" or spec.tls]
     else:
         index = _array_index_expr(scheduler, dialect, part, plain) if is_array else 0
         context["serve"] = serve_groups(spec, job_key, port_index=index)

@@ -21,7 +21,7 @@ from .errors import ClientError, HpcSandboxError
 from .models import Endpoint, ToolResult
 from .jobfolder import JobFolder
 from .schedulers import get_scheduler
-from .schedulers.batch import jittered
+from .schedulers.base import jittered
 from .spec import SandboxSpec
 
 
@@ -43,7 +43,7 @@ async def run_preflight(spec: SandboxSpec, timeout: float, report: Callable[[Ste
 
     state_dir = spec.state_dir
     try:
-        info = jobs.submit(spec, spec.scheduler)
+        info = jobs.submit(spec).info
     except HpcSandboxError as exc:
         step("submit", False, str(exc))
         return steps
@@ -52,8 +52,7 @@ async def run_preflight(spec: SandboxSpec, timeout: float, report: Callable[[Ste
         record = await _wait_for_record(spec, info, timeout, step)
         if record is None:
             return steps
-        endpoint = Endpoint(url=record.url, token=JobFolder(state_dir, info.job_id).read_token(), job_id=info.job_id,
-                            name=record.name, location="cluster", slots=record.slots)
+        endpoint = Endpoint.of(record, JobFolder(state_dir, info.job_id).credentials())
         async with aiohttp.ClientSession() as session:
             client = NodeClient(endpoint, session=session)
             try:

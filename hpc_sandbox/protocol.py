@@ -68,6 +68,13 @@ def parse_slot_index(raw: str) -> int:
 # --- tools and defaults ---------------------------------------------------------------
 
 TOOLS = ("bash", "read_file", "write_file", "list_files", "archive")
+# An acquire may wait on the server for a slot to free up, at most this long (a client
+# that wants longer asks again: proxies and NATs drop idle connections).
+MAX_ACQUIRE_WAIT = 60.0
+# A grant must be used (any call that carries its lease: exec, renew, a file...) within
+# this long, or the slot goes back to the pool: a client that died, or whose connection
+# broke, just as the grant was sent never learned of its lease.
+DEFAULT_CONFIRM_WITHIN = 30.0
 # A tool call that names no timeout gets this one, from the server and the client alike:
 # with none at all, a forgotten `sleep` would hold a slot and a client forever.
 DEFAULT_EXEC_TIMEOUT = 300.0
@@ -139,11 +146,19 @@ def _get(data: dict[str, Any], key: str, check, what: str, expected: str) -> Any
 class AcquireRequest:
     trajectory_id: str | None = None
     ttl: float | None = None
+    # Seconds to wait on the server for a slot when none is free (0: answer at once);
+    # requests waiting on one server are served first come, first served.
+    wait: float = 0.0
+    confirm_within: float = DEFAULT_CONFIRM_WITHIN
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"trajectory_id": self.trajectory_id}
         if self.ttl is not None:
             body["ttl"] = self.ttl
+        if self.wait:
+            body["wait"] = self.wait
+        if self.confirm_within != DEFAULT_CONFIRM_WITHIN:
+            body["confirm_within"] = self.confirm_within
         return body
 
     @classmethod
@@ -154,7 +169,13 @@ class AcquireRequest:
         ttl = body.get("ttl")
         if ttl is not None and not _number(ttl):
             raise BadRequest("'ttl' must be a number of seconds")
-        return cls(trajectory_id, float(ttl) if ttl is not None else None)
+        wait = body.get("wait", 0.0)
+        if not _number(wait) or not 0 <= wait <= MAX_ACQUIRE_WAIT:
+            raise BadRequest(f"'wait' must be a number of seconds in [0, {MAX_ACQUIRE_WAIT:.0f}]")
+        confirm = body.get("confirm_within", DEFAULT_CONFIRM_WITHIN)
+        if not _number(confirm) or not 1 <= confirm <= 3600:
+            raise BadRequest("'confirm_within' must be a number of seconds in [1, 3600]")
+        return cls(trajectory_id, float(ttl) if ttl is not None else None, float(wait), float(confirm))
 
 
 @dataclass(frozen=True)
@@ -245,16 +266,22 @@ class Grant:
     slot: int
     lease: str = field(repr=False)
     ttl: float
+    free: int | None = None  # slots still free on that server after this grant (a hint)
 
     def to_json(self) -> dict[str, Any]:
-        return {"slot": self.slot, "lease": self.lease, "ttl": self.ttl}
+        body: dict[str, Any] = {"slot": self.slot, "lease": self.lease, "ttl": self.ttl}
+        if self.free is not None:
+            body["free"] = self.free
+        return body
 
     @classmethod
     def from_json(cls, data: object) -> "Grant":
         data = _need(data, "acquire")
+        free = data.get("free")
         return cls(slot=_get(data, "slot", lambda v: _integer(v) and v >= 0, "acquire", "a slot index"),
                    lease=_get(data, "lease", lambda v: isinstance(v, str) and v, "acquire", "a lease string"),
-                   ttl=float(_get(data, "ttl", _number, "acquire", "a number of seconds")))
+                   ttl=float(_get(data, "ttl", _number, "acquire", "a number of seconds")),
+                   free=free if _integer(free) else None)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,9 @@ class SandboxSpec:
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
     # `none` cuts slots off the network (bwrap --unshare-net, Apptainer --network none).
     network: str = "host"
+    # Node servers serve HTTPS with the job's own certificate, which clients pin. False
+    # is plain HTTP: only for a trusted single-user machine.
+    tls: bool = True
     python: str = field(default_factory=lambda: sys.executable)
     setup_lines: tuple[str, ...] = ()
     extra_directives: tuple[str, ...] = ()
@@ -294,10 +297,10 @@ class SandboxSpec:
         Paths, lines and port ranges are normalised before this runs."""
         for name, kind in FIELD_KINDS.items():
             value = getattr(self, name)
-            if kind.type not in (int, str) or (value is None and kind.optional):
+            if kind.type not in _TYPE_NAMES or (value is None and kind.optional):
                 continue
             if not isinstance(value, kind.type) or (kind.type is int and isinstance(value, bool)):
-                raise SpecError(name, f"expected {'an integer' if kind.type is int else 'a string'}"
+                raise SpecError(name, f"expected {_TYPE_NAMES[kind.type]}"
                                       f"{' or nothing' if kind.optional else ''}, got {value!r}")
 
 
@@ -322,7 +325,7 @@ def _field_kinds() -> dict[str, FieldKind]:
         base = next(a for a in args if a is not type(None)) if optional else hint
         if typing.get_origin(base) is tuple:
             kinds[f.name] = FieldKind(tuple, optional, lines=typing.get_args(base)[-1] is Ellipsis)
-        elif base in (int, str, Path):
+        elif base in (int, str, bool, Path):
             kinds[f.name] = FieldKind(base, optional)
         else:  # a new field of a new kind: say so at import, not as a wrong coercion later
             raise TypeError(f"SandboxSpec.{f.name}: no FieldKind for {hint!r}")
@@ -330,3 +333,4 @@ def _field_kinds() -> dict[str, FieldKind]:
 
 
 FIELD_KINDS: dict[str, FieldKind] = _field_kinds()
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false"}

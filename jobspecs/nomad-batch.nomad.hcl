@@ -3,7 +3,7 @@
 #
 # What runs: 3 node servers (`hpc_sandbox serve`, raw_exec, as the Nomad client's user), at most one per node, each running 8 slots with runtime apptainer and image /shared/images/swe-agent.sif.
 # Ports: each node server listens on the static port 9100 of its node's Nomad address, nothing else.
-# Files: only inside the allocation directory; the token comes from the Nomad Variable nomad/jobs/nomad-batch (key "token") into the task's secrets dir (mode 0600).
+# Files: only inside the allocation directory; the secrets come from the Nomad Variable nomad/jobs/nomad-batch (keys token, tls_cert, tls_key) into the task's secrets dir (mode 0600).
 job "nomad-batch" {
   name = "rl-sandbox"
   type = "batch"
@@ -50,19 +50,35 @@ job "nomad-batch" {
           "--slots", "8",
           "--runtime", "apptainer",
           "--image", "/shared/images/swe-agent.sif",
+          "--tls-cert", "${NOMAD_SECRETS_DIR}/tls.crt",
+          "--tls-key", "${NOMAD_SECRETS_DIR}/tls.key",
           "--port-range", "9100-9100",
           "--port-index", "0",
           "--host", "${NOMAD_IP_http}"
         ]
       }
 
-      # The job's token: Nomad renders it from the job's own Variable into the secrets
-      # dir; it is never written in this file.
+      # The job's secrets (token, TLS certificate and key): Nomad renders them from the
+      # job's own Variable into the secrets dir; they are never written in this file.
       template {
         data        = <<-EOT
         {{ with nomadVar "nomad/jobs/nomad-batch" }}{{ .token }}{{ end }}
         EOT
         destination = "${NOMAD_SECRETS_DIR}/token"
+        perms       = "0600"
+      }
+      template {
+        data        = <<-EOT
+        {{ with nomadVar "nomad/jobs/nomad-batch" }}{{ .tls_cert }}{{ end }}
+        EOT
+        destination = "${NOMAD_SECRETS_DIR}/tls.crt"
+        perms       = "0600"
+      }
+      template {
+        data        = <<-EOT
+        {{ with nomadVar "nomad/jobs/nomad-batch" }}{{ .tls_key }}{{ end }}
+        EOT
+        destination = "${NOMAD_SECRETS_DIR}/tls.key"
         perms       = "0600"
       }
 

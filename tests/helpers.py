@@ -50,8 +50,14 @@ class RunningServer:
 
     @property
     def endpoint(self) -> Endpoint:
-        return Endpoint(url=self.url, token=self.token, job_id=self.job_id, name=self.record.name,
-                        location="local", slots=self.record.slots)
+        return Endpoint.of(self.record, JobFolder(self.state_dir, self.job_id).credentials(), "local")
+
+    @property
+    def ssl(self):
+        """What a raw aiohttp request to this server passes as ssl= (the pinned certificate)."""
+        from hpc_sandbox.tls import pinned_context
+
+        return pinned_context(self.endpoint.cert) if self.endpoint.cert else False
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -64,7 +70,9 @@ def start_server(state_dir: Path, job_id: str = "job", slots: int = 2, runtime: 
                  make_token: bool = True) -> RunningServer:
     folder = JobFolder(state_dir, job_id)
     if make_token and not folder.token.exists():
-        folder.create_token()
+        # The token and the job's TLS certificate, as submit makes them (a token only for
+        # a server asked to serve plain HTTP).
+        folder.create_credentials(tls="--insecure-http" not in (extra or []))
     log = state_dir / f"{job_id}-server-{time.monotonic_ns()}.log"
     argv = [sys.executable, "-m", "hpc_sandbox", "-v", "serve", "--job-id", job_id, "--state-dir", str(state_dir),
             "--host", "127.0.0.1", "--slots", str(slots), "--runtime", runtime,

@@ -76,7 +76,7 @@ def test_errors_are_one_line_without_traceback(cli):
 def test_unexpected_failures_are_still_one_line(cli, state_dir, tmp_path):
     from hpc_sandbox.jobfolder import JobFolder
 
-    JobFolder(state_dir, "byhand").create_token()  # a folder without job.json: a submit in progress, or `serve` by hand
+    JobFolder(state_dir, "byhand").create_credentials()  # a folder without job.json: a submit in progress, or `serve` by hand
     listing = cli("status")
     assert listing.returncode == 0 and "Traceback" not in listing.stderr
     # An agent that cannot start (here: an interpreter that exits at once) stops the server with an

@@ -101,13 +101,20 @@ def check_nomad(text: str, spec: SandboxSpec) -> None:
     if spec.gpus:
         gpu_name, gpu = label(resources["device"][0])
         assert gpu_name == "nvidia/gpu" and gpu["count"] == spec.gpus
-    # the token: a file in the secrets dir, filled by Nomad from a Variable; never inline
-    assert args[args.index("--token-file") + 1] == "${NOMAD_SECRETS_DIR}/token"
-    (template,) = task["template"]
-    assert unquote(template["destination"]) == "${NOMAD_SECRETS_DIR}/token"
-    assert unquote(template["perms"]) == "0600"
-    data = unquote(template["data"])
-    assert f'nomadVar "nomad/jobs/{parts["job_name"]}"' in data and "{{ .token }}" in data
+    # the secrets (token, TLS certificate and key): files in the secrets dir, filled by
+    # Nomad from the job's Variable; never inline
+    secrets = {"token": "--token-file"}
+    if spec.tls:
+        secrets.update({"tls_cert": "--tls-cert", "tls_key": "--tls-key"})
+    assert len(task["template"]) == len(secrets)
+    for template, (key, flag) in zip(task["template"], secrets.items()):
+        destination = unquote(template["destination"])
+        assert args[args.index(flag) + 1] == destination and destination.startswith("${NOMAD_SECRETS_DIR}/")
+        assert unquote(template["perms"]) == "0600"
+        data = unquote(template["data"])
+        assert f'nomadVar "nomad/jobs/{parts["job_name"]}"' in data and f"{{{{ .{key} }}}}" in data
+    if not spec.tls:
+        assert "--insecure-http" in args
     assert "env" not in task, "no environment block: a token must not travel through the environment"
     assert task["driver"] == '"raw_exec"'
 
@@ -123,6 +130,7 @@ def test_nomad_examples_parse(name):
     {"nodes": 4, "cpus_per_node": 8, "mem": "3G", "gpus": 1, "runtime": "apptainer", "image": "docker://x/y:1"},
     {"array": 50, "array_limit": 10, "nomad_type": "service", "partition": "p", "account": "ns"},
     {"extra_directives": ("priority = 80", 'meta { owner = "rl" }'), "skip_directives": ("restart",)},
+    {"tls": False, "runtime": "bwrap", "network": "none"},
 ])
 def test_nomad_jobs_parse(kwargs):
     spec = SandboxSpec(python="/venv/bin/python", **kwargs)

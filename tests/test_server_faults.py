@@ -40,6 +40,7 @@ async def test_release_when_the_agent_cannot_restart_frees_the_lease_and_marks_t
     try:
         async with NodeClient(server.endpoint) as client:
             granted = await client.acquire("t")
+            await client.execute(granted.slot, granted.lease, "bash", {"command": "true"})  # used: release restarts
             flag.touch()
             await client.release(granted.slot, granted.lease)  # was: HTTP 500 with a traceback
             state = await _state(client, granted.slot)
@@ -57,6 +58,7 @@ async def test_a_reset_that_fails_after_lease_expiry_is_logged_with_its_reason(s
     try:
         async with NodeClient(server.endpoint) as client:
             granted = await client.acquire("t", ttl=1)
+            await client.execute(granted.slot, granted.lease, "bash", {"command": "true"})  # used: expiry resets
             flag.touch()
             deadline = time.monotonic() + 15
             while (await _state(client, granted.slot))["state"] != "broken":
@@ -87,7 +89,7 @@ async def test_file_transfers_count_against_the_concurrency_limit(state_dir, tmp
             a, b = await client.acquire("a"), await client.acquire("b")
             url = f"{server.url}/v1/slots/{a.slot}/files/slow.bin"
             headers = {"Authorization": f"Bearer {server.token}", "X-Lease": a.lease}
-            upload = asyncio.ensure_future(client.session.put(url, data=slow_body(), headers=headers))
+            upload = asyncio.ensure_future(client.session.put(url, data=slow_body(), headers=headers, ssl=server.ssl))
             await asyncio.wait_for(started.wait(), 10)
             await asyncio.sleep(0.3)  # the server is inside the upload now
             with pytest.raises(LimitExceeded):

@@ -6,12 +6,24 @@ from pathlib import Path
 
 import click
 
+from ..errors import ConfigError
 from ..jobfolder import JobFolder
 from ..runtime import NETWORK_MODES, RUNTIMES, RuntimeOptions
 from ..server.app import ServerLimits
+from ..server.limits import SlotLimits, parse_size_mb
 from ..server.main import ServeOptions, run
 from ..spec import DEFAULT_PORT_RANGE, parse_port_range
 from .common import resolve_state_dir, state_dir_option
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """--slot-memory/--slot-disk: a size (512M, 1G, or MiB) as whole MiB."""
+    if value is None:
+        return None
+    try:
+        return parse_size_mb(value, param.name or "size")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
 
 
 @click.command("serve")
@@ -33,6 +45,12 @@ from .common import resolve_state_dir, state_dir_option
 @state_dir_option
 @click.option("--token-file", type=click.Path(path_type=Path), default=None,
               help="Bearer token file, mode 0600 (default STATE_DIR/jobs/JOB/token).")
+@click.option("--tls-cert", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The job's TLS certificate (default STATE_DIR/jobs/JOB/tls.crt).")
+@click.option("--tls-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Its private key, mode 0600 (default STATE_DIR/jobs/JOB/tls.key).")
+@click.option("--insecure-http", is_flag=True,
+              help="Serve plain HTTP without TLS: the token travels unencrypted. Trusted single-user machines only.")
 @click.option("--workspace-root", type=click.Path(path_type=Path), default=None,
               help="Where slot workspaces live (default node-local $TMPDIR/hpc-sandbox-UID/...).")
 @click.option("--python", "slot_python", default=None,
@@ -41,9 +59,18 @@ from .common import resolve_state_dir, state_dir_option
               help="Largest JSON request body in bytes.")
 @click.option("--max-concurrent", type=click.IntRange(1), default=256, show_default=True,
               help="Tool calls running at once before new ones get 429.")
-def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None, gpus: int, port_range: str, port_index: int,
-          host: str | None, interface: str | None, state_dir: Path | None, token_file: Path | None,
-          workspace_root: Path | None, slot_python: str | None, max_body: int, max_concurrent: int) -> None:
+@click.option("--slot-memory", metavar="SIZE", callback=_size, default=None,
+              help="Resident memory each slot's commands may use, e.g. 512M, 4G (a number alone is MiB). "
+                   "Default: no limit.")
+@click.option("--slot-procs", type=click.IntRange(1), default=None,
+              help="Processes each slot's commands may run at once. Default: no limit.")
+@click.option("--slot-disk", metavar="SIZE", callback=_size, default=None,
+              help="Disk each slot's workspace may use, e.g. 1G (a number alone is MiB). Default: no limit.")
+def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None, gpus: int, port_range: str,
+          port_index: int, host: str | None, interface: str | None, state_dir: Path | None, token_file: Path | None,
+          tls_cert: Path | None, tls_key: Path | None, insecure_http: bool, workspace_root: Path | None,
+          slot_python: str | None, max_body: int, max_concurrent: int, slot_memory: int | None,
+          slot_procs: int | None, slot_disk: int | None) -> None:
     """Run one node server: N slots behind an authenticated HTTP API.
 
     The server binds the first free port of --port-range, starts its slots' agents,
@@ -67,6 +94,10 @@ def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None
         host=host,
         interface=interface,
         workspace_root=workspace_root,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        insecure_http=insecure_http,
         limits=ServerLimits(max_body_bytes=max_body, max_concurrent=max_concurrent),
+        slot_limits=SlotLimits(memory_mb=slot_memory, max_procs=slot_procs, disk_mb=slot_disk),
     )
     raise SystemExit(run(options))

@@ -79,10 +79,11 @@ def submit(scheduler: str | None, nodes: int | None, array: int | None, slots: i
     if nodes is not None:
         overrides.update(nodes=nodes, array=CLEAR, array_limit=CLEAR)
     spec = load_spec(profile=profile, config_file=config_file, overrides=overrides)
-    info = jobs.submit(spec, spec.scheduler)
+    job = jobs.submit(spec)
+    info = job.info
     if wait:
         try:
-            asyncio.run(jobs.wait_ready(spec.state_dir, info, wait_timeout, _progress))
+            asyncio.run(job.wait_ready(wait_timeout, _progress))
         except KeyboardInterrupt:
             click.echo(f"\nStopped waiting; job {info.job_id} keeps running. "
                        f"Cancel it with: hpc-sandbox cancel {info.job_id}", err=True)

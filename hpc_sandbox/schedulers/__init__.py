@@ -1,29 +1,38 @@
-"""Scheduler modules: one per scheduler, all with the same small interface (base.py)."""
+"""Scheduler modules: one per scheduler, all with the same small interface (base.py).
+
+Each is imported when first asked for, so that importing `schedulers.base` (the job
+states the pool reads) loads neither the templates nor the other schedulers.
+"""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from ..errors import ConfigError, SchedulerError
 from ..spec import SCHEDULERS
 from .base import JobState, JobStatus, Scheduler
-from .local import LocalScheduler
-from .pbs import PbsScheduler
-from .slurm import SlurmScheduler
 
-# The schedulers that can submit today, by their name in spec.SCHEDULERS.
-BACKENDS: dict[str, type[Scheduler]] = {cls.name: cls for cls in (LocalScheduler, SlurmScheduler, PbsScheduler)}
-assert set(BACKENDS) <= set(SCHEDULERS), "a backend whose name a profile cannot give"
+# The schedulers that can submit today, by their name in spec.SCHEDULERS: module, class.
+BACKENDS: dict[str, tuple[str, str]] = {
+    "local": ("local", "LocalScheduler"),
+    "slurm": ("slurm", "SlurmScheduler"),
+    "pbs": ("pbs", "PbsScheduler"),
+}
 SUBMIT_SCHEDULERS = tuple(name for name in SCHEDULERS if name in BACKENDS)
 
 
-def get_scheduler(name: str, state_dir: Path) -> Scheduler:
-    backend = BACKENDS.get(name)
-    if backend is not None:
-        return backend(state_dir)
+def scheduler_class(name: str) -> type[Scheduler]:
+    if name in BACKENDS:
+        module, cls = BACKENDS[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
     if name in SCHEDULERS:
         raise SchedulerError(f"scheduler {name!r} cannot submit yet (`hpc-sandbox render --scheduler {name}` "
                              f"prints its jobspec); submit with one of {', '.join(SUBMIT_SCHEDULERS)}")
     raise ConfigError(f"unknown scheduler {name!r}; valid: {', '.join(SUBMIT_SCHEDULERS)}")
 
 
-__all__ = ["JobState", "JobStatus", "Scheduler", "BACKENDS", "SUBMIT_SCHEDULERS", "get_scheduler"]
+def get_scheduler(name: str, state_dir: Path) -> Scheduler:
+    return scheduler_class(name)(state_dir)
+
+
+__all__ = ["JobState", "JobStatus", "Scheduler", "BACKENDS", "SUBMIT_SCHEDULERS", "get_scheduler", "scheduler_class"]

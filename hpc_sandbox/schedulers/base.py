@@ -7,6 +7,7 @@ Node servers are discovered through the rendezvous folder, the same way for all.
 from __future__ import annotations
 
 import enum
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,11 @@ from pathlib import Path
 
 from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
+
+
+def jittered(interval: float) -> float:
+    """Spread the polls of many clients so they do not hit a controller in step."""
+    return interval * random.uniform(0.8, 1.2)
 
 
 class JobState(str, enum.Enum):

@@ -8,7 +8,6 @@ from the submit command's output, and how one status call is parsed.
 from __future__ import annotations
 
 import logging
-import random
 import shlex
 import subprocess
 import time
@@ -27,11 +26,6 @@ COMMAND_TIMEOUT = 30.0  # a hung controller must not hang hpc-sandbox
 # Which state wins when tasks of one job disagree: any live task keeps the job alive.
 _LIVE_ORDER = (JobState.RUNNING, JobState.COMPLETING, JobState.PENDING)
 _END_ORDER = (JobState.FAILED, JobState.TIMEOUT, JobState.PREEMPTED, JobState.CANCELLED, JobState.DONE)
-
-
-def jittered(interval: float) -> float:
-    """Spread the polls of many clients so they do not hit the controller in step."""
-    return interval * random.uniform(0.8, 1.2)
 
 
 def run_command(argv: Sequence[str], timeout: float | None = None, what: str | None = None) -> str:

@@ -116,7 +116,12 @@ class Api:
 
     async def acquire(self, request: web.Request) -> web.Response:
         asked = AcquireRequest.from_json(await _json_body(request))
-        grant = self.table.acquire(asked.trajectory_id, asked.ttl)
+
+        def still_there() -> bool:  # a client that hung up while waiting gets nothing
+            transport = request.transport
+            return transport is not None and not transport.is_closing()
+
+        grant = await self.table.acquire(asked, still_there)
         log.info("slot %d leased to %s", grant.slot, asked.trajectory_id or "(no trajectory)")
         return web.json_response(grant.to_json())
 

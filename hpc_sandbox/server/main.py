@@ -11,6 +11,8 @@ import os
 import shutil
 import signal
 import socket
+import ssl
+import stat
 import struct
 import tempfile
 import time
@@ -20,9 +22,11 @@ from pathlib import Path
 from aiohttp import web
 
 from ..errors import ConfigError, HpcSandboxError
-from ..jobfolder import JobFolder, ServerRecord, read_token
+from ..jobfolder import JobFolder, ServerRecord, read_private, read_token
+from ..tls import server_context
 from ..runtime import RuntimeOptions, make_runtime
 from .app import ServerLimits, make_app
+from .limits import SlotLimits
 from .slots import SlotTable
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,12 @@ class ServeOptions:
     interface: str | None = None
     workspace_root: Path | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
+    # The job's certificate and key (default: in its job folder); plain HTTP only when
+    # asked for by name, for trusted single-user machines.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure_http: bool = False
+    slot_limits: SlotLimits = field(default_factory=SlotLimits)  # memory, processes, disk of each slot
 
 
 def interface_address(name: str) -> str:
@@ -88,22 +98,75 @@ def bind_in_range(host: str, port_range: tuple[int, int], index: int) -> socket.
     raise ConfigError(f"no free port in {lo}-{hi} on {host}: all {size} are taken (widen --port-range)")
 
 
+def workspace_base() -> Path:
+    """This user's folder for every node server's workspaces on this node. Workspaces
+    are scratch: node-local, never the shared filesystem of the state dir."""
+    return Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / f"hpc-sandbox-{os.getuid()}"
+
+
 def default_workspace_root(job_id: str, host: str, port: int) -> Path:
-    # Workspaces are scratch: node-local, never the shared filesystem of the state dir.
-    base = Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / f"hpc-sandbox-{os.getuid()}"
-    return base / f"{job_id}-{host}-{port}"
+    return workspace_base() / f"{job_id}-{host}-{port}"
+
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` 0700, or take it if it already is a folder of ours that nobody else
+    can write. In a shared /tmp another user can make the folder first (to read or swap
+    what our slots write): such a folder is refused, with the reason, never used."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"workspace folder {path} is a symlink; refusing it (remove it, or set TMPDIR)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"workspace folder {path} exists and is not a folder (remove it, or set TMPDIR)")
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"workspace folder {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}): "
+                          "another user made it first; refusing it (ask them to remove it, or set TMPDIR)")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"workspace folder {path} is writable by others (mode {oct(st.st_mode & 0o777)}); "
+                          "refusing it: its contents may not be yours (remove it, or set TMPDIR)")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)  # ours and nobody else's to write: only too readable
+
+
+def _tls(options: ServeOptions) -> ssl.SSLContext | None:
+    if options.insecure_http:
+        log.warning("serving plain HTTP (--insecure-http): the token travels unencrypted and clients cannot tell "
+                    "this server from another on its port; for trusted single-user machines only")
+        return None
+    folder = JobFolder(options.state_dir, options.job_id)
+    cert, key = options.tls_cert or folder.tls_cert, options.tls_key or folder.tls_key
+    if not cert.exists():
+        raise ConfigError(f"no TLS certificate at {cert}: jobs submitted with hpc-sandbox get one (tls: true); "
+                          "pass --tls-cert/--tls-key, or --insecure-http on a trusted single-user machine")
+    read_private(key, "TLS key")  # refuses a key that others could read
+    try:
+        return server_context(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate {cert} and key {key}: {exc}") from None
 
 
 async def serve(options: ServeOptions) -> int:
     token = read_token(options.token_file)
+    tls = _tls(options)
     host = listen_address(options)
     sock = bind_in_range(host, options.port_range, options.port_index)
-    port = sock.getsockname()[1]
-    workspace_root = options.workspace_root or default_workspace_root(options.job_id, host, port)
-    # No slot may see the state dir, the token or its neighbours' workspaces.
-    hidden = (options.state_dir.expanduser(), options.token_file, workspace_root)
-    runtime = make_runtime(dataclasses.replace(options.runtime, hidden_paths=hidden))
     try:
+        port = sock.getsockname()[1]
+        if options.workspace_root is None:
+            make_private_dir(workspace_base())
+            workspace_root = default_workspace_root(options.job_id, host, port)
+        else:
+            workspace_root = options.workspace_root
+        make_private_dir(workspace_root)
+        # No slot may see the state dir, the token, the certificate's key, or any other
+        # workspace of this user on this node (its neighbours', other servers').
+        secrets = (options.token_file, options.tls_key, options.tls_cert)
+        hidden = (options.state_dir.expanduser(), *(p for p in secrets if p is not None), workspace_base(),
+                  workspace_root)
+        runtime = make_runtime(dataclasses.replace(options.runtime, hidden_paths=hidden))
         description = runtime.check()
     except BaseException:
         sock.close()
@@ -111,9 +174,8 @@ async def serve(options: ServeOptions) -> int:
     if options.runtime.kind == "none":
         log.warning("runtime none: slots run as plain processes of this user with no isolation; "
                     "use it for trusted local work only")
-    workspace_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(workspace_root, 0o700)
-    table = SlotTable(runtime, workspace_root, options.slots, max_concurrent=options.limits.max_concurrent)
+    table = SlotTable(runtime, workspace_root, options.slots, max_concurrent=options.limits.max_concurrent,
+                      limits=options.slot_limits)
     log.info("starting %d slots (%s) in %s", options.slots, description, workspace_root)
 
     stop = asyncio.Event()
@@ -127,10 +189,10 @@ async def serve(options: ServeOptions) -> int:
         await table.start()
         runner = web.AppRunner(make_app(table, token, options.limits), access_log=None, handle_signals=False)
         await runner.setup()
-        await web.SockSite(runner, sock, shutdown_timeout=2.0).start()
+        await web.SockSite(runner, sock, shutdown_timeout=2.0, ssl_context=tls).start()
         record = ServerRecord(job_id=options.job_id, host=host, port=port, slots=options.slots, pid=os.getpid(),
                               hostname=socket.gethostname(), runtime=options.runtime.kind,
-                              started_at=time.time(), task_index=options.port_index)
+                              started_at=time.time(), task_index=options.port_index, tls=tls is not None)
         record_file = JobFolder(options.state_dir, options.job_id).write_record(record)
         log.info("ready: %s with %d slots, job %s (record %s)", record.url, options.slots, options.job_id, record_file)
         await stop.wait()

@@ -12,6 +12,7 @@ grace, and replaced. Per-slot limits are kept by a watchdog (see limits.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -19,13 +20,13 @@ import secrets
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import BadRequest, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
-from ..protocol import TOOLS, Call, CallAnswer, Grant
+from ..protocol import TOOLS, AcquireRequest, Call, CallAnswer, Grant
 from ..runtime import SlotRuntime
 from .agent_process import STUCK_GRACE_SECONDS, AgentDied, AgentError, AgentProcess, AgentStuck
 from .limits import DISK_EVERY, LIMIT_EXCEEDED, WATCH_INTERVAL, SlotLimits, SlotView, Watchdog
@@ -55,6 +56,12 @@ class Slot:
     restarts: int = 0
     last_error: str | None = None
     results: OrderedDict = field(default_factory=OrderedDict)  # exec id -> Future of a CallAnswer
+    # Whether anything ran in the slot under its current lease (a call, a transfer): an
+    # unused grant goes back without restarting its agent.
+    used: bool = False
+    # A fresh grant must be confirmed (any request with its lease) by then, or it goes
+    # back: its client may never have received it. None once confirmed.
+    confirm_by: float | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # serialises start/stop/reset
     # The last limit breach: (time.monotonic() of the kill, message). A call running
     # then that came back killed by a signal is answered with it.
@@ -84,6 +91,15 @@ class Slot:
         }
 
 
+@dataclass
+class _Waiting:
+    """An acquire request waiting on this server for a slot."""
+
+    future: asyncio.Future  # of a Grant
+    asked: AcquireRequest
+    still_there: Callable[[], bool]
+
+
 class SlotTable:
     def __init__(self, runtime: SlotRuntime, workspace_root: Path, slots: int, *,
                  max_concurrent: int = 256, agent_start_timeout: float = 120.0,
@@ -104,6 +120,8 @@ class SlotTable:
         self.watchdog = Watchdog(self.limits) if self.limits.any else None
         self._watch_task: asyncio.Task | None = None
         self._round: asyncio.Task | None = None  # the watchdog's round in progress
+        # Acquire requests waiting for a slot, oldest first (see acquire and _offer).
+        self._waiting: collections.deque[_Waiting] = collections.deque()
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -128,6 +146,8 @@ class SlotTable:
                 task.cancel()
         for task in list(self._tasks):
             task.cancel()
+        while self._waiting:
+            self._waiting.popleft().future.cancel()
         await asyncio.gather(*(slot.agent.stop() for slot in self.slots if slot.agent), return_exceptions=True)
 
     async def _start_agent(self, slot: Slot) -> None:
@@ -175,6 +195,7 @@ class SlotTable:
             slot.restarts += 1
             slot.last_error = f"agent died unexpectedly (code {code}); restarted"
             log.warning("slot %d: %s (restart %d)", slot.index, slot.last_error, slot.restarts)
+            self._offer(slot)
 
     async def _restart_agent(self, slot: Slot, why: str) -> bool:
         """Start a fresh agent for the slot (caller holds its lock); a failure marks it broken."""
@@ -192,7 +213,12 @@ class SlotTable:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for slot in self.slots:
-                if slot.state == "leased" and slot.expires_in(now) == 0:
+                if slot.state == "leased" and slot.confirm_by is not None and now > slot.confirm_by:
+                    log.info("slot %d: grant to %s not confirmed within its time (its client never got it?); "
+                             "taken back", slot.index, slot.trajectory_id or "(no trajectory)")
+                    slot.state = "expiring"
+                    self._spawn(self._free(slot, reset=False), f"slot {slot.index}: unconfirmed grant taken back")
+                elif slot.state == "leased" and slot.expires_in(now) == 0:
                     log.info("slot %d: lease of %s expired after %.0fs idle; resetting", slot.index,
                              slot.trajectory_id or "(no trajectory)", slot.ttl)
                     slot.state = "expiring"  # not expired twice while its reset runs
@@ -200,22 +226,66 @@ class SlotTable:
 
     # --- leases ------------------------------------------------------------------
 
-    def acquire(self, trajectory_id: str | None, ttl: float | None) -> Grant:
+    async def acquire(self, asked: AcquireRequest, still_there: Callable[[], bool] = lambda: True) -> Grant:
+        """A free slot now; else, with `asked.wait`, the first slot that frees up within
+        that time, first come first served among the requests waiting here. A request
+        whose client has gone (`still_there`) is passed over: it gets nothing."""
         if not self.accepting:
             raise NoFreeSlot("node server is shutting down")
-        ttl = DEFAULT_LEASE_TTL if ttl is None else float(ttl)
-        if not 1 <= ttl <= MAX_LEASE_TTL:
+        if asked.ttl is not None and not 1 <= asked.ttl <= MAX_LEASE_TTL:
             raise BadRequest(f"ttl must be between 1 and {MAX_LEASE_TTL:.0f} seconds")
         for slot in self.slots:
             if slot.state == "free":
-                slot.state = "leased"
-                slot.lease = secrets.token_urlsafe(18)
-                slot.trajectory_id = trajectory_id
-                slot.ttl = ttl
-                slot.last_used = time.monotonic()
-                slot.results.clear()
-                return Grant(slot.index, slot.lease, slot.ttl)
-        raise NoFreeSlot(f"all {len(self.slots)} slots are leased or restarting")
+                return self._lease(slot, asked)
+        if asked.wait <= 0:
+            raise NoFreeSlot(f"all {len(self.slots)} slots are leased or restarting")
+        entry = _Waiting(asyncio.get_running_loop().create_future(), asked, still_there)
+        self._waiting.append(entry)
+        deadline = time.monotonic() + asked.wait
+        try:
+            while not entry.future.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                # Woken by a grant, or every second to see whether the client is still there.
+                await asyncio.wait({entry.future}, timeout=min(1.0, left))
+                if not entry.future.done() and not still_there():
+                    break
+        except asyncio.CancelledError:
+            if entry.future.done() and not entry.future.cancelled():
+                self._spawn(self._free(self.slots[entry.future.result().slot], reset=False),
+                            "a grant whose request was cancelled")
+            entry.future.cancel()
+            raise
+        if entry.future.done() and not entry.future.cancelled():
+            return entry.future.result()
+        entry.future.cancel()  # _offer passes over it
+        if not self.accepting:
+            raise NoFreeSlot("node server is shutting down")
+        raise NoFreeSlot(f"no slot of {len(self.slots)} freed up within {asked.wait:.0f}s")
+
+    def _lease(self, slot: Slot, asked: AcquireRequest) -> Grant:
+        slot.state = "leased"
+        slot.lease = secrets.token_urlsafe(18)
+        slot.trajectory_id = asked.trajectory_id
+        slot.ttl = DEFAULT_LEASE_TTL if asked.ttl is None else asked.ttl
+        slot.last_used = time.monotonic()
+        slot.confirm_by = slot.last_used + asked.confirm_within
+        slot.used = False
+        slot.results.clear()
+        free = sum(1 for other in self.slots if other.state == "free")
+        return Grant(slot.index, slot.lease, slot.ttl, free=free)
+
+    def _offer(self, slot: Slot) -> None:
+        """A slot just became free: the oldest request still waiting here gets it."""
+        while slot.state == "free" and self._waiting:
+            entry = self._waiting.popleft()
+            if entry.future.done():
+                continue  # gave up (timeout, client gone, server stopping)
+            if not entry.still_there():
+                entry.future.cancel()
+                continue
+            entry.future.set_result(self._lease(slot, entry.asked))
 
     def leased(self, index: int, lease: str | None) -> Slot:
         """The slot, if `lease` is its current lease; renews the lease."""
@@ -227,6 +297,7 @@ class SlotTable:
         if slot.lease is None or not secrets.compare_digest(slot.lease, lease):
             raise LeaseLost(f"slot {index}: lease is not current (it expired, was released, or belongs to someone else)")
         slot.last_used = time.monotonic()
+        slot.confirm_by = None  # its client has it
         return slot
 
     async def release(self, slot: Slot, reset: bool) -> None:
@@ -241,6 +312,13 @@ class SlotTable:
         slot.lease = None
         slot.trajectory_id = None
         slot.results.clear()
+        slot.confirm_by = None
+        if not slot.used and slot.state in ("leased", "expiring") and slot.agent is not None and slot.agent.alive:
+            # Nothing ran under this lease (a grant nobody wanted, or not confirmed): no
+            # process to end and no file to wipe, so no restart.
+            slot.state = "free"
+            self._offer(slot)
+            return
         try:
             await self.reset(slot, keep_lease=False, wipe=reset)
         except AgentDied as exc:
@@ -258,6 +336,7 @@ class SlotTable:
                 raise AgentDied(slot.last_error or "agent could not be restarted")
             slot.state = "leased" if keep_lease and slot.lease else "free"
             slot.last_used = time.monotonic()
+            self._offer(slot)
 
     # --- execution ---------------------------------------------------------------
 
@@ -271,6 +350,7 @@ class SlotTable:
         deadline = time.monotonic() + timeout + STUCK_GRACE_SECONDS if timeout else math.inf
         self.in_flight += 1
         slot.in_flight += 1
+        slot.used = True
         slot.deadlines.append(deadline)
         try:
             yield

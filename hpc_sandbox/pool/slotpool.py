@@ -1,0 +1,348 @@
+"""SlotPool: the one slot API, whatever the slot's location.
+
+    pool = SlotPool.from_state_dir()          # every live job in ~/.hpc-sandbox
+    async with pool:
+        slot = await pool.acquire(trajectory_id="t1")
+        res = await pool.execute(slot, "bash", {"command": "pytest -q"}, timeout=60)
+        await pool.release(slot)
+
+    async with SlotPool.launch(profile="gpu", array=16) as pool:   # submits, cancels on exit
+        ...
+
+Callers that find no free slot wait in one queue, first come, first served; the
+pool's sources (local/cluster node servers; the cloud overflow plugs in as one more)
+find slots for them. Slot ownership is the node servers' business: the pool holds
+leases, never locks of its own, so any number of pools in any number of processes can
+share the same jobs.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..client import NodeClient, new_exec_id
+from ..errors import CallTimeout, ClientError, ConfigError, JobEnded, NoCapacity, ServerGone
+from ..models import Slot, ToolResult
+from ..protocol import DEFAULT_CONFIRM_WITHIN, DEFAULT_EXEC_TIMEOUT, Call, CallAnswer
+from .sources import Capacity, ClusterSource, Source
+from .waiters import WaitQueue
+
+log = logging.getLogger(__name__)
+
+# A grant the caller has not used yet is renewed this long before the node server would
+# take it back (protocol.DEFAULT_CONFIRM_WITHIN): a caller may hold a slot a while before
+# its first call (a model generating its first action).
+CONFIRM_MARGIN = 10.0
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call of a batch: `pool.execute_batch([ToolCall(slot, "bash", {...}), ...])`."""
+
+    slot: Slot
+    tool: str
+    args: dict[str, Any]
+    timeout: float | None = None
+
+
+class _EndGuard:
+    """Cancels one task when its job ends, while that task waits on a call."""
+
+    __slots__ = ("task", "active", "fired")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+        self.active = True
+        self.fired = False
+
+    def fire(self, _ended: asyncio.Future) -> None:
+        if self.active:
+            self.fired = True
+            self.task.cancel()
+
+
+class SlotPool:
+    def __init__(self, sources: Sequence[Source], *, acquire_timeout: float = 300.0,
+                 lease_ttl: float | None = None) -> None:
+        if not sources:
+            raise ConfigError("a SlotPool needs at least one source")
+        self.sources = list(sources)
+        self.acquire_timeout = acquire_timeout
+        self.lease_ttl = lease_ttl
+        self.queue = WaitQueue()
+        self._source_of: dict[str, Source] = {}
+        self._unconfirmed: dict[str, tuple[Slot, float]] = {}  # slot id -> (slot, granted at)
+        self._keeper: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._started = False
+        self.jobs: list = []  # the jobs this pool owns (launch): cancelled when it exits
+
+    @classmethod
+    def from_state_dir(cls, state_dir: Path | None = None, jobs: Sequence[str] | None = None,
+                       **options: Any) -> "SlotPool":
+        """A pool over the jobs of a state dir (all of them, or those named), watched
+        through their schedulers."""
+        from .. import jobs as job_api  # binds job states to the schedulers; the pool never imports them
+
+        state = Path(state_dir).expanduser() if state_dir is not None else None
+        source = ClusterSource(state, jobs, job_states=lambda infos: job_api.job_states(source.state_dir, infos))
+        return cls([source], **options)
+
+    @classmethod
+    def from_config(cls, profile: str | None = None, config_file: Path | None = None,
+                    jobs: Sequence[str] | None = None, **options: Any) -> "SlotPool":
+        """A pool over the jobs in the state dir that `profile` names (site file, user
+        file, `config_file`, HPC_SANDBOX_* variables: as `hpc-sandbox submit` reads them)."""
+        from ..config import load_spec  # the pool needs the config only here
+
+        return cls.from_state_dir(load_spec(profile=profile, config_file=config_file).state_dir, jobs, **options)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def launch(cls, profile: str | None = None, *, config_file: Path | None = None,
+                     wait_timeout: float = 600.0, acquire_timeout: float = 300.0, lease_ttl: float | None = None,
+                     **overrides: Any) -> AsyncIterator["SlotPool"]:
+        """Submit a job for `profile` (with `overrides` named as SandboxSpec's fields,
+        e.g. scheduler="slurm", array=16, slots=4), attach as soon as its first node
+        server is ready, and cancel the job on exit: normal, on error, on Ctrl-C."""
+        from .. import jobs as job_api
+        from ..config import load_spec
+
+        spec = load_spec(profile=profile, config_file=config_file, overrides=overrides)
+        job = job_api.submit(spec)
+        try:
+            await job.wait_ready(wait_timeout, servers=1)
+            pool = cls.from_state_dir(spec.state_dir, [job.id], acquire_timeout=acquire_timeout,
+                                      lease_ttl=lease_ttl)
+            pool.jobs = [job]
+            async with pool:
+                yield pool
+        finally:
+            # Shielded from a cancelled task (Ctrl-C): the job must not outlive the pool.
+            await asyncio.shield(asyncio.to_thread(job.cancel))
+            log.info("job %s cancelled", job.id)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self._started:
+            for source in self.sources:
+                await source.start(self.queue, self.lease_ttl)
+            self._keeper = asyncio.ensure_future(self._keep_grants())
+            self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            if self._keeper is not None:
+                self._keeper.cancel()
+            for source in self.sources:
+                await source.stop()
+
+    async def __aenter__(self) -> "SlotPool":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- slots -------------------------------------------------------------------
+
+    async def acquire(self, trajectory_id: str | None = None, profile: str = "default",
+                      timeout: float | None = None) -> Slot:
+        """A slot, as soon as one is free: callers are served in the order they came.
+        Waits up to `timeout` (default acquire_timeout), then raises NoCapacity saying
+        what was tried. A caller cancelled while waiting leaks nothing.
+
+        `profile` names the kind of slot asked for; sources that serve several kinds
+        (the cloud overflow) will use it, node servers of a job do not need it.
+        """
+        await self.start()
+        waited = self.acquire_timeout if timeout is None else timeout
+        waiter = self.queue.join(trajectory_id, profile)
+        for source in self.sources:
+            source.wake()
+        try:
+            slot, source = await asyncio.wait_for(asyncio.shield(waiter.future), waited)
+        except asyncio.TimeoutError:
+            if not waiter.future.done():
+                self.queue.leave(waiter)
+                raise NoCapacity(await self._why_no_slot(waited)) from None
+            slot, source = waiter.future.result()  # granted in the very moment the wait ran out
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                # Granted, but the caller is gone: give the slot back, untouched.
+                given, source = waiter.future.result()
+                task = asyncio.ensure_future(source.release(given, reset_workspace=False))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                self.queue.leave(waiter)
+            raise
+        self._source_of[slot.id] = source
+        self._unconfirmed[slot.id] = (slot, time.monotonic())
+        return slot
+
+    async def _keep_grants(self) -> None:
+        """Renew grants that callers hold without having used them yet, before the node
+        server takes them back (it does so with grants nobody confirms, which only a
+        caller that died just as it got one would leave)."""
+        while True:
+            await asyncio.sleep(CONFIRM_MARGIN / 2)
+            due = time.monotonic() - (DEFAULT_CONFIRM_WITHIN - CONFIRM_MARGIN)
+            for slot_id, (slot, granted) in list(self._unconfirmed.items()):
+                if granted <= due:
+                    self._unconfirmed.pop(slot_id, None)
+                    try:
+                        await self._client(slot).renew(slot.index, slot.lease)
+                    except ClientError as exc:
+                        log.info("renewing %s: %s", slot, exc)
+
+    def _used(self, slot: Slot) -> None:
+        self._unconfirmed.pop(slot.id, None)
+
+    async def _why_no_slot(self, waited: float) -> str:
+        capacity = [await s.capacity() for s in self.sources]
+        total = sum(c.slots for c in capacity)
+        waiting = sum(c.waiting_servers for c in capacity)
+        coming = (f"; {waiting} more node servers of submitted jobs are queued or starting "
+                  "(`hpc-sandbox status`)") if waiting else ""
+        trouble = [line for source in self.sources for line in source.trouble()]
+        if trouble:
+            shown = "; ".join(trouble[:3]) + (f"; and {len(trouble) - 3} more" if len(trouble) > 3 else "")
+            return f"no slot within {waited:.0f}s: node servers that could not be used: {shown}{coming}"
+        if total:
+            return (f"no free slot within {waited:.0f}s ({total} slots on {sum(c.servers for c in capacity)} "
+                    f"node servers, all busy; {self.queue.waiting} callers still waiting{coming})")
+        if waiting:
+            return f"no node server is ready yet after {waited:.0f}s{coming}"
+        return "no node servers are running (submit a job first: hpc-sandbox submit)"
+
+    def _source(self, slot: Slot) -> Source:
+        """The source a slot came from (the first one for a slot this pool did not hand out)."""
+        return self._source_of.get(slot.id) or self.sources[0]
+
+    def _client(self, slot: Slot) -> NodeClient:
+        return self._source(slot).client(slot.endpoint)
+
+    async def _guarded(self, slot: Slot, call: Awaitable[Any]) -> Any:
+        """Await a call on `slot`, but give up as soon as the scheduler ends its job.
+
+        Failures that look like a dead node server are checked against the job's
+        state, so that the error says what happened (job_ended) when that is it.
+        """
+        self._used(slot)
+        source = self._source(slot)
+        ended = source.job_ended(slot.endpoint.job_id)
+        if ended is not None and ended.done():
+            if asyncio.iscoroutine(call):
+                call.close()  # never started: no "never awaited" warning
+            raise JobEnded(await source.why_gone(slot.endpoint.job_id) or "its job ended")
+        # The job's end cancels this very task: no extra task and no asyncio.wait per
+        # call, which is most of what a guard would cost on the hot path.
+        task = asyncio.current_task()
+        guard = _EndGuard(task) if ended is not None and task is not None else None
+        if guard is not None:
+            ended.add_done_callback(guard.fire)  # type: ignore[union-attr]
+        failure: Exception | None = None
+        try:
+            return await call
+        except asyncio.CancelledError:
+            if guard is None or not guard.fired:
+                raise
+            uncancel = getattr(task, "uncancel", None)  # 3.11+: this cancel is handled here
+            if uncancel is not None and uncancel() > 0:
+                raise  # cancelled from outside as well: that cancel wins
+        except (ServerGone, CallTimeout) as exc:
+            failure = exc
+        finally:
+            if guard is not None:
+                guard.active = False  # a callback already queued must not cancel what runs next
+                ended.remove_done_callback(guard.fire)  # type: ignore[union-attr]
+        # Only now, with the guard disarmed, may this task wait again.
+        reason = await source.why_gone(slot.endpoint.job_id)
+        if failure is None:
+            raise JobEnded(reason or "its job ended")
+        if reason:
+            raise JobEnded(reason) from failure
+        raise failure
+
+    async def _to_result(self, slot: Slot, answer: CallAnswer) -> ToolResult:
+        result = ToolResult.from_answer(answer, slot)
+        if result.error_kind == "server_stopping" or (result.signal and not result.timed_out):
+            reason = await self._source(slot).why_gone(slot.endpoint.job_id)
+            if reason:
+                return ToolResult.failure(result.tool, JobEnded.kind, f"{reason}; the command was killed", slot)
+        return result
+
+    async def release(self, slot: Slot, reset_workspace: bool = True) -> None:
+        """Give the slot back: its processes end, and its workspace is wiped unless
+        reset_workspace is False. The next caller waiting gets it at once."""
+        self._used(slot)
+        source = self._source_of.pop(slot.id, None) or self.sources[0]
+        await source.release(slot, reset_workspace)
+
+    async def reset(self, slot: Slot) -> None:
+        await self._guarded(slot, self._client(slot).reset(slot.index, slot.lease))
+
+    @contextlib.asynccontextmanager
+    async def slot(self, trajectory_id: str | None = None, profile: str = "default",
+                   reset_workspace: bool = True) -> AsyncIterator[Slot]:
+        slot = await self.acquire(trajectory_id=trajectory_id, profile=profile)
+        try:
+            yield slot
+        finally:
+            await self.release(slot, reset_workspace=reset_workspace)
+
+    # --- execution ---------------------------------------------------------------
+
+    async def execute(self, slot: Slot, tool: str, args: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> ToolResult:
+        try:
+            answer = await self._guarded(slot, self._client(slot).execute(slot.index, slot.lease, tool, args or {},
+                                                                          timeout))
+        except ClientError as exc:
+            return ToolResult.failure(tool, exc.kind, str(exc), slot)
+        return await self._to_result(slot, answer)
+
+    async def execute_batch(self, calls: Sequence[ToolCall | tuple], timeout: float | None = None) -> list[ToolResult]:
+        """Several calls at once: one HTTP request per node server, results in call
+        order. A call is a ToolCall, or a tuple (slot, tool, args[, timeout])."""
+        wanted = [c if isinstance(c, ToolCall) else ToolCall(*c) for c in calls]
+        by_server: dict[str, list[int]] = {}
+        for position, call in enumerate(wanted):
+            by_server.setdefault(call.slot.endpoint.url, []).append(position)
+        results: list[ToolResult | None] = [None] * len(wanted)
+
+        async def send(positions: list[int]) -> None:
+            first = wanted[positions[0]].slot
+            wire = [Call(wanted[p].slot.index, wanted[p].slot.lease, new_exec_id(), wanted[p].tool, wanted[p].args,
+                         wanted[p].timeout or timeout or DEFAULT_EXEC_TIMEOUT) for p in positions]
+            for p in positions:
+                self._used(wanted[p].slot)
+            try:
+                answers = await self._guarded(first, self._client(first).batch(wire))
+            except ClientError as exc:
+                for p in positions:
+                    results[p] = ToolResult.failure(wanted[p].tool, exc.kind, str(exc), wanted[p].slot)
+                return
+            for p, answer in zip(positions, answers):
+                results[p] = await self._to_result(wanted[p].slot, answer)
+
+        await asyncio.gather(*(send(positions) for positions in by_server.values()))
+        return results  # type: ignore[return-value]  (every position was filled by its server's send)
+
+    async def download(self, slot: Slot, path: str, dest: Path) -> int:
+        return await self._guarded(slot, self._client(slot).download(slot.index, slot.lease, path, dest))
+
+    async def upload(self, slot: Slot, source: Path, path: str) -> int:
+        return await self._guarded(slot, self._client(slot).upload(slot.index, slot.lease, source, path))
+
+    async def capacity(self) -> list[Capacity]:
+        return [await source.capacity() for source in self.sources]
