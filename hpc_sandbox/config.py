@@ -121,7 +121,7 @@ def coerce(key: str, value: object, origin: str, base: Path | None = None) -> ob
             return parse_port_range(value)
         except SpecError as exc:
             raise ConfigError(f"{origin}: {exc}") from None
-    if key in ("walltime", "mem") and isinstance(value, int) and not isinstance(value, bool):
+    if key in ("walltime", "mem", "slot_memory", "slot_disk") and isinstance(value, int) and not isinstance(value, bool):
         return value  # seconds (YAML reads 01:00:00 as 3600) / megabytes; the spec converts
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise _expected(origin, key, "a string", value)

@@ -184,6 +184,10 @@ def serve_groups(spec: SandboxSpec, job_key: str, *, port_index: int | str = 0,
         groups.append(["--gpus", str(spec.gpus)])
     if spec.network != "host":
         groups.append(["--network", spec.network])
+    for flag, value in (("--slot-memory", spec.slot_memory), ("--slot-procs", spec.slot_procs),
+                        ("--slot-disk", spec.slot_disk)):
+        if value is not None:
+            groups.append([flag, str(value)])
     if not spec.tls:
         groups.append(["--insecure-http"])
     elif tls_dir is not None:

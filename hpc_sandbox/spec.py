@@ -40,8 +40,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # they are held to the characters schedulers use for names (comma: partition lists).
 _SITE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,+@:-]{0,127}")
 _WALLTIME = re.compile(r"(?:(?P<days>\d+)-)?(?P<hours>\d+):(?P<minutes>[0-5]\d):(?P<seconds>[0-5]\d)")
-_MEM = re.compile(r"(?P<number>\d+)\s*(?P<unit>[KMGT]?)B?", re.IGNORECASE)
-_MEM_FACTOR_MB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
+_SIZE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[KMGT]?)(?:i?B)?", re.IGNORECASE)
+_SIZE_FACTOR_MB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
 # Control characters, and the Unicode line breaks that some tools (Python's splitlines,
 # editors) treat as a new line: none may appear inside one line of a jobspec.
 _CONTROL = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
@@ -68,15 +68,18 @@ def format_hms(seconds: int) -> str:
     return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-def parse_mem_mb(value: str) -> int:
-    """Megabytes in a memory size: 16G, 16GB, 16gb, 512M, 1T, or a bare number of MB."""
-    match = _MEM.fullmatch(value.strip())
+def parse_size_mb(value: str | int, field: str = "mem") -> int:
+    """Whole MB (MiB) in a size: 16G, 16GB, 1.5g, 512MiB, 800K, 1T, or a bare number of
+    MB; SpecError(field) otherwise. The job's memory and the slot limits read sizes so."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise SpecError(field, f"{value!r} is not a size like 512M, 16G, 16GB or 1T (a bare number means MB)")
+    match = _SIZE.fullmatch(str(value).strip())
     if not match:
-        raise SpecError("mem", f"{value!r} is not a size like 512M, 16G, 16GB or 1T (a bare number means MB)")
-    mb = int(match["number"]) * _MEM_FACTOR_MB[match["unit"].upper()]
-    if mb < 1:
-        raise SpecError("mem", f"{value!r} is less than 1 MB")
-    return int(-(-mb // 1))  # round up: never ask for less than was written
+        raise SpecError(field, f"{value!r} is not a size like 512M, 16G, 16GB or 1T (a bare number means MB)")
+    mb = float(match["number"]) * _SIZE_FACTOR_MB[match["unit"].upper()]
+    if mb <= 0:
+        raise SpecError(field, f"{value!r} is less than 1 MB")
+    return int(-(-mb // 1))  # round up: never ask for less (nor limit to less) than was written
 
 
 _PORT_RANGE = re.compile(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*")
@@ -122,6 +125,11 @@ class SandboxSpec:
     # Node servers serve HTTPS with the job's own certificate, which clients pin. False
     # is plain HTTP: only for a trusted single-user machine.
     tls: bool = True
+    # Limits of each slot, kept by the node server's watchdog: resident memory and
+    # workspace disk (sizes like 4G), processes. None: no limit.
+    slot_memory: str | None = None
+    slot_procs: int | None = None
+    slot_disk: str | None = None
     python: str = field(default_factory=lambda: sys.executable)
     setup_lines: tuple[str, ...] = ()
     extra_directives: tuple[str, ...] = ()
@@ -165,7 +173,7 @@ class SandboxSpec:
 
     @property
     def mem_mb(self) -> int | None:
-        return parse_mem_mb(self.mem) if self.mem is not None else None
+        return parse_size_mb(self.mem) if self.mem is not None else None
 
     @property
     def port_count(self) -> int:
@@ -205,8 +213,10 @@ class SandboxSpec:
         if isinstance(self.walltime, int) and not isinstance(self.walltime, bool):
             # YAML 1.1 reads an unquoted 01:00:00 as 3600: accept seconds.
             self._set("walltime", format_hms(self.walltime))
-        if isinstance(self.mem, int) and not isinstance(self.mem, bool):
-            self._set("mem", f"{self.mem}M")
+        for name in ("mem", "slot_memory", "slot_disk"):  # a bare number is MB
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                self._set(name, f"{value}M")
         if not isinstance(self.state_dir, Path):
             self._set("state_dir", Path(str(self.state_dir)))
         # Node servers run elsewhere, in another working directory: the path must be
@@ -246,7 +256,12 @@ class SandboxSpec:
         if self.cpus_per_node is not None and self.cpus_per_node < 1:
             raise SpecError("cpus_per_node", f"must be at least 1, got {self.cpus_per_node}")
         if self.mem is not None:
-            parse_mem_mb(self.mem)
+            parse_size_mb(self.mem)
+        for name in ("slot_memory", "slot_disk"):
+            if getattr(self, name) is not None:
+                parse_size_mb(getattr(self, name), name)
+        if self.slot_procs is not None and self.slot_procs < 1:
+            raise SpecError("slot_procs", f"must be at least 1, got {self.slot_procs}")
         if self.gpus < 0:
             raise SpecError("gpus", f"must be 0 or more, got {self.gpus}")
         if self.gpus and self.runtime not in GPU_RUNTIMES:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from hpc_sandbox.client import NodeClient
-from hpc_sandbox.errors import ConfigError
-from hpc_sandbox.server.limits import SlotLimits, disk_usage, parse_size_mb
+from hpc_sandbox.errors import SpecError
+from hpc_sandbox.server.limits import SlotLimits, disk_usage
+from hpc_sandbox.spec import parse_size_mb
 
 from helpers import pids_matching, requires_bwrap, start_server, wait_until
 
@@ -27,8 +28,8 @@ def test_sizes_are_mib(text, mib):
 
 @pytest.mark.parametrize("text", ["", "0", "0M", "-1G", "12Q", "1e3", "M", True])
 def test_bad_sizes_are_refused_with_the_value(text):
-    with pytest.raises(ConfigError, match="slot memory"):
-        parse_size_mb(text, "slot memory")
+    with pytest.raises(SpecError, match="slot_memory"):
+        parse_size_mb(text, "slot_memory")
 
 
 def test_no_limits_means_none():

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError
+from ..errors import SpecError
 from ..jobfolder import JobFolder
 from ..runtime import NETWORK_MODES, RUNTIMES, RuntimeOptions
 from ..server.app import ServerLimits
-from ..server.limits import SlotLimits, parse_size_mb
+from ..server.limits import SlotLimits
 from ..server.main import ServeOptions, run
-from ..spec import DEFAULT_PORT_RANGE, parse_port_range
+from ..spec import DEFAULT_PORT_RANGE, parse_port_range, parse_size_mb
 from .common import resolve_state_dir, state_dir_option
 
 
@@ -22,7 +22,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         return None
     try:
         return parse_size_mb(value, param.name or "size")
-    except ConfigError as exc:
+    except SpecError as exc:
         raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
 
 

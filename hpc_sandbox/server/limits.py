@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import signal
 import stat
 import time
@@ -36,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +64,6 @@ class SlotLimits:
     @property
     def any(self) -> bool:
         return any(value is not None for value in (self.memory_mb, self.max_procs, self.disk_mb))
-
-
-_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
-_UNIT_MIB = {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024 * 1024}
-
-
-def parse_size_mb(value: str | int, what: str = "size") -> int:
-    """A size in MiB: 2048 or '2048' (MiB), '512M', '1G', '1.5G', '1T', '800K'
-    (rounded up to whole MiB); K/M/G/T are binary, a trailing B or iB is allowed."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: {value!r} is not a size (say 512M, 1G or a number of MiB)")
-    if isinstance(value, int):
-        mib = float(value)
-    else:
-        match = _SIZE.fullmatch(str(value).strip())
-        if not match:
-            raise ConfigError(f"{what}: {value!r} is not a size (say 512M, 1G or a number of MiB)")
-        mib = float(match.group(1)) * _UNIT_MIB[match.group(2).lower()]
-    whole = int(-(-mib // 1))  # rounded up: a limit is never made smaller than asked
-    if whole < 1:
-        raise ConfigError(f"{what}: {value!r} must be at least 1 MiB")
-    return whole
 
 
 # --- /proc ----------------------------------------------------------------------------
