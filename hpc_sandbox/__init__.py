@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Endpoint": "models", "Slot": "models", "ToolResult": "models",
     "NodeServerSource": "pool", "ClusterSource": "pool", "SlotPool": "pool", "SyncSlotPool": "pool",
-    "ToolCall": "pool", "Job": "jobs", "submit": "jobs",
+    "ToolCall": "pool", "Job": "jobs",
 }
 __all__ = [*_LAZY, "__version__"]
 

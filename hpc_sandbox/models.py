@@ -58,8 +58,8 @@ class ToolResult:
 
     `success` is True when the tool did what was asked: for `bash`, exit code 0 and no
     timeout. `error_kind` names the failure for programs: a tool-level kind from the
-    agent (path, not_found, ...), or one of timeout, agent_died, lease_lost,
-    server_gone, auth, limit, job_ended.
+    agent (path, not_found, not_a_file, ...), or one of timeout, agent_died,
+    agent_stuck, limit_exceeded, lease_lost, server_gone, auth, limit, job_ended.
     """
 
     success: bool
