@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,20 @@ def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def cli(state_dir: Path):
+    """Run `python -m hpc_sandbox ARGS...` as a user types it, with HPC_SANDBOX_STATE_DIR
+    set to this test's state dir; afterwards cancel every job the test left behind (so
+    a failed test leaves no node servers, nor cluster jobs holding their ports)."""
+    def run(*args: str, timeout: float = 120, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir), **(extra_env or {})}
+        return subprocess.run([sys.executable, "-m", "hpc_sandbox", *args], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    yield run
+    for job in (state_dir / "jobs").glob("*"):
+        run("cancel", job.name)
 
 
 @pytest.fixture
@@ -42,7 +57,6 @@ def server_factory(state_dir: Path):
         if running.proc.poll() is None:
             running.proc.kill()
             running.proc.wait()
-
 
 
 @pytest.fixture

@@ -22,15 +22,18 @@ Without a usable cluster the fixture skips with the precise reason, except when
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Collection, Iterable
+from typing import Callable, Collection, Iterable, Sequence
 
 import pytest
+
+from hpc_sandbox.errors import NoCapacity
 
 # Where slurm/start.sh keeps its logs; named in failure messages so a skipped or failed
 # run points at the file that explains it.
@@ -206,3 +209,27 @@ def wait_for_path(path: "os.PathLike[str] | str", timeout: float = 30, poll: flo
 def cancel(job_id: str) -> None:
     """scancel, ignoring jobs that are already gone (for test cleanup)."""
     run(["scancel", str(job_id)], check=False)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+async def cancel_while_a_command_runs(pool, slots: Sequence, cancel: Callable[[], subprocess.CompletedProcess],
+                                      settle: float) -> None:
+    """The cancel scenario both live schedulers play (Slurm, and PBS on its wrappers):
+    `slots[0]` runs a long command when ``cancel()`` (the CLI's `cancel`, run
+    ``settle`` seconds after the command starts) ends the job. The command must end
+    with `job_ended` within 15 s, a command on `slots[1]` too, and the pool must have
+    no slot to give."""
+    long = asyncio.ensure_future(pool.execute(slots[0], "bash", {"command": "sleep 120"}, timeout=300))
+    await asyncio.sleep(settle)
+    cancelled = await asyncio.to_thread(cancel)
+    assert cancelled.returncode == 0, cancelled.stderr
+    ended_at = time.monotonic()
+    result = await asyncio.wait_for(long, 30)
+    assert result.success is False and result.error_kind == "job_ended", result
+    assert time.monotonic() - ended_at < 15
+    after = await pool.execute(slots[1], "bash", {"command": "true"})
+    assert after.error_kind == "job_ended"
+    with pytest.raises(NoCapacity):
+        await pool.acquire(timeout=1)

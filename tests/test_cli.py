@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,15 +11,7 @@ import pytest
 from helpers import SHIMS, pids_matching, wait_until
 
 
-@pytest.fixture
-def cli(state_dir: Path):
-    def run(*args: str, timeout: float = 120, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir), **(extra_env or {})}
-        return subprocess.run([sys.executable, "-m", "hpc_sandbox", *args], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    yield run
-    for job in (state_dir / "jobs").glob("*"):  # a failed test leaves no node servers behind
-        run("cancel", job.name)
+# `cli` (conftest.py) runs `python -m hpc_sandbox` against this test's state dir.
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, code: int | None = None) -> None:

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from hpc_sandbox.config import CLEAR, PROFILE_KEYS, SITE_CONFIG, load, load_spec, read_profiles
+from hpc_sandbox import config
+from hpc_sandbox.config import CLEAR, PROFILE_KEYS, load, load_spec, read_profiles
 from hpc_sandbox.errors import ConfigError
+from hpc_sandbox.spec import SandboxSpec
 
 
 @pytest.fixture
@@ -173,10 +175,17 @@ def test_malformed_files(tmp_path, text, expected):
         read_profiles(path)
 
 
-def test_missing_named_files_are_errors_but_missing_default_files_are_not(home, tmp_path):
+def test_missing_named_files_are_errors_but_missing_default_files_are_not(home, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="does not exist"):
         load_spec(config_file=tmp_path / "nope.yaml", environ={"HOME": str(home)})
     with pytest.raises(ConfigError, match="does not exist"):
         load_spec(environ={"HOME": str(home), "HPC_SANDBOX_SITE_CONFIG": str(tmp_path / "nope.yaml")})
-    if not SITE_CONFIG.exists():
-        assert load_spec(environ={"HOME": str(home)}).slots == 4  # no /etc file, no user file: defaults
+    # The default site file (not named by HPC_SANDBOX_SITE_CONFIG), moved off /etc so that
+    # this machine's own /etc/hpc-sandbox has no say: first shown to be the file read ...
+    monkeypatch.setattr(config, "SITE_CONFIG", write(tmp_path / "default-site.yaml", "profiles:\n  default: {slots: 7}\n"))
+    assert load_spec(environ={"HOME": str(home)}).slots == 7
+    # ... then absent, as is the user file: no error, the built-in defaults.
+    monkeypatch.setattr(config, "SITE_CONFIG", tmp_path / "absent.yaml")
+    assert not config.SITE_CONFIG.exists() and not (home / ".hpc-sandbox" / "config.yaml").exists()
+    loaded = load(environ={"HOME": str(home)})
+    assert loaded.files == () and loaded.spec == SandboxSpec(state_dir=loaded.spec.state_dir)  # built-in defaults

@@ -1,14 +1,23 @@
 """Property tests over specs: every valid spec renders well-formed jobspecs, invalid ones
 are refused with the field named, and no job name or extra directive can add a line
-that the shell (or Nomad) would run."""
+that the shell (or Nomad) would run.
+
+The hostile-input tests end early when a value is refused. So that they cannot pass by
+refusing everything (or, for Nomad, by rendering HCL that never parses), each counts
+how its cases ended (OUTCOMES), valid values that must get all the way through are
+given as @example, and test_enough_cases_went_all_the_way_through (last in this
+module) requires that many random cases did."""
 from __future__ import annotations
 
 import math
 import re
+import string
 import subprocess
+from collections import Counter
 
+import hcl2
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from hpc_sandbox.errors import SpecError
@@ -157,36 +166,99 @@ def test_invalid_specs_are_refused_naming_the_field(change, field):
     assert str(err.value).startswith(f"{field}: ")
 
 
+# How each hostile-input test's cases ended, for this session: {(test, outcome): count}.
+OUTCOMES: Counter = Counter()
+
+
+def tally(test: str, outcome: str) -> None:
+    OUTCOMES[test, outcome] += 1
+    event(outcome)  # shown by `pytest --hypothesis-show-statistics`
+
+
+def final_newline(strategy: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """Values that end in "\n": `re.match("^...$")` lets them through, and the newline,
+    written into a jobspec, ends the line early."""
+    return strategy.map(lambda text: text + "\n")
+
+
+NAME_CHARS = set(string.ascii_letters + string.digits + "._-")
+
+
+def is_valid_name(name: str) -> bool:
+    """The job name rule, written without a regex: 1-63 of ASCII letters, digits, . _ -,
+    starting with a letter or digit."""
+    return 1 <= len(name) <= 63 and name[0] not in "._-" and set(name) <= NAME_CHARS
+
+
+job_names = st.one_of(st.text(min_size=1, max_size=40), final_newline(st.text(max_size=39)),
+                      final_newline(names), names.map(lambda n: n + "\r"), names.map(lambda n: n + " x"),
+                      # valid ones
+                      names, st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{40,62}", fullmatch=True),
+                      st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", fullmatch=True))
+
+
 @SETTINGS
-@given(name=st.text(min_size=1, max_size=40))
+@example(name="probe")  # must render
+@example(name="a" * 63)  # must render
+@example(name="probe\n")  # must be refused
+@example(name="a" * 64)  # must be refused
+@given(name=job_names)
 def test_a_job_name_cannot_carry_shell_syntax_or_lines(name):
     try:
         spec = SandboxSpec(job_name=name)
     except SpecError as exc:
         assert exc.field == "job_name"
+        assert not is_valid_name(name), f"{name!r} is a valid job name, yet refused: {exc}"
+        tally("job_name", "refused")
         return
-    assert re.fullmatch(r"[A-Za-z0-9._-]+", name)
+    assert is_valid_name(name), f"{name!r} was accepted"
     assert len(render(spec, "slurm")[0].text.splitlines()) == len(render(SandboxSpec(), "slurm")[0].text.splitlines())
+    tally("job_name", "rendered")
 
 
 BASE = dict(python="/venv/bin/python", state_dir="/home/a/.hpc-sandbox", job_name="j", partition="p")
-hostile = st.one_of(
+# Directives each scheduler takes as they are: these must render (and, for Nomad, parse).
+VALID_EXTRAS = {"slurm": ("--comment=probe", "--exclusive", "-C gpu", "#SBATCH --mail-type=END"),
+                "pbs": ("-m abe", "-r n", "#PBS -W umask=022"),
+                "nomad": ('meta { owner = "probe" }', "priority = 50", 'region = "global"')}
+words = st.one_of(st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True), st.from_regex(r"[!-~]{1,12}", fullmatch=True),
+                  st.text(max_size=20))
+# What may follow a valid start, to end its line early or run something.
+tails = st.sampled_from(["", "", "\n", "\r\n", "; rm -rf ~", " $(id)", " `id`", " && id", ' } job "x" {', "\\"])
+GARBAGE = (
     st.text(max_size=60),
     st.lists(st.sampled_from(["-", "--comment=", "#SBATCH ", "#PBS ", "\n", "\r", ";", "&&", "$(", "`", "'", '"',
                               "rm -rf /", "}", "{", "#", " ", "x", "=", "\\", "\x00", "EOT", "\u2028"]),
              max_size=12).map("".join),
+    final_newline(st.text(max_size=59)),
 )
+# sbatch/qsub options (either scheduler takes most of them), and one-line HCL for Nomad.
+options = st.one_of(st.builds("{}{}{}".format, st.sampled_from(["-m ", "-C ", "-r "]), words, tails),
+                    st.builds("--comment={}{}".format, words, tails),
+                    st.builds("{}{}{}".format, st.sampled_from(["#SBATCH --comment=", "#PBS -m "]), words, tails))
+hcl_keys = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True)
+hcl_lines = st.one_of(st.builds('meta {{ {} = "{}" }}{}'.format, hcl_keys, words, tails),
+                      st.builds('{} = "{}"{}'.format, hcl_keys, words, tails),
+                      st.builds("priority = {}{}".format, st.integers(0, 100), tails))
+option_extras = st.one_of(*GARBAGE, options, st.sampled_from(VALID_EXTRAS["slurm"] + VALID_EXTRAS["pbs"]))
+nomad_extras = st.one_of(*GARBAGE, hcl_lines, st.sampled_from(VALID_EXTRAS["nomad"]))
 
 
 @pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
 @SETTINGS
-@given(extra=hostile)
+@example(extra="--comment=probe")
+@example(extra="--comment=probe\n")
+@example(extra="-m abe")
+@example(extra="-m abe\n")
+@given(extra=option_extras)
 def test_an_extra_directive_cannot_inject_a_command(scheduler, extra):
     base = render(SandboxSpec(**BASE), scheduler)[0].text
     try:
         text = render(SandboxSpec(**BASE, extra_directives=(extra,)), scheduler)[0].text
     except SpecError as exc:
         assert exc.field == "extra_directives"
+        assert extra not in VALID_EXTRAS[scheduler], f"{extra!r} is a valid {scheduler} directive, yet refused: {exc}"
+        tally(f"extra_directives/{scheduler}", "refused")
         return
     prefix = "#SBATCH" if scheduler == "slurm" else "#PBS"
     # the shell runs exactly what it ran before; the directive is one more comment line
@@ -194,19 +266,70 @@ def test_an_extra_directive_cannot_inject_a_command(scheduler, extra):
     added = [line for line in text.split("\n") if line.startswith(prefix)]
     assert len(added) == len([line for line in base.split("\n") if line.startswith(prefix)]) + 1
     assert "\n" not in extra and "\r" not in extra
+    tally(f"extra_directives/{scheduler}", "rendered")
+
+
+PLACEHOLDER = 'meta { placeholder = "x" }'
 
 
 @SETTINGS
-@given(extra=hostile)
+@example(extra='meta { owner = "probe" }')  # must parse
+@example(extra="priority = 50")  # must parse
+@example(extra='meta { owner = "probe" }\n')  # must be refused
+@example(extra='x = "a" } job "evil" { y = "b"')  # a second job: refused, or unparseable
+@given(extra=nomad_extras)
 def test_an_extra_nomad_line_cannot_change_the_task(extra):
-    base = nomad_parts(render(SandboxSpec(**BASE), "nomad")[0].text)
+    base_text = render(SandboxSpec(**BASE), "nomad")[0].text
+    base = nomad_parts(base_text)
     try:
         text = render(SandboxSpec(**BASE, extra_directives=(extra,)), "nomad")[0].text
     except SpecError as exc:
         assert exc.field == "extra_directives"
+        assert extra not in VALID_EXTRAS["nomad"], f"{extra!r} is a valid Nomad line, yet refused: {exc}"
+        tally("extra_directives/nomad", "refused")
         return
+    # The job is the one rendered around a harmless line (which parses), with that one
+    # line replaced by the extra: if it does not parse, the extra line is what breaks it.
+    reference = render(SandboxSpec(**BASE, extra_directives=(PLACEHOLDER,)), "nomad")[0].text
+    nomad_parts(reference)
+    ref_lines, lines = reference.split("\n"), text.split("\n")
+    at = next(i for i, line in enumerate(ref_lines) if line.strip() == PLACEHOLDER)
+    assert len(lines) == len(ref_lines) and lines[:at] == ref_lines[:at] and lines[at + 1:] == ref_lines[at + 1:]
+    assert lines[at].strip() == extra.strip()
     try:
         parts = nomad_parts(text)
     except Exception:  # noqa: BLE001 - not valid HCL: Nomad refuses the whole job, nothing runs
+        assert extra not in VALID_EXTRAS["nomad"], f"{extra!r} is a valid Nomad line, yet the job does not parse"
+        tally("extra_directives/nomad", "unparseable")
         return
     assert parts["task"] == base["task"] and parts["group"] == base["group"]
+    assert len(hcl2.loads(text)["job"]) == 1  # no second job beside this one
+    tally("extra_directives/nomad", "parsed")
+
+
+# --- the early returns above did not carry the runs ----------------------------------------
+
+# Least number of cases per test that must get all the way through in one run: the two
+# valid @examples each has, and at least two random ones. Far below what the strategies
+# give (over 200 runs: at least 11 job names, 7 slurm, 7 pbs and 6 nomad; typically
+# about 20), far above none.
+ENOUGH = {
+    ("job_name", "rendered"): 4,
+    ("extra_directives/slurm", "rendered"): 4,
+    ("extra_directives/pbs", "rendered"): 4,
+    ("extra_directives/nomad", "parsed"): 4,
+}
+PROPERTY_TESTS = {
+    "job_name": lambda: test_a_job_name_cannot_carry_shell_syntax_or_lines(),
+    "extra_directives/slurm": lambda: test_an_extra_directive_cannot_inject_a_command(scheduler="slurm"),
+    "extra_directives/pbs": lambda: test_an_extra_directive_cannot_inject_a_command(scheduler="pbs"),
+    "extra_directives/nomad": lambda: test_an_extra_nomad_line_cannot_change_the_task(),
+}
+
+
+@pytest.mark.parametrize("test,outcome", list(ENOUGH))
+def test_enough_cases_went_all_the_way_through(test, outcome):
+    if not any(name == test for name, _ in OUTCOMES):  # not run in this session (-k, another order): run it
+        PROPERTY_TESTS[test]()
+    counts = {what: n for (name, what), n in OUTCOMES.items() if name == test}
+    assert counts.get(outcome, 0) >= ENOUGH[test, outcome], counts

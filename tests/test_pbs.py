@@ -22,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from hpc_sandbox.spec import SandboxSpec
 
 from helpers import pids_matching, wait_until
 from helpers import stand_in as _tool, stand_in_calls as calls
+from slurm_fixtures import cancel_while_a_command_runs
 
 DATA = Path(__file__).resolve().parent / "data" / "pbs"
 RUNTIME = "bwrap" if shutil.which("bwrap") else "none"
@@ -314,15 +313,10 @@ def test_cancel_of_a_job_that_already_ended_is_no_error(bin_dir, tmp_path):
 
 
 @pytest.fixture
-def cli(state_dir: Path, slurm_cluster):
+def torque(slurm_cluster):
+    """The cluster's Torque wrappers; the live tests below run `cli` (conftest.py) on them."""
     if shutil.which("qsub") is None:
         pytest.fail("qsub is missing although Slurm runs: install slurm-wlm-torque (slurm/install.sh does)")
-
-    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir)}
-        return subprocess.run([sys.executable, "-m", "hpc_sandbox", *args], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    return run
 
 
 def submit(cli, *args: str) -> dict:
@@ -338,6 +332,7 @@ def qstat_state(slurm_id: str) -> str:
     return next((line.split("=")[1].strip() for line in out.splitlines() if "job_state" in line), "")
 
 
+@pytest.mark.usefixtures("torque")
 def test_torque_job_end_to_end(cli, state_dir):
     job = submit(cli, "--nodes", "1", "--slots", "2")
     job_id, (slurm_id,) = job["job_id"], job["scheduler_ids"]
@@ -362,18 +357,7 @@ def test_torque_job_end_to_end(cli, state_dir):
             assert time.monotonic() - started < 1.9  # both slots ran at once
             assert [r.stdout.split() for r in results] == [["0", "mine"], ["1", "mine"]]
 
-            long = asyncio.ensure_future(pool.execute(slots[0], "bash", {"command": "sleep 120"}, timeout=300))
-            await asyncio.sleep(0.5)
-            cancelled = await asyncio.to_thread(cli, "cancel", job_id)
-            assert cancelled.returncode == 0, cancelled.stderr
-            ended_at = time.monotonic()
-            result = await asyncio.wait_for(long, 30)
-            assert result.success is False and result.error_kind == "job_ended", result
-            assert time.monotonic() - ended_at < 15
-            after = await pool.execute(slots[1], "bash", {"command": "true"})
-            assert after.error_kind == "job_ended"
-            with pytest.raises(NoCapacity):
-                await pool.acquire(timeout=1)
+            await cancel_while_a_command_runs(pool, slots, lambda: cli("cancel", job_id), settle=0.5)
 
     asyncio.run(scenario())
     assert not folder.exists()
@@ -381,6 +365,7 @@ def test_torque_job_end_to_end(cli, state_dir):
     assert wait_until(lambda: not pids_matching(job_id), 20), "node servers outlived qdel"
 
 
+@pytest.mark.usefixtures("torque")
 def test_torque_array_on_the_wrapper(cli, state_dir, tmp_path):
     job = submit(cli, "--array", "2", "--slots", "2")
     job_id, (slurm_id,) = job["job_id"], job["scheduler_ids"]
@@ -415,6 +400,7 @@ def test_the_wrappers_qstat_is_read_as_text(slurm_cluster, state_dir):
     assert pbs._FORM[shutil.which("qstat")] == "text"
 
 
+@pytest.mark.usefixtures("torque")
 def test_qsub_refusal_quotes_sbatch(cli):
     result = cli("submit", "--scheduler", "pbs", "--partition", "no-such-queue", "--slots", "1")
     assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -10,28 +10,20 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from hpc_sandbox import SlotPool
-from hpc_sandbox.errors import NoCapacity
 
 from helpers import SHIMS, pids_matching, wait_until
+from slurm_fixtures import cancel_while_a_command_runs
 
 RUNTIME = "bwrap" if shutil.which("bwrap") else "none"
 
 
-@pytest.fixture
-def cli(state_dir: Path, slurm_cluster):
-    def run(*args: str, timeout: float = 120, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir), **(extra_env or {})}
-        return subprocess.run([sys.executable, "-m", "hpc_sandbox", *args], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    yield run
-    # A failed test must not leave its jobs holding the cluster (and its ports).
-    for job in (state_dir / "jobs").glob("*"):
-        run("cancel", job.name)
+# Every test here needs the cluster (it skips, or fails under HPC_SANDBOX_REQUIRE_SLURM=1,
+# without one); `cli` (conftest.py) cancels the jobs a failed test leaves behind.
+pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
 
 def submit(cli, *args: str) -> dict:
@@ -64,18 +56,7 @@ def test_array_job_serves_four_isolated_slots_until_cancelled(cli, state_dir):
             seen = await asyncio.gather(*(pool.execute(s, "bash", {"command": "ls"}) for s in slots))
             assert [r.stdout for r in seen] == ["mine\n"] * 4  # each slot sees its own file only
 
-            long = asyncio.ensure_future(pool.execute(slots[0], "bash", {"command": "sleep 120"}, timeout=300))
-            await asyncio.sleep(1)
-            cancelled = await asyncio.to_thread(cli, "cancel", job_id)
-            assert cancelled.returncode == 0, cancelled.stderr
-            started = time.monotonic()
-            result = await asyncio.wait_for(long, 30)
-            assert result.success is False and result.error_kind == "job_ended", result
-            assert time.monotonic() - started < 15
-            after = await pool.execute(slots[1], "bash", {"command": "true"})
-            assert after.error_kind == "job_ended"
-            with pytest.raises(NoCapacity):
-                await pool.acquire(timeout=1)
+            await cancel_while_a_command_runs(pool, slots, lambda: cli("cancel", job_id), settle=1)
 
     asyncio.run(scenario())
     assert not (state_dir / "jobs" / job_id).exists()
