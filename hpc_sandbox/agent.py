@@ -37,6 +37,8 @@ DEFAULT_OUTPUT_CAP = 1 << 20  # per stream, bytes
 DEFAULT_READ_LIMIT = 8 << 20
 DEFAULT_ARCHIVE_CAP = 64 << 20
 KILL_GRACE_SECONDS = 1.0
+# How long a reset keeps killing a slot's processes that keep reappearing (a fork bomb).
+RESET_SECONDS = 2.0
 # After the command's own process exits, background children may still hold its
 # pipes open (`server &`); we stop waiting for their output after this long.
 PIPE_DRAIN_SECONDS = 0.2
@@ -469,11 +471,48 @@ def _kill_tagged(tag: str, exact: bool) -> int:
     return killed
 
 
+def _ancestors() -> frozenset:
+    """This process and every process above it (in its pid namespace)."""
+    found = set()
+    pid = os.getpid()
+    while pid > 0 and pid not in found:
+        found.add(pid)
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as handle:
+                pid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return frozenset(found)
+
+
+def _kill_all_but(spared) -> int:
+    """SIGKILL every process in /proc but `spared` (zombies are already dead)."""
+    killed = 0
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return 0
+    for pid in pids:
+        if pid in spared:
+            continue
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as handle:
+                if handle.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except (OSError, IndexError):
+            pass
+    return killed
+
+
 # --- the agent ---------------------------------------------------------------------
 
 
 class Agent:
-    def __init__(self, workspace: str, output_cap: int) -> None:
+    def __init__(self, workspace: str, output_cap: int, own_pid_namespace: bool = False) -> None:
+        self.own_pid_namespace = own_pid_namespace
+        self.ancestors = _ancestors() if own_pid_namespace else frozenset()
         self.workspace = os.path.realpath(workspace)
         self.roots = workspace_roots(workspace)
         # Every path a tool takes is walked from this descriptor (see "paths" above).
@@ -528,10 +567,37 @@ class Agent:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=KILL_GRACE_SECONDS + 1)
 
-    def kill_all(self) -> None:
+    def kill_all(self) -> int:
+        """SIGKILL every process of this slot's commands; how many were signalled."""
         for pgid in {pgid for pgid, _ in self.running.values()} | self.lingering:
             _kill_group(pgid, signal.SIGKILL)
-        _kill_tagged(self.tag + ".", exact=False)
+        # Counted by the scans only, which pass over zombies (a killed process that its
+        # parent has not reaped yet is dead already; a group of them still "exists").
+        killed = _kill_tagged(self.tag + ".", exact=False)
+        if self.own_pid_namespace:
+            # Everything this agent can see is the slot's, but itself and the processes
+            # above it (the runtime's init): even a process that left its group and
+            # cleared its environment.
+            killed += _kill_all_but(self.ancestors)
+        return killed
+
+    async def tool_reset(self, request_id, args, timeout):
+        """End every process of the slot's commands, so that the slot can change hands
+        without a new agent (the node server then wipes the workspace). Repeated until
+        nothing is left; a slot that keeps spawning past that is the server's to
+        restart (kind reset_failed)."""
+        deadline = time.monotonic() + RESET_SECONDS
+        killed = 0
+        while True:
+            round_killed = self.kill_all()
+            killed += round_killed
+            if not round_killed:
+                break
+            if time.monotonic() > deadline:
+                raise ToolError("reset_failed", "the slot's processes kept reappearing for %.0fs" % RESET_SECONDS)
+            await asyncio.sleep(0.01)
+        self.lingering.clear()
+        return {"killed": killed}
 
     async def handle_line(self, line: bytes) -> None:
         request_id = None
@@ -946,6 +1012,7 @@ TOOLS = {
     "archive": Agent.tool_archive,
     "cancel": Agent.tool_cancel,
     "ping": Agent.tool_ping,
+    "reset": Agent.tool_reset,
 }
 
 
@@ -953,11 +1020,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="hpc-sandbox slot agent (speaks JSON lines on stdin/stdout)")
     parser.add_argument("--workspace", required=True, help="the slot's workspace directory")
     parser.add_argument("--output-cap", type=int, default=DEFAULT_OUTPUT_CAP, help="bytes kept per output stream")
+    parser.add_argument("--own-pid-namespace", action="store_true",
+                        help="the slot has a pid namespace of its own: every other process in it is the slot's")
     options = parser.parse_args(argv)
     if not os.path.isdir(options.workspace):
         sys.stderr.write("hpc-sandbox agent: workspace %s is not a directory\n" % options.workspace)
         return 2
-    agent = Agent(options.workspace, options.output_cap)
+    agent = Agent(options.workspace, options.output_cap, options.own_pid_namespace)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     # A batch scheduler's cancel or walltime signal reaches every process of the job,

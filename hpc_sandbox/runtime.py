@@ -69,6 +69,9 @@ class SlotRuntime:
     # whose slots are plain host processes that see the host's devices. bwrap builds a
     # minimal /dev (`--dev /dev`) without the NVIDIA device nodes, so it cannot.
     passes_gpus = False
+    # Whether a slot gets a pid namespace of its own: then its agent can end every
+    # process of the slot (all it can see) when the slot changes hands, without a restart.
+    own_pid_namespace = False
 
     def __init__(self, options: RuntimeOptions) -> None:
         self.options = options
@@ -82,7 +85,8 @@ class SlotRuntime:
         raise NotImplementedError
 
     def _agent_args(self, python: str, agent: str, workspace: str) -> list[str]:
-        return [python, "-u", agent, "--workspace", workspace]
+        return [python, "-u", agent, "--workspace", workspace,
+                *(["--own-pid-namespace"] if self.own_pid_namespace else [])]
 
 
 class NoneRuntime(SlotRuntime):
@@ -118,6 +122,7 @@ class BwrapRuntime(SlotRuntime):
     none, net) namespaces, dies with the node server."""
 
     name = "bwrap"
+    own_pid_namespace = True  # --unshare-pid
 
     def __init__(self, options: RuntimeOptions) -> None:
         super().__init__(options)
@@ -315,6 +320,7 @@ class ApptainerRuntime(SlotRuntime):
 
     name = "apptainer"
     passes_gpus = True
+    own_pid_namespace = True  # --containall includes --pid
 
     def binary(self) -> str:
         exe = self.options.executable or shutil.which(self.name)

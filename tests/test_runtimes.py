@@ -47,7 +47,8 @@ def test_apptainer_argv_contains_everything_and_gpu_flag(tmp_path):
     assert "--containall" in argv and "--nv" in argv
     assert argv[argv.index("--no-mount") + 1] == "bind-paths"
     assert f"{tmp_path / 'ws'}:/workspace" in argv
-    assert argv[argv.index(str(image)) + 1:] == ["python3", "-u", "/opt/hpc-sandbox/agent.py", "--workspace", "/workspace"]
+    assert argv[argv.index(str(image)) + 1:] == ["python3", "-u", "/opt/hpc-sandbox/agent.py", "--workspace", "/workspace",
+                                                   "--own-pid-namespace"]
     assert "HPC_SANDBOX_SLOT=3" in argv
     assert set(env) <= {"PATH", "LANG"}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import stat
 import sys
 import time
@@ -40,10 +41,14 @@ async def test_release_when_the_agent_cannot_restart_frees_the_lease_and_marks_t
     try:
         async with NodeClient(server.endpoint) as client:
             granted = await client.acquire("t")
-            await client.execute(granted.slot, granted.lease, "bash", {"command": "true"})  # used: release restarts
+            answer = await client.execute(granted.slot, granted.lease, "bash", {"command": "echo $PPID"})
             flag.touch()
+            os.kill(int(answer.result["stdout"]), signal.SIGKILL)  # the agent dies: only a new one can serve
             await client.release(granted.slot, granted.lease)  # was: HTTP 500 with a traceback
-            state = await _state(client, granted.slot)
+            deadline = time.monotonic() + 10
+            while (state := await _state(client, granted.slot))["state"] in ("restarting", "resetting"):
+                assert time.monotonic() < deadline, state  # the agent's watcher may still be trying
+                await asyncio.sleep(0.1)
             assert state["state"] == "broken" and "could not be restarted" in state["last_error"]
             assert (await client.health()).ready
         assert server.proc.poll() is None
@@ -58,9 +63,12 @@ async def test_a_reset_that_fails_after_lease_expiry_is_logged_with_its_reason(s
     try:
         async with NodeClient(server.endpoint) as client:
             granted = await client.acquire("t", ttl=1)
-            await client.execute(granted.slot, granted.lease, "bash", {"command": "true"})  # used: expiry resets
+            answer = await client.execute(granted.slot, granted.lease, "bash", {"command": "echo $PPID"})
             flag.touch()
-            deadline = time.monotonic() + 15
+            # A frozen agent cannot reset the slot in place: the expiry's reset must replace
+            # it, and the replacement cannot start.
+            os.kill(int(answer.result["stdout"]), signal.SIGSTOP)
+            deadline = time.monotonic() + 30
             while (await _state(client, granted.slot))["state"] != "broken":
                 assert time.monotonic() < deadline, "the expired lease's slot never settled"
                 await asyncio.sleep(0.2)

@@ -134,3 +134,27 @@ async def test_release_keeping_the_workspace_still_ends_the_slots_processes(stat
         server.stop()
         for pid in pids_matching(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+@requires_bwrap
+async def test_a_handover_in_place_ends_even_a_process_that_hid_from_its_agent(state_dir):
+    """A slot changes hands without a new agent (its own `reset`), but in a pid namespace
+    of its own every process the agent can see is the slot's: one that left its group
+    *and* cleared its environment (no group, no tag to find it by) still ends."""
+    marker = f"hpcsbx-hidden-{os.getpid()}"
+    server = start_server(state_dir, job_id="hidden", slots=1, runtime="bwrap")
+    try:
+        async with NodeClient(server.endpoint) as client:
+            first = await client.acquire("A")
+            started = await client.execute(first.slot, first.lease, "bash", {
+                "command": f"setsid env -i /bin/bash -c 'exec -a {marker} sleep 300' </dev/null >/dev/null 2>&1 & "
+                           "echo $PPID"})
+            agent_before = started.result["stdout"].strip()
+            assert wait_until(lambda: pids_matching(marker), 5)
+            await client.release(first.slot, first.lease, reset_workspace=False)
+            assert wait_until(lambda: not pids_matching(marker), 5), "the hidden process outlived the handover"
+            second = await client.acquire("B")
+            again = await client.execute(second.slot, second.lease, "bash", {"command": "echo $PPID"})
+            assert again.result["stdout"].strip() == agent_before  # the same agent: no restart was needed
+    finally:
+        server.stop()

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 UNHEALTHY_BACKOFF = 5.0  # seconds a server that failed to answer is skipped
 MIN_REFRESH_INTERVAL = 0.25  # seconds between two discoveries, even when forced
-POLL_WAIT = 30.0  # seconds one long-poll acquire waits on a node server before it is sent again
+POLL_WAIT = 10.0  # seconds one long-poll acquire waits on a node server before it is sent again
 CAPACITY_CONCURRENCY = 32  # node servers asked at once by capacity()
 
 # How a ClusterSource learns the state of jobs: one call for many jobs (jobs.job_states
@@ -186,10 +186,17 @@ class NodeServerSource:
             self._saturated = False
             self._pump()
 
-    def _pump(self) -> None:
-        """Send as many long-poll acquires as callers wait for and servers can take."""
+    def _pump(self, extra: Endpoint | None = None) -> None:
+        """Send as many long-poll acquires as callers wait for and servers can take;
+        and one to `extra` (a server this pool just freed a slot on) while callers wait,
+        even if their requests wait elsewhere: the freed slot is served now, and a grant
+        that then finds nobody waiting is given back."""
         queue = self._queue
-        if queue is None or self._stopped or self._saturated:
+        if queue is None or self._stopped:
+            return
+        if extra is not None and queue.waiting and not self._inflight.get(extra.url):
+            self._send(extra)
+        if self._saturated:
             return
         missing = min(queue.waiting, self.max_polls) - self._inflight_total
         if missing <= 0:
@@ -197,24 +204,32 @@ class NodeServerSource:
         now = time.monotonic()
         usable = [e for e in self._endpoints if self._skip_until.get(e.url, 0.0) <= now]
 
+        def free(e: Endpoint) -> int:
+            return self._free.get(e.url, e.slots) - self._inflight.get(e.url, 0)
+
         def room(e: Endpoint) -> int:
             # Each server gets as many requests as it has free slots, and one that waits
             # (a long poll) when it has none.
             return max(1, self._free.get(e.url, e.slots)) - self._inflight.get(e.url, 0)
 
         random.shuffle(usable)  # ties broken at random: many pools spread out
-        for endpoint in sorted(usable, key=room, reverse=True):
+        # Servers with free slots first: a request that would wait on a full server while
+        # another has a free slot would keep its caller waiting for nothing.
+        for endpoint in sorted(usable, key=lambda e: (free(e) > 0, room(e)), reverse=True):
             count = min(room(endpoint), missing)
             if count <= 0:
                 break
             for _ in range(count):
-                self._inflight[endpoint.url] = self._inflight.get(endpoint.url, 0) + 1
-                self._inflight_total += 1
-                self._spawn(self._poll(endpoint))
+                self._send(endpoint)
             missing -= count
             if missing <= 0:
                 return
         self._saturated = True  # until a request ends, servers change or a backoff ends (_tick)
+
+    def _send(self, endpoint: Endpoint) -> None:
+        self._inflight[endpoint.url] = self._inflight.get(endpoint.url, 0) + 1
+        self._inflight_total += 1
+        self._spawn(self._poll(endpoint))
 
     async def _poll(self, endpoint: Endpoint) -> None:
         assert self._queue is not None
@@ -261,7 +276,7 @@ class NodeServerSource:
         if not self._inflight.get(url):  # else our own waiting request takes it at once
             self._free[url] = self._free.get(url, 0) + 1
             self._saturated = False
-            self._pump()
+            self._pump(extra=slot.endpoint)
 
     # --- what the pool asks ----------------------------------------------------------
 
