@@ -167,10 +167,6 @@ async def test_no_capacity_after_a_timeout_names_the_server_that_could_not_be_us
     assert dead.name in message and "unreachable" in message, message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "NoCapacity says 'N slots on M node servers, all busy' when one of the servers is unreachable: "
-    "capacity() (sources.py, free_on) swallows the ClientError as 0 free slots and records no trouble, "
-    "and no acquire was sent there (one long poll per caller, on the server with the most room)"))
 async def test_no_capacity_does_not_call_an_unreachable_server_busy(server_factory):
     live = server_factory(job_id="live", slots=2)
     dead = dead_endpoint()
@@ -205,11 +201,6 @@ async def test_a_cancelled_waiter_leaks_no_lease(state_dir, server_factory):
     assert await all_free(server.endpoint, 1) == {"free": 1}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SlotPool.stop() leaves callers waiting in acquire() waiting: they wait out their whole timeout "
-    "(acquire_timeout, 300 s by default) and then get 'all busy' (slotpool.py stop() never fails the "
-    "futures of self.queue); _why_no_slot then also opens a new aiohttp session on the stopped source "
-    "that nobody closes ('Unclosed connector')"))
 async def test_stopping_the_pool_fails_its_waiting_callers_at_once(state_dir, server_factory):
     server = server_factory(job_id="stops", slots=1)
     pool = SlotPool.from_state_dir(state_dir, ["stops"], acquire_timeout=60)

@@ -140,6 +140,7 @@ class SlotPool:
     async def stop(self) -> None:
         if self._started:
             self._started = False
+            self.queue.close(NoCapacity("the pool was stopped while this acquire waited for a slot"))
             if self._keeper is not None:
                 self._keeper.cancel()
             for source in self.sources:
@@ -170,6 +171,8 @@ class SlotPool:
             source.wake()
         try:
             slot, source = await asyncio.wait_for(asyncio.shield(waiter.future), waited)
+        except NoCapacity:
+            raise  # the pool stopped (WaitQueue.close)
         except asyncio.TimeoutError:
             if not waiter.future.done():
                 self.queue.leave(waiter)

@@ -300,7 +300,8 @@ class NodeServerSource:
             async with limit:
                 try:
                     answer = await self.client(endpoint).slots()
-                except ClientError:
+                except ClientError as exc:
+                    self._trouble[endpoint.url] = f"{endpoint.name}: {exc}"  # said in NoCapacity's message
                     return 0
             self._free[endpoint.url] = answer.free
             return answer.free

@@ -43,6 +43,18 @@ class WaitQueue:
         if not waiter.future.done():
             waiter.future.cancel()
             self._live -= 1
+        if len(self._queue) > 64 and len(self._queue) > 2 * self._live:
+            # Many gave up (timeouts under load): drop their places, or every offer and
+            # label would walk them.
+            self._queue = collections.deque(w for w in self._queue if not w.future.done())
+
+    def close(self, error: BaseException) -> None:
+        """The pool stops: every caller still waiting gets `error`, at once."""
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+        self._live = 0
 
     @property
     def waiting(self) -> int:
