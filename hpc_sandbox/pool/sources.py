@@ -38,6 +38,8 @@ UNHEALTHY_BACKOFF = 5.0  # seconds a server that failed to answer is skipped
 MIN_REFRESH_INTERVAL = 0.25  # seconds between two discoveries, even when forced
 POLL_WAIT = 10.0  # seconds one long-poll acquire waits on a node server before it is sent again
 CAPACITY_CONCURRENCY = 32  # node servers asked at once by capacity()
+# A pump that has at most FEW requests to send looks at SAMPLE random servers first.
+FEW, SAMPLE = 4, 16
 
 # How a ClusterSource learns the state of jobs: one call for many jobs (jobs.job_states
 # binds it to the schedulers; the pool itself never imports them).
@@ -80,7 +82,7 @@ class NodeServerSource:
     folders of a state dir, a scheduler's API)."""
 
     def __init__(self, discover: Callable[[], list[Endpoint]], name: str = "nodes", location: str = "cluster",
-                 refresh_interval: float = 2.0, *, max_polls: int = 1024, poll_wait: float = POLL_WAIT) -> None:
+                 refresh_interval: float = 2.0, *, max_polls: int = 256, poll_wait: float = POLL_WAIT) -> None:
         self.discover = discover
         self.name = name
         self.location = location
@@ -97,6 +99,8 @@ class NodeServerSource:
         self._inflight_total = 0
         self._saturated = False  # every usable server has its share of requests: joins cost O(1)
         self._skip_until: dict[str, float] = {}
+        self._usable_cache: list[Endpoint] | None = None  # see _usable
+        self._usable_until = float("inf")
         self._trouble: dict[str, str] = {}  # url -> why it was last skipped (for NoCapacity's message)
         self._clients: dict[str, NodeClient] = {}
         self._refreshing: asyncio.Future | None = None
@@ -159,6 +163,7 @@ class NodeServerSource:
             found = await asyncio.to_thread(self.discover)
             if found != self._endpoints:
                 self._endpoints = found
+                self._usable_cache = None
                 self._saturated = False
             self._refreshed = time.monotonic()
         finally:
@@ -201,8 +206,7 @@ class NodeServerSource:
         missing = min(queue.waiting, self.max_polls) - self._inflight_total
         if missing <= 0:
             return
-        now = time.monotonic()
-        usable = [e for e in self._endpoints if self._skip_until.get(e.url, 0.0) <= now]
+        usable = self._usable(time.monotonic())
 
         def free(e: Endpoint) -> int:
             return self._free.get(e.url, e.slots) - self._inflight.get(e.url, 0)
@@ -212,10 +216,27 @@ class NodeServerSource:
             # (a long poll) when it has none.
             return max(1, self._free.get(e.url, e.slots)) - self._inflight.get(e.url, 0)
 
-        random.shuffle(usable)  # ties broken at random: many pools spread out
-        # Servers with free slots first: a request that would wait on a full server while
-        # another has a free slot would keep its caller waiting for nothing.
-        for endpoint in sorted(usable, key=lambda e: (free(e) > 0, room(e)), reverse=True):
+        def key(e: Endpoint) -> tuple[bool, int]:
+            # Servers with free slots first: a request that would wait on a full server
+            # while another has a free slot would keep its caller waiting for nothing.
+            return free(e) > 0, room(e)
+
+        if missing <= FEW and len(usable) > SAMPLE:
+            # The common case under load (a request ended, one more to send): a random
+            # handful of servers, not all of them sorted. Enough when one of them has a
+            # free slot; else the full look below.
+            sample = sorted(random.sample(usable, SAMPLE), key=key, reverse=True)
+            if free(sample[0]) > 0:
+                for endpoint in sample:
+                    count = min(free(endpoint), missing)
+                    for _ in range(max(0, count)):
+                        self._send(endpoint)
+                    missing -= max(0, count)
+                    if missing <= 0:
+                        return
+        candidates = list(usable)
+        random.shuffle(candidates)  # ties broken at random: many pools spread out
+        for endpoint in sorted(candidates, key=key, reverse=True):
             count = min(room(endpoint), missing)
             if count <= 0:
                 break
@@ -225,6 +246,19 @@ class NodeServerSource:
             if missing <= 0:
                 return
         self._saturated = True  # until a request ends, servers change or a backoff ends (_tick)
+
+    def _usable(self, now: float) -> list[Endpoint]:
+        """The servers not in a backoff: kept until the servers change, one is skipped,
+        or a backoff ends (a pump per grant must not walk a thousand servers)."""
+        if self._usable_cache is None or now >= self._usable_until:
+            skipped = {url: until for url, until in self._skip_until.items() if until > now}
+            self._usable_cache = [e for e in self._endpoints if e.url not in skipped]
+            self._usable_until = min(skipped.values(), default=float("inf"))
+        return self._usable_cache
+
+    def _skip(self, url: str, seconds: float) -> None:
+        self._skip_until[url] = time.monotonic() + seconds
+        self._usable_cache = None
 
     def _send(self, endpoint: Endpoint) -> None:
         self._inflight[endpoint.url] = self._inflight.get(endpoint.url, 0) + 1
@@ -244,11 +278,11 @@ class NodeServerSource:
             if time.monotonic() - sent < self.poll_wait / 2:
                 # Answered without waiting (a server that is stopping, or one too old to
                 # wait): do not ask it again in a tight loop.
-                self._skip_until[url] = time.monotonic() + MIN_REFRESH_INTERVAL * 4
+                self._skip(url, MIN_REFRESH_INTERVAL * 4)
         except ClientError as exc:
             # Said once, in NoCapacity's message, if no other server serves the caller.
             log.info("node server %s skipped for %.0fs: %s", endpoint.name, UNHEALTHY_BACKOFF, exc)
-            self._skip_until[url] = time.monotonic() + UNHEALTHY_BACKOFF
+            self._skip(url, UNHEALTHY_BACKOFF)
             self._trouble[url] = f"{endpoint.name}: {exc}"
         else:
             self._trouble.pop(url, None)
