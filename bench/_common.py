@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,3 +214,23 @@ async def run_load(name: str, ops: Sequence[Op], calls_per_op: int, total_ops: i
     cpu = cpu_seconds(cpu_of) - cpu_before if cpu_of else float("nan")
     return Measurement(name=name, concurrency=len(ops), calls=len(latencies) * calls_per_op, ops=len(latencies),
                        seconds=seconds, latencies=latencies, errors=errors, cpu=cpu)
+
+
+def run_benchmark(run: Callable[[], Awaitable[int]], verbose: bool) -> int:
+    """Run a benchmark's coroutine with logging set up; Ctrl-C or SIGTERM cancels it, so
+    that it stops every process it started (Children) before this one exits."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    task = loop.create_task(run())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        print("interrupted: stopped every process this benchmark started", file=sys.stderr)
+        return 130
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

@@ -438,6 +438,14 @@ def _kill_group(pgid: int, sig: int) -> None:
 CALL_ENV = "HPC_SANDBOX_CALL"
 
 
+def _pids() -> list:
+    """Every process this one can see (in its pid namespace); none without /proc."""
+    try:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+
+
 def _kill_tagged(tag: str, exact: bool) -> int:
     """SIGKILL every process whose environment carries CALL_ENV=tag (or tag...).
 
@@ -450,11 +458,7 @@ def _kill_tagged(tag: str, exact: bool) -> int:
     needle = ("%s=%s" % (CALL_ENV, tag)).encode()
     me = os.getpid()
     killed = 0
-    try:
-        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:
-        return 0
-    for pid in pids:
+    for pid in _pids():
         if pid == me:
             continue
         try:
@@ -488,11 +492,7 @@ def _ancestors() -> frozenset:
 def _kill_all_but(spared) -> int:
     """SIGKILL every process in /proc but `spared` (zombies are already dead)."""
     killed = 0
-    try:
-        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:
-        return 0
-    for pid in pids:
+    for pid in _pids():
         if pid in spared:
             continue
         try:

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from . import protocol
-from .errors import CallTimeout, ClientError, ServerGone
+from .errors import CallTimeout, ServerGone
 from .models import Endpoint
 from .paths import workspace_relative
 from .tls import pinned_context

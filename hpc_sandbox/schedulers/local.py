@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from ..jobspec import serve_argv
 from ..jobfolder import JobFolder, JobInfo
