@@ -142,6 +142,17 @@ def cpu_seconds(pids: Sequence[tuple[int, bool]]) -> float:
 # --- measuring -------------------------------------------------------------------------
 
 
+def cpu_model() -> str:
+    """The CPU's model name, for the record of where a benchmark ran."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return float("nan")

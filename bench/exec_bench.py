@@ -51,7 +51,7 @@ sys.path.insert(0, str(HERE))
 
 import aiohttp  # noqa: E402
 
-from _common import Children, Measurement, Op, children_of, run_benchmark, run_load  # noqa: E402
+from _common import Children, Measurement, Op, children_of, cpu_model, run_benchmark, run_load  # noqa: E402
 import _swerex  # noqa: E402
 
 from hpc_sandbox import Endpoint, NodeServerSource, SlotPool  # noqa: E402
@@ -193,14 +193,7 @@ def _first_line(argv: Sequence[str]) -> str:
 
 
 def environment(swerex_exe: Path | None) -> dict[str, str]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import hpc_sandbox
     commit = _first_line(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"])
     try:

@@ -93,7 +93,7 @@ else:
 import aiohttp  # noqa: E402
 
 import exec_bench  # noqa: E402  (its NodeServer starts a real node server)
-from _common import Children, free_ports, percentile, run_benchmark  # noqa: E402
+from _common import Children, cpu_model, free_ports, percentile, run_benchmark  # noqa: E402
 
 from hpc_sandbox import Endpoint, NodeServerSource, SlotPool  # noqa: E402
 from hpc_sandbox.jobfolder import JobFolder, JobInfo, ServerRecord  # noqa: E402
@@ -531,14 +531,7 @@ def _git(*args: str) -> str:
 
 
 def environment() -> dict[str, str]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import hpc_sandbox
     code = Path(hpc_sandbox.__file__).resolve().parent
     if code.parent != CODE_ROOT.resolve():

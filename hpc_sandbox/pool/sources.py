@@ -390,7 +390,7 @@ class ClusterSource(NodeServerSource):
             folder = JobFolder(self.state_dir, job)
             view = views.get(job)
             if view is None:
-                view = self._look_at(folder, views)
+                view = self._look_at(folder)
                 if view is None:
                     continue
                 views[job] = view
@@ -420,7 +420,7 @@ class ClusterSource(NodeServerSource):
         self._waiting = waiting
         return endpoints
 
-    def _look_at(self, folder: JobFolder, views: dict[str, _JobView]) -> _JobView | None:
+    def _look_at(self, folder: JobFolder) -> _JobView | None:
         """A job seen for the first time: its credentials and job.json (read once)."""
         try:
             credentials = folder.credentials()
