@@ -155,13 +155,13 @@ def test_pbspro_array_subjobs_are_one_job():
                         2: {"job_state": "Q", "comment": "Not Running: Insufficient amount of resource: ncpus"}})
     by_key, _ = group_tasks(parse_qstat_json(text))
     assert list(by_key) == ["7.pbs"]
-    assert sorted(s.value for s, _ in by_key["7.pbs"]) == ["done", "pending", "running"]  # the parent is not a task
+    assert sorted(t.state.value for t in by_key["7.pbs"]) == ["done", "pending", "running"]  # the parent is not a task
 
 
 def test_an_array_parent_alone_stands_for_its_array():
     data = json.loads(_array_json({}))
     by_key, _ = group_tasks(parse_qstat_json(json.dumps(data)))
-    assert by_key == {"7.pbs": [(JobState.RUNNING, "array begun")]}
+    assert by_key == {"7.pbs": [(JobState.RUNNING, "array begun", None)]}
 
 
 # --- recorded Torque text ----------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_slurm_wrapper_text_recorded_here():
     assert {k: pbs_state(a)[0].value for k, a in running.items()} == {
         "450": "running", "452": "running", "451": "running", "453": "pending"}
     by_key, by_name = group_tasks(parse_qstat_text((DATA / "slurm-torque-wrapper-qstat-f-running.txt").read_text()))
-    assert by_key["451"] == [(JobState.RUNNING, "")]  # only one task of the array carries its id
+    assert by_key["451"] == [(JobState.RUNNING, "", None)]  # only one task of the array carries its id
     assert len(by_name["rec-array-20917a"]) == 2  # both do carry its name
     ended = records("slurm-torque-wrapper-qstat-f-ended.txt")
     assert {pbs_state(a) for a in ended.values()} == {(JobState.DONE, "C, no exit status")}

@@ -59,15 +59,16 @@ def test_one_squeue_call_per_poll_covers_every_job(bin_dir, tmp_path):
 def test_without_a_usable_json_output_the_plain_format_is_read(bin_dir, tmp_path, json_failure, monkeypatch):
     monkeypatch.setattr(SlurmScheduler, "_plain_only", False)  # what this test learns is undone after it
     logging_tool(bin_dir, "squeue", f'''if [ "$1" = "--json" ]; then echo "{json_failure}" >&2; exit 1; fi
-        printf '%s\\n' '21|21|RUNNING|None' '30|30_0|RUNNING|None' '30|30_[1-3]|PENDING|JobArrayTaskLimit'
+        printf '%s\\n' '21|21|RUNNING|None|2026-12-02T05:43:32' '30|30_0|RUNNING|None|2026-12-02T05:43:40' \\
+            '30|30_[1-3]|PENDING|JobArrayTaskLimit|N/A'
         ''')
     for _ in range(2):  # a fresh scheduler each time, as the pool's watcher makes them
         status = get_scheduler("slurm", tmp_path).status([info("21", job_id="a"), info("30", job_id="b", servers=2)])
         assert status["a"].state is JobState.RUNNING
         assert status["b"].reason == "1 of 2 tasks running"
     # --json is tried once; after that the plain format is used directly.
-    assert stand_in_calls(bin_dir) == ["squeue --json", "squeue -h -t all -o %F|%i|%T|%r",
-                                       "squeue -h -t all -o %F|%i|%T|%r"]
+    assert stand_in_calls(bin_dir) == ["squeue --json", "squeue -h -t all -o %F|%i|%T|%r|%S",
+                                       "squeue -h -t all -o %F|%i|%T|%r|%S"]
 
 
 def test_a_job_that_left_the_queue_is_looked_up_once_in_sacct(bin_dir, tmp_path):

@@ -8,11 +8,13 @@ from the submit command's output, and how one status call is parsed.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import SchedulerError
 from ..jobspec import RenderedJobspec, render
@@ -28,13 +30,27 @@ _LIVE_ORDER = (JobState.RUNNING, JobState.COMPLETING, JobState.PENDING)
 _END_ORDER = (JobState.FAILED, JobState.TIMEOUT, JobState.PREEMPTED, JobState.CANCELLED, JobState.DONE)
 
 
-def run_command(argv: Sequence[str], timeout: float | None = None, what: str | None = None) -> str:
-    """Run a scheduler command; its failure becomes one line quoting the scheduler."""
+class Task(NamedTuple):
+    """One task (array task, split array part, node) as a scheduler listed it."""
+    state: JobState
+    reason: str
+    # The scheduler's estimate of when this task starts (Unix seconds), set only while it
+    # is pending and only where the scheduler gives one (see JobStatus.expected_start).
+    expected_start: float | None = None
+
+
+def run_command(argv: Sequence[str], timeout: float | None = None, what: str | None = None,
+                env: Mapping[str, str] | None = None) -> str:
+    """Run a scheduler command; its failure becomes one line quoting the scheduler.
+
+    `env` adds to (does not replace) this process's environment: a scheduler command
+    still needs the user's PATH, config paths and credentials."""
     label = what or argv[0]
     timeout = COMMAND_TIMEOUT if timeout is None else timeout
     log.debug("running %s", shlex.join(argv))
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env} if env else None)
     except FileNotFoundError:
         raise SchedulerError(f"{argv[0]} is not on PATH (is this a login node of the cluster?)") from None
     except subprocess.TimeoutExpired:
@@ -47,23 +63,30 @@ def run_command(argv: Sequence[str], timeout: float | None = None, what: str | N
     return proc.stdout
 
 
-def combine(job_id: str, states: Iterable[tuple[JobState, str]], expected_tasks: int) -> JobStatus:
-    """One job state from its tasks' states (array tasks, split array parts, nodes)."""
-    seen = list(states)
+def combine(job_id: str, states: Iterable[tuple[JobState, str] | Task], expected_tasks: int) -> JobStatus:
+    """One job state from its tasks' states (array tasks, split array parts, nodes).
+
+    The expected start is the earliest among the pending tasks that carry one: the
+    moment the job's next capacity is expected, whether the job as a whole is pending or
+    already partly running.
+    """
+    seen = [Task(*task) for task in states]  # plain (state, reason) pairs are tasks without an estimate
     if not seen:
         return JobStatus(job_id, JobState.UNKNOWN, "not known to the scheduler")
+    expected = min((t.expected_start for t in seen if t.state is JobState.PENDING and t.expected_start is not None),
+                   default=None)
     for state in _LIVE_ORDER:
-        matching = [reason for s, reason in seen if s is state]
+        matching = [t.reason for t in seen if t.state is state]
         if matching:
             detail = f"{len(matching)} of {expected_tasks} tasks {state.value}"
             reasons = sorted({r for r in matching if r and r != "None"})
-            return JobStatus(job_id, state, detail + (f" ({', '.join(reasons)})" if reasons else ""))
+            return JobStatus(job_id, state, detail + (f" ({', '.join(reasons)})" if reasons else ""), expected)
     for state in _END_ORDER:
-        matching = [reason for s, reason in seen if s is state]
+        matching = [t.reason for t in seen if t.state is state]
         if matching:
             reasons = sorted({r for r in matching if r and r != "None"})
             return JobStatus(job_id, state, ", ".join(reasons))
-    return JobStatus(job_id, JobState.UNKNOWN, ", ".join(sorted({r for _, r in seen if r})))
+    return JobStatus(job_id, JobState.UNKNOWN, ", ".join(sorted({t.reason for t in seen if t.reason})))
 
 
 class BatchScheduler(Scheduler):
@@ -122,6 +145,6 @@ class BatchScheduler(Scheduler):
             result[job.job_id] = combine(job.job_id, states, job.servers)
         return result
 
-    def query(self, jobs: Sequence[JobInfo]) -> dict[str, list[tuple[JobState, str]]]:
+    def query(self, jobs: Sequence[JobInfo]) -> dict[str, list[Task]]:
         """Task states of the given jobs, keyed by the id the submit command printed."""
         raise NotImplementedError

@@ -13,6 +13,11 @@ left it is looked up with `qstat -x` (where the server keeps job history) before
 is declared ended with an unknown end state, as slurm.py does with sacct. Torque keeps
 finished jobs listed in state C for `keep_completed` seconds, with their exit_status.
 
+Pending PBS Pro jobs carry the start time its scheduler estimates for them
+(`estimated.start_time`, set when its scheduler computes one: for the top jobs it
+backfills around, or for every queued job where the site sets `est_start_time_freq`).
+Torque and Slurm's wrappers print no estimate: there it is None.
+
 Job ids: Torque and PBS Pro print `123.server` (arrays `123[].server`, subjobs
 `123[4].server`, older Torque `123-4.server`); Slurm's wrapper prints the bare Slurm id.
 Every task is filed under its array's key: sequence number plus short server name.
@@ -28,6 +33,7 @@ import logging
 import re
 import shutil
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from ..errors import SchedulerError
@@ -35,11 +41,11 @@ from ..jobspec import RenderedJobspec
 from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
 from .base import JobState
-from .batch import BatchScheduler, run_command
+from .batch import BatchScheduler, Task, run_command
 
 log = logging.getLogger(__name__)
 
-Task = tuple[JobState, str]
+Verdict = tuple[JobState, str]  # a job's state and the scheduler's words for it
 Record = tuple[str, dict]  # (job id as qstat prints it, its attributes)
 
 QSTAT_FORMS: dict[str, tuple[str, ...]] = {
@@ -65,6 +71,9 @@ LIVE_STATES: dict[str, tuple[JobState, str]] = {
 }
 # Ended: X (PBS Pro subjob finished), F (PBS Pro finished, job history), C (Torque completed).
 ENDED_STATES = frozenset("XFC")
+# Waiting and never started: only these have a start that is still a forecast (S and U
+# are suspended, having run).
+NOT_STARTED_STATES = frozenset("QHWT")
 # Negative Exit_status values: PBS's own codes for jobs that did not run to their end
 # (JOB_EXEC_* in openpbs src/include/job.h). Torque shares -1 to -7.
 EXEC_CODES = {
@@ -147,9 +156,14 @@ def _get(attrs: dict, name: str) -> object:
     return next((v for k, v in attrs.items() if k.lower() == lower), None)
 
 
-def pbs_state(attrs: dict) -> Task:
+def _letter(attrs: dict) -> str:
+    """The job_state letter (Q, R, ...), upper case; "" when qstat gave none."""
+    return str(_get(attrs, "job_state") or "").strip().upper()[:1]
+
+
+def pbs_state(attrs: dict) -> Verdict:
     """Our state for one job or subjob, and the scheduler's own words for why."""
-    letter = str(_get(attrs, "job_state") or "").strip().upper()[:1]
+    letter = _letter(attrs)
     comment = str(_get(attrs, "comment") or "").strip()
     if letter in LIVE_STATES:
         state, meaning = LIVE_STATES[letter]
@@ -161,7 +175,7 @@ def pbs_state(attrs: dict) -> Task:
     return JobState.UNKNOWN, f"job_state {letter or '?'}" + (f": {comment}" if comment else "")
 
 
-def _ended(letter: str, attrs: dict, comment: str) -> Task:
+def _ended(letter: str, attrs: dict, comment: str) -> Verdict:
     raw = _get(attrs, "Exit_status")
     try:
         code = int(str(raw).strip()) if raw is not None else None
@@ -193,6 +207,48 @@ def _ended(letter: str, attrs: dict, comment: str) -> Task:
     if comment:
         details.append(comment)
     return state, "; ".join([head, *details])
+
+
+# --- expected start --------------------------------------------------------------------------
+
+_MONTHS = {name: number for number, name in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
+# ctime(3) as PBS prints times: "Wed Dec  2 10:00:00 2026" (the day of month padded by
+# a space). Read by hand rather than with strptime, whose %a/%b follow the locale.
+_CTIME = re.compile(r"^(?:[A-Za-z]{3}\s+)?(?P<month>[A-Za-z]{3})\s+(?P<day>\d{1,2})\s+"
+                    r"(?P<hour>\d{1,2}):(?P<minute>\d{2}):(?P<second>\d{2})\s+(?P<year>\d{4})$")
+
+
+def pbs_time(value: object) -> float | None:
+    """A PBS time as Unix seconds: an epoch number (some `-F json` versions) or a ctime
+    string in the server's local time (`qstat -f`, other JSON versions); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value > 0 else None
+    text = str(value or "").strip()
+    if text.isdigit():
+        return float(text) if int(text) > 0 else None
+    match = _CTIME.match(text)
+    month = _MONTHS.get(match["month"].title()) if match else None
+    if match is None or month is None:
+        return None
+    try:
+        return datetime(int(match["year"]), month, int(match["day"]), int(match["hour"]),
+                        int(match["minute"]), int(match["second"])).timestamp()
+    except ValueError:  # "Feb 31": not a date
+        return None
+
+
+def estimated_start(attrs: dict) -> float | None:
+    """PBS Pro's `estimated.start_time`, whatever way qstat printed it: a dotted name in
+    the text form, a nested {"estimated": {"start_time": ...}} in JSON (as it nests
+    Resource_List); None where the server has computed none (and always on Torque)."""
+    nested = _get(attrs, "estimated")
+    value = _get(nested, "start_time") if isinstance(nested, dict) else None
+    if value is None:
+        value = _get(attrs, "estimated.start_time")
+    return pbs_time(value) if value is not None else None
 
 
 # --- qstat output -------------------------------------------------------------------------
@@ -244,13 +300,24 @@ def group_tasks(records: Iterable[Record]) -> tuple[dict[str, list[Task]], dict[
     With subjobs listed (`-t`) the array parent is left out: it would count the array
     twice. A parent listed alone (no `-t`, or all its subjobs queued and not expanded)
     stands for its whole array.
+
+    Tasks not yet started carry PBS Pro's estimated start; queued subjobs listed without
+    one take their array parent's, which is the estimate for the array's next subjob.
     """
+    records = list(records)
+    # A begun (B) or queued array parent is estimated for its queued rest: its estimate
+    # is when the array's next subjob starts.
+    parent_estimates = {array_key(job_id): estimated_start(attrs) for job_id, attrs in records
+                        if is_array_parent(job_id) and (_letter(attrs) in NOT_STARTED_STATES or _letter(attrs) == "B")}
     by_key: dict[str, list[Task]] = {}
     parents: dict[str, Task] = {}
     by_name: dict[str, list[Task]] = {}
     for job_id, attrs in records:
-        task = pbs_state(attrs)
         key = array_key(job_id)
+        estimate = None
+        if _letter(attrs) in NOT_STARTED_STATES:
+            estimate = estimated_start(attrs) or parent_estimates.get(key)
+        task = Task(*pbs_state(attrs), estimate)
         if is_array_parent(job_id):
             parents[key] = task
         else:
@@ -368,8 +435,8 @@ class PbsScheduler(BatchScheduler):
                 if array_key(scheduler_id) in history:
                     tasks[scheduler_id] = history[array_key(scheduler_id)]
         for scheduler_id in missing:
-            tasks.setdefault(scheduler_id, [(JobState.DONE, "left qstat; its end state is unknown "
-                                                             "(the server keeps no job history for it)")])
+            tasks.setdefault(scheduler_id, [Task(JobState.DONE, "left qstat; its end state is unknown "
+                                                                 "(the server keeps no job history for it)")])
         return tasks
 
     def _qstat(self) -> tuple[str, list[Record]]:

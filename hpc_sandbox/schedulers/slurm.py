@@ -3,8 +3,10 @@
 One `squeue` call per poll covers every watched job (Slurm 22.05's `--json` lists
 all jobs anyway and ignores `--jobs`). A job that has left squeue is looked up once
 in `sacct`, which many small clusters run without (then its end state is unknown,
-and said so). Where pyslurm is installed and built for the cluster's Slurm release,
-job states come from it instead of squeue (slurm_pyslurm.py).
+and said so). Pending jobs carry the start time Slurm expects for them (`start_time`,
+which the backfill scheduler fills in; what `squeue --start` shows). Where pyslurm is
+installed and built for the cluster's Slurm release, job states come from it instead
+of squeue (slurm_pyslurm.py; that path reads no start estimate).
 """
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import json
 import logging
 import re
 from collections.abc import Sequence
+from datetime import datetime
 
 from ..errors import SchedulerError
 from ..jobfolder import JobInfo
 from ..spec import SandboxSpec
 from .base import JobState
 from . import slurm_pyslurm
-from .batch import BatchScheduler, run_command
+from .batch import BatchScheduler, Task, run_command
 
 log = logging.getLogger(__name__)
 
@@ -52,47 +55,91 @@ def _detail(state: JobState, slurm_name: str, reason: str) -> str:
     return reason
 
 
-def parse_squeue_json(text: str) -> dict[str, list[tuple[JobState, str]]]:
+# Slurm's "no value" markers for 32-bit fields (NO_VAL, INFINITE): not a time.
+_NOT_A_TIME = 0xFFFFFFFE
+
+
+def json_time(value: object) -> float | None:
+    """A time field of `squeue --json` as Unix seconds, or None where Slurm has none.
+
+    Slurm 22.05 (OpenAPI v0.0.38) prints a plain integer, 0 when unset; 23.02 and later
+    print {"set": bool, "infinite": bool, "number": N}.
+    """
+    if isinstance(value, dict):
+        if not value.get("set", True) or value.get("infinite"):
+            return None
+        value = value.get("number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0 < value < _NOT_A_TIME else None
+
+
+def plain_time(text: str) -> float | None:
+    """squeue's `%S` as Unix seconds: `2026-12-02T10:00:00` is local time (the format
+    SLURM_TIME_FORMAT=standard gives); `N/A`, `Unknown` and anything else is None."""
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        return None
+
+
+def _expected(slurm_name: str, start: float | None) -> float | None:
+    """A start time that is an estimate: only a PENDING job's. For any other state
+    (running, suspended, configuring, ended) Slurm's start_time is when it did start."""
+    return start if slurm_name == "PENDING" else None
+
+
+def parse_squeue_json(text: str) -> dict[str, list[Task]]:
     """Task states keyed by the id sbatch printed (the array's id for array tasks)."""
     try:
         data = json.loads(text)
     except ValueError as exc:
         raise SchedulerError(f"squeue --json printed something that is not JSON: {exc}") from None
-    tasks: dict[str, list[tuple[JobState, str]]] = {}
+    tasks: dict[str, list[Task]] = {}
     for job in data.get("jobs", []):
         state, name = slurm_state(job.get("job_state"))
+        expected = _expected(name, json_time(job.get("start_time")))
         name = _detail(state, name, job.get("state_reason") or "")
         array_id = job.get("array_job_id")
         if isinstance(array_id, dict):  # newer data_parser: {"set": true, "number": N}
             array_id = array_id.get("number") if array_id.get("set") else 0
         key = str(array_id) if array_id else str(job.get("job_id"))
-        tasks.setdefault(key, []).append((state, name))
+        tasks.setdefault(key, []).append(Task(state, name, expected))
     return tasks
 
 
-def parse_squeue_plain(text: str) -> dict[str, list[tuple[JobState, str]]]:
-    """`squeue -h -t all -o '%F|%i|%T|%r'` lines: array job id, job id, state, reason."""
-    tasks: dict[str, list[tuple[JobState, str]]] = {}
+# Array job id, job id, state, reason, start time (expected, for a pending job).
+SQUEUE_PLAIN_FORMAT = "%F|%i|%T|%r|%S"
+# %S follows SLURM_TIME_FORMAT, which a user may have set to "relative" or any strftime
+# format in their shell; "standard" is the ISO-like form plain_time reads.
+SQUEUE_PLAIN_ENV = {"SLURM_TIME_FORMAT": "standard"}
+
+
+def parse_squeue_plain(text: str) -> dict[str, list[Task]]:
+    """`squeue -h -t all -o '%F|%i|%T|%r|%S'` lines: array job id, job id, state, reason,
+    start time. Lines without the start time (the earlier `%F|%i|%T|%r`) are read too."""
+    tasks: dict[str, list[Task]] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
         if len(parts) < 4:
             continue
         array_id, job_id, raw_state, reason = parts[:4]
         state, name = slurm_state(raw_state)
+        expected = _expected(name, plain_time(parts[4])) if len(parts) > 4 else None
         key = array_id or job_id.split("_")[0]  # %F is the job's own id when it is not an array
         name = _detail(state, name, reason)
-        tasks.setdefault(key, []).append((state, name))
+        tasks.setdefault(key, []).append(Task(state, name, expected))
     return tasks
 
 
-def parse_sacct(text: str) -> dict[str, list[tuple[JobState, str]]]:
+def parse_sacct(text: str) -> dict[str, list[Task]]:
     """`sacct -n -P -X -o JobID,State` lines (array tasks as 123_4)."""
-    tasks: dict[str, list[tuple[JobState, str]]] = {}
+    tasks: dict[str, list[Task]] = {}
     for line in text.splitlines():
         job_id, _, raw_state = line.strip().partition("|")
         if job_id:
             state, name = slurm_state(raw_state)
-            tasks.setdefault(job_id.split("_")[0], []).append((state, f"{name} (from sacct)"))
+            tasks.setdefault(job_id.split("_")[0], []).append(Task(state, f"{name} (from sacct)"))
     return tasks
 
 
@@ -123,7 +170,7 @@ class SlurmScheduler(BatchScheduler):
             raise SchedulerError(f"sbatch --parsable printed {stdout.strip()!r}, not a job id")
         return job_id
 
-    def query(self, jobs: Sequence[JobInfo]) -> dict[str, list[tuple[JobState, str]]]:
+    def query(self, jobs: Sequence[JobInfo]) -> dict[str, list[Task]]:
         tasks = self._query_pyslurm()
         if tasks is None:
             tasks = self._query_squeue()
@@ -131,11 +178,11 @@ class SlurmScheduler(BatchScheduler):
         if missing:
             tasks.update(self._from_sacct(missing))
         for scheduler_id in missing:
-            tasks.setdefault(scheduler_id, [(JobState.DONE, "left the queue; its end state is unknown "
-                                                              "(Slurm accounting is off)")])
+            tasks.setdefault(scheduler_id, [Task(JobState.DONE, "left the queue; its end state is unknown "
+                                                                  "(Slurm accounting is off)")])
         return tasks
 
-    def _query_pyslurm(self) -> dict[str, list[tuple[JobState, str]]] | None:
+    def _query_pyslurm(self) -> dict[str, list[Task]] | None:
         pyslurm = slurm_pyslurm.matching_pyslurm()
         if pyslurm is None:
             return None
@@ -144,13 +191,14 @@ class SlurmScheduler(BatchScheduler):
         except SchedulerError as exc:
             log.warning("%s; asking squeue instead", exc)
             return None
-        tasks: dict[str, list[tuple[JobState, str]]] = {}
+        tasks: dict[str, list[Task]] = {}
         for key, raw_state, reason in found:
             state, name = slurm_state(raw_state)
-            tasks.setdefault(key, []).append((state, _detail(state, name, reason)))
+            # slurm_pyslurm.job_states reads no start time: no estimate on this path.
+            tasks.setdefault(key, []).append(Task(state, _detail(state, name, reason)))
         return tasks
 
-    def _query_squeue(self) -> dict[str, list[tuple[JobState, str]]]:
+    def _query_squeue(self) -> dict[str, list[Task]]:
         if self._plain_only:
             tasks = self._query_plain()
         else:
@@ -168,10 +216,11 @@ class SlurmScheduler(BatchScheduler):
                 type(self)._plain_only = True
         return tasks
 
-    def _query_plain(self) -> dict[str, list[tuple[JobState, str]]]:
-        return parse_squeue_plain(run_command(["squeue", "-h", "-t", "all", "-o", "%F|%i|%T|%r"]))
+    def _query_plain(self) -> dict[str, list[Task]]:
+        return parse_squeue_plain(run_command(["squeue", "-h", "-t", "all", "-o", SQUEUE_PLAIN_FORMAT],
+                                              env=SQUEUE_PLAIN_ENV))
 
-    def _from_sacct(self, ids: list[str]) -> dict[str, list[tuple[JobState, str]]]:
+    def _from_sacct(self, ids: list[str]) -> dict[str, list[Task]]:
         try:
             out = run_command(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)],
                               what="sacct")
