@@ -19,7 +19,7 @@ from . import protocol
 from .errors import CallTimeout, ServerGone
 from .models import Endpoint
 from .paths import workspace_relative
-from .tls import pinned_context
+from .tls import pinned_context, system_context
 from .protocol import (DEFAULT_EXEC_TIMEOUT, AcquireRequest, BadAnswer, Call, CallAnswer, Grant, Health,
                        ReleaseRequest, SlotsAnswer)
 
@@ -45,7 +45,7 @@ def _ssl_for(endpoint: Endpoint) -> ssl.SSLContext | bool:
     """How to reach `endpoint`: pinned to its job's certificate, with the system's CAs
     (https without a pin: a cloud tunnel), or plain HTTP (the documented opt-out)."""
     if endpoint.url.startswith("https://"):
-        return pinned_context(endpoint.cert) if endpoint.cert else True
+        return pinned_context(endpoint.cert) if endpoint.cert else system_context()
     if endpoint.cert:
         raise ServerGone(f"node server {endpoint.name} is recorded as plain HTTP ({endpoint.url}) but its job has "
                           "a certificate: refusing to send the job's token unencrypted")

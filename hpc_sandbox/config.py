@@ -35,6 +35,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,12 @@ import yaml
 from .errors import ConfigError, SpecError
 from .spec import FIELD_KINDS, SandboxSpec, parse_port_range
 
+if typing.TYPE_CHECKING:
+    from .burst.profile import CloudProfile
+
+if typing.TYPE_CHECKING:
+    from .burst.profile import CloudProfile
+
 log = logging.getLogger(__name__)
 
 SITE_CONFIG = Path("/etc/hpc-sandbox/config.yaml")
@@ -51,7 +58,7 @@ SITE_CONFIG_ENV = "HPC_SANDBOX_SITE_CONFIG"
 PROFILE_ENV = "HPC_SANDBOX_PROFILE"
 ENV_PREFIX = "HPC_SANDBOX_"
 USER_CONFIG_RELATIVE = Path(".hpc-sandbox") / "config.yaml"
-TOP_LEVEL_KEYS = ("profiles",)
+TOP_LEVEL_KEYS = ("profiles", "cloud")
 # `profile` is the spec's record of which profile made it: it names a profile, it is
 # not a key inside one.
 PROFILE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SandboxSpec) if f.name != "profile")
@@ -164,8 +171,8 @@ def coerce_env(key: str, text: str, origin: str) -> object:
 # --- files ------------------------------------------------------------------------------
 
 
-def read_profiles(path: Path) -> dict[str, dict[str, object]]:
-    """The profiles of one config file, validated key by key (values coerced)."""
+def _read_file(path: Path) -> dict:
+    """A config file's top level, checked: `profiles`, `cloud`, and `x-` anchors."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -183,25 +190,46 @@ def read_profiles(path: Path) -> dict[str, dict[str, object]]:
             continue  # a place for YAML anchors (`x-common: &common`), as in docker-compose files
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"unknown top-level key {key!r} in {path}; valid: {', '.join(TOP_LEVEL_KEYS)}")
-    profiles = data.get("profiles") or {}
-    if not isinstance(profiles, dict):
-        raise ConfigError(f"{path}: 'profiles' must map profile names to settings, got {type(profiles).__name__}")
-    out: dict[str, dict[str, object]] = {}
-    for name, settings in profiles.items():
-        where = f"{path} profile {name!r}"
+    return data
+
+
+def _sections(path: Path, data: dict, key: str) -> dict[str, dict]:
+    """The named mappings under `key` (profiles, or cloud profiles), YAML merges applied."""
+    named = data.get(key) or {}
+    if not isinstance(named, dict):
+        raise ConfigError(f"{path}: {key!r} must map profile names to settings, got {type(named).__name__}")
+    out: dict[str, dict] = {}
+    for name, settings in named.items():
         if settings is None:
             settings = {}
         if not isinstance(settings, dict):
+            where = f"{path} {'profile' if key == 'profiles' else 'cloud profile'} {name!r}"
             raise ConfigError(f"{where}: expected a mapping of keys to values, got {settings!r}")
+        out[str(name)] = {k: v for k, v in settings.items() if k != "<<"}  # PyYAML has merged `<<` already
+    return out
+
+
+def read_profiles(path: Path) -> dict[str, dict[str, object]]:
+    """The profiles of one config file, validated key by key (values coerced)."""
+    out: dict[str, dict[str, object]] = {}
+    for name, settings in _sections(path, _read_file(path), "profiles").items():
+        where = f"{path} profile {name!r}"
         values = {}
         for key, value in settings.items():
-            if key == "<<":
-                continue  # PyYAML has already merged it
             if key not in PROFILE_KEYS:
                 raise _unknown_key(str(key), where)
             values[key] = coerce(key, value, where, base=path.parent)
-        out[str(name)] = values
+        out[name] = values
     return out
+
+
+def read_cloud_profiles(path: Path) -> dict[str, dict[str, object]]:
+    """The cloud profiles (`cloud:`) of one config file, validated key by key."""
+    from .burst import profile as cloud  # plain dataclasses; no cloud SDK is imported
+
+    return {name: {key: cloud.coerce(str(key), value, f"{path} cloud profile {name!r}")
+                   for key, value in settings.items()}
+            for name, settings in _sections(path, _read_file(path), "cloud").items()}
 
 
 def profile_names(path: Path) -> list[str]:
@@ -305,3 +333,42 @@ def load_spec(profile: str | None = None, config_file: Path | None = None,
               isolated: bool = False) -> SandboxSpec:
     """The SandboxSpec for `profile`; what `render` and `submit` build their job from."""
     return load(profile, config_file, overrides, environ=environ, isolated=isolated).spec
+
+
+def load_cloud_profile(name: str | None = None, *, cluster_profile: str | None = None,
+                       config_file: Path | None = None, overrides: Mapping[str, object] | None = None,
+                       environ: Mapping[str, str] | None = None) -> CloudProfile:
+    """The cloud profile `name`, else the one cluster profile `cluster_profile` names
+    (its `cloud` key), else "default"; layers as in burst/profile.py's docstring."""
+    from .burst import profile as cloud
+
+    environ = os.environ if environ is None else environ
+    if name is None:
+        name = load_spec(profile=cluster_profile, config_file=config_file, environ=environ).cloud or "default"
+    files = [site_config_path(environ), (user_config_path(environ), False)]
+    if config_file is not None:
+        files.append((Path(config_file).expanduser(), True))
+    values, origins = cloud.from_environment(name, environ, older_names=True)
+    defined: dict[str, list[Path]] = {}
+    for path, required in files:
+        if not path.is_file():
+            if required:
+                raise ConfigError(f"config file {path} does not exist")
+            continue
+        for known, settings in read_cloud_profiles(path).items():
+            defined.setdefault(known, []).append(path)
+            if known == name:
+                values.update(settings)
+                origins.update({key: f"{path} cloud profile {name!r}" for key in settings})
+    mine, where = cloud.from_environment(name, environ)
+    if name != "default" and name not in defined and not origins and not mine:
+        known = ", ".join(sorted(defined)) or "none"
+        raise ConfigError(f"cloud profile {name!r} is not defined (under `cloud:` in a config file); "
+                          f"defined cloud profiles: {known}")
+    values.update(mine)
+    origins.update(where)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = cloud.coerce(key, value, "the command line")
+            origins[key] = "the command line"
+    return cloud.build(name, values, origins)

@@ -155,6 +155,8 @@ class SandboxSpec:
     nomad_type: str = "batch"
     # A site's template folder; files there override the packaged templates by name.
     template_dir: Path | None = None
+    # The cloud profile (under `cloud:` in the config) this profile bursts to.
+    cloud: str | None = None
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -229,6 +231,8 @@ class SandboxSpec:
         self._check_types()
         if not NAME.fullmatch(self.job_name):
             raise SpecError("job_name", f"{self.job_name!r} must be 1-63 of letters, digits, '.', '_', '-'")
+        if self.cloud is not None and not NAME.fullmatch(self.cloud):
+            raise SpecError("cloud", f"{self.cloud!r} is not a cloud profile name (letters, digits, '.', '_', '-')")
         if self.nodes < 1:
             raise SpecError("nodes", f"must be at least 1, got {self.nodes}")
         if self.array is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import os
 import ssl
 from pathlib import Path
 
@@ -64,4 +65,18 @@ def pinned_context(cert_pem: str) -> ssl.SSLContext:
     context.check_hostname = False  # the pin proves identity; nodes answer to many names
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=cert_pem)
+    return context
+
+
+def system_context() -> ssl.SSLContext:
+    """A client context that trusts the system's CAs and checks the host name: for a
+    server whose certificate a public CA vouches for (a cloud tunnel's). OpenSSL's
+    SSL_CERT_FILE/SSL_CERT_DIR are honoured as they are when this is called."""
+    return _system_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.lru_cache(maxsize=8)
+def _system_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context

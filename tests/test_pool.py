@@ -120,7 +120,14 @@ async def test_a_job_still_queued_is_named_as_capacity_to_come(state_dir):
     folder.create_token()  # submitted, no node server ready yet: no records
     folder.write_info(JobInfo(job_id="queued", scheduler="slurm", submitted_at=time.time(), servers=3,
                               slots_per_server=2, runtime="none", scheduler_ids=("999999",)))
-    async with SlotPool.from_state_dir(state_dir) as pool:
+    from hpc_sandbox.pool import ClusterSource
+    from hpc_sandbox.schedulers.base import JobState, JobStatus
+
+    # What squeue says of a job waiting for nodes (a pool checks its jobs when it starts).
+    def queued(infos):
+        return {i.job_id: JobStatus(i.job_id, JobState.PENDING, "Resources") for i in infos}
+
+    async with SlotPool([ClusterSource(state_dir, job_states=queued)]) as pool:
         with pytest.raises(NoCapacity, match="3 more node servers of submitted jobs are queued or starting"):
             await pool.acquire(timeout=0.2)
         assert (await pool.capacity())[0].waiting_servers == 3

@@ -22,6 +22,7 @@ COMMANDS = {
     "exec": "exec_:exec_",
     "cancel": "cancel:cancel",
     "check": "check:check",
+    "cloud": "cloud:cloud",
     "render": "render:render",
 }
 

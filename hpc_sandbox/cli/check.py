@@ -49,6 +49,20 @@ def _state_dir(state: Path) -> Finding:
         return Finding("state dir", False, f"{state}: {exc.strerror}")
 
 
+def _modal_package() -> Finding:
+    import importlib.util
+
+    spec = importlib.util.find_spec("modal")
+    if spec is None:
+        return Finding("modal package", False, "not installed (pip install 'hpc-sandbox[modal]'); needed for --overflow modal")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return Finding("modal package", True, f"modal {version('modal')}")
+    except PackageNotFoundError:
+        return Finding("modal package", True, f"modal at {spec.origin}")
+
+
 def _modal() -> Finding:
     if os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"):
         return Finding("modal credentials", True, "MODAL_TOKEN_ID/MODAL_TOKEN_SECRET are set")
@@ -100,7 +114,7 @@ def check(scheduler: str | None, partition: str | None, profile: str | None, con
         return
     findings = [_runtime(kind) for kind in ("bwrap", "apptainer", "singularity")]
     findings += [_command("sbatch", "Slurm"), _command("qsub", "PBS/Torque"), _command("nomad", "Nomad")]
-    findings += [_state_dir(resolve_state_dir(state_dir)), _modal()]
+    findings += [_state_dir(resolve_state_dir(state_dir)), _modal_package(), _modal()]
     if as_json:
         click.echo(json.dumps([asdict(f) for f in findings], indent=2))
         return

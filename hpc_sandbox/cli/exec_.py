@@ -13,6 +13,8 @@ from ..errors import HpcSandboxError
 from ..models import ToolResult
 from ..protocol import DEFAULT_EXEC_TIMEOUT
 from ..pool import SlotPool
+from ..pool.overflow import CloudSource
+from ..pool.slotpool import OVERFLOW_PROVIDERS, cloud_source
 from .common import resolve_state_dir, state_dir_option
 
 EXIT_TIMEOUT = 124  # as coreutils `timeout`
@@ -20,8 +22,9 @@ EXIT_INTERNAL = 125  # hpc-sandbox itself failed (as `docker run`); the command'
 
 
 async def _run(state: Path, job: str | None, command: str, timeout: float | None, acquire_timeout: float,
-               env: dict[str, str]) -> ToolResult:
-    pool = SlotPool.from_state_dir(state, jobs.job_ids(state, job) if job else None, acquire_timeout=acquire_timeout)
+               env: dict[str, str], overflow: CloudSource | None) -> ToolResult:
+    pool = SlotPool.from_state_dir(state, jobs.job_ids(state, job) if job else None, acquire_timeout=acquire_timeout,
+                                   overflow=overflow)
     async with pool:
         async with pool.slot(trajectory_id="cli-exec") as slot:
             return await pool.execute(slot, "bash", {"command": command, "env": env}, timeout=timeout)
@@ -34,10 +37,17 @@ async def _run(state: Path, job: str | None, command: str, timeout: float | None
 @click.option("--acquire-timeout", type=click.FloatRange(0), default=60.0, show_default=True,
               help="Seconds to wait for a free slot.")
 @click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Extra environment (repeatable).")
+@click.option("--overflow", type=click.Choice(OVERFLOW_PROVIDERS), default=None,
+              help="When no cluster slot frees up within the cloud profile's burst_after (or none is coming), "
+                   "run in a cloud sandbox; it is stopped afterwards.")
+@click.option("--cloud-profile", default=None,
+              help="Cloud profile for --overflow [default: the one --profile names, else 'default'].")
+@click.option("--profile", default=None, help="Cluster profile whose `cloud` key names the cloud profile.")
 @state_dir_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(job: str | None, timeout: float | None, acquire_timeout: float, env_pairs: tuple[str, ...],
-          state_dir: Path | None, command: tuple[str, ...]) -> None:
+          overflow: str | None, cloud_profile: str | None, profile: str | None, state_dir: Path | None,
+          command: tuple[str, ...]) -> None:
     """Run COMMAND with bash in a free slot; print its output; exit with its code.
 
     One argument is taken as a shell string (`exec -- 'ls | wc -l'`); several are
@@ -54,7 +64,8 @@ def exec_(job: str | None, timeout: float | None, acquire_timeout: float, env_pa
     script = command[0] if len(command) == 1 else shlex.join(command)
     state = resolve_state_dir(state_dir)
     try:
-        result = asyncio.run(_run(state, job, script, timeout, acquire_timeout, env))
+        cloud = cloud_source(overflow, state, profile, None, cloud_profile, None) if overflow else None
+        result = asyncio.run(_run(state, job, script, timeout, acquire_timeout, env, cloud))
     except HpcSandboxError as exc:
         click.echo(f"Error: {exc}", err=True)
         raise SystemExit(EXIT_INTERNAL)

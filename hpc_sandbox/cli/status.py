@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import click
 
 from .. import jobs
+from ..errors import HpcSandboxError
 from .common import resolve_state_dir, state_dir_option
 
 
@@ -19,13 +21,17 @@ def status(job: str | None, as_json: bool, state_dir: Path | None) -> None:
     """Show JOB (or every job): scheduler state, node servers, slots free/leased."""
     state = resolve_state_dir(state_dir)
     reports = asyncio.run(jobs.report(state, job))
+    pools = [] if job else _cloud_pools(state)
     if as_json:
         click.echo(json.dumps([{
             "job_id": r.info.job_id, "scheduler": r.info.scheduler, "state": r.status.state.value,
             "reason": r.status.reason, "servers_expected": r.info.servers, "free": r.free, "leased": r.leased,
             "servers": [{"name": s.record.name, "url": s.record.url, "reachable": s.reachable, "slots": s.record.slots,
                          "counts": s.counts, "error": s.error} for s in r.servers],
-        } for r in reports], indent=2))
+        } for r in reports] + pools, indent=2))
+        return
+    _print_cloud(pools)
+    if not reports and pools:
         return
     if not reports:
         click.echo(f"No jobs in {state / 'jobs'}. Start one with: hpc-sandbox submit --wait")
@@ -41,3 +47,37 @@ def status(job: str | None, as_json: bool, state_dir: Path | None) -> None:
             else:
                 detail = f"unreachable: {s.error}"
             click.echo(f"  {s.record.name}  {s.record.url}  {s.record.runtime}  {detail}")
+
+
+def _cloud_pools(state: Path) -> list[dict]:
+    """Pools that burst to the cloud, from their pool.json (no call to Modal)."""
+    from ..burst.folder import Owner, list_pools
+
+    now = time.time()
+    out = []
+    for folder in list_pools(state):
+        try:
+            pool = folder.read()
+        except HpcSandboxError:
+            continue
+        owner = Owner.parse(pool.owner)
+        alive = [s for s in pool.sandboxes if s.state in ("creating", "ready")]
+        if not alive and owner is not None and owner.alive() is False:
+            continue  # a finished pool with nothing left: history, not status
+        out.append({"cloud_pool": pool.pool_id, "profile": pool.profile, "owner": pool.owner,
+                    "owner_alive": owner.alive() if owner else None,
+                    "sandboxes": [{"id": s.id, "state": s.state, "slots": s.slots, "url": s.url} for s in alive],
+                    "slots": sum(s.slots for s in alive if s.state == "ready"),
+                    "sandbox_seconds": round(pool.sandbox_seconds(now), 1), "cost": pool.cost(now)})
+    return out
+
+
+def _print_cloud(pools: list[dict]) -> None:
+    for p in pools:
+        cost = f", about ${p['cost']:.2f}" if p["cost"] is not None else ""
+        gone = "  (its pool is gone: hpc-sandbox cloud cleanup)" if p["owner_alive"] is False else ""
+        click.echo(f"cloud pool {p['cloud_pool']}  modal profile {p['profile']}  "
+                   f"{len(p['sandboxes'])} sandboxes, {p['slots']} slots ready  "
+                   f"{p['sandbox_seconds']:.0f} sandbox-seconds{cost}{gone}")
+        for s in p["sandboxes"]:
+            click.echo(f"  {s['id']}  {s['state']}  {s['slots']} slots  {s['url'] or ''}")

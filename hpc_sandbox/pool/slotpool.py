@@ -30,6 +30,7 @@ from ..client import NodeClient, new_exec_id
 from ..errors import CallTimeout, ClientError, ConfigError, JobEnded, NoCapacity, ServerGone
 from ..models import Slot, ToolResult
 from ..protocol import DEFAULT_CONFIRM_WITHIN, DEFAULT_EXEC_TIMEOUT, Call, CallAnswer
+from .overflow import CloudSource, Overflow
 from .sources import Capacity, ClusterSource, Source
 from .waiters import WaitQueue
 
@@ -51,6 +52,22 @@ class ToolCall:
     timeout: float | None = None
 
 
+OVERFLOW_PROVIDERS = ("modal",)
+
+
+def cloud_source(provider: str, state_dir: Path, profile: str | None, config_file: Path | None,
+                 cloud_profile: str | None, settings: dict[str, Any] | None) -> CloudSource:
+    """The cloud source for `provider`, from the cloud profile named (or the one the
+    cluster profile names), with `settings` overriding its keys."""
+    if provider not in OVERFLOW_PROVIDERS:
+        raise ConfigError(f"unknown overflow {provider!r}; valid: {', '.join(OVERFLOW_PROVIDERS)}")
+    from ..burst.modal import ModalSource  # the cloud adapter loads only when asked for
+    from ..config import load_cloud_profile
+
+    cloud = load_cloud_profile(cloud_profile, cluster_profile=profile, config_file=config_file, overrides=settings)
+    return ModalSource(cloud, state_dir=state_dir)
+
+
 class _EndGuard:
     """Cancels one task when its job ends, while that task waits on a call."""
 
@@ -67,12 +84,40 @@ class _EndGuard:
             self.task.cancel()
 
 
+@dataclass(frozen=True)
+class PlaceReport:
+    """Slots in one place (cluster or cloud)."""
+
+    place: str
+    servers: int
+    slots: int
+    free: int
+    starting: int  # node servers (or sandboxes) not up yet
+
+
+@dataclass(frozen=True)
+class PoolReport:
+    """What `pool.report()` says: slots by place, callers waiting, the cloud's use."""
+
+    places: tuple[PlaceReport, ...]
+    waiting: int
+    sandboxes_alive: int = 0
+    sandbox_seconds: float = 0.0
+    cost: float | None = None  # estimated, from the cloud profile's cost_per_hour
+    cloud_off: str | None = None  # why the cloud cannot be used, if it cannot
+
+
 class SlotPool:
-    def __init__(self, sources: Sequence[Source], *, acquire_timeout: float = 300.0,
+    def __init__(self, sources: Sequence[Source], *, overflow: CloudSource | None = None,
+                 burst_after: float | None = None, acquire_timeout: float = 300.0,
                  lease_ttl: float | None = None) -> None:
-        if not sources:
+        """`sources` serve callers in the order they come; `overflow` (a cloud source,
+        e.g. burst.modal.ModalSource) serves those who waited `burst_after` seconds
+        (default: its profile's) or at once when the cluster has nothing coming."""
+        if not sources and overflow is None:
             raise ConfigError("a SlotPool needs at least one source")
-        self.sources = list(sources)
+        self.sources = [*sources, *([overflow] if overflow is not None else [])]
+        self.overflow = overflow
         self.acquire_timeout = acquire_timeout
         self.lease_ttl = lease_ttl
         self.queue = WaitQueue()
@@ -82,6 +127,11 @@ class SlotPool:
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         self.jobs: list = []  # the jobs this pool owns (launch): cancelled when it exits
+        self._policy: Overflow | None = None
+        if overflow is not None:
+            after = burst_after if burst_after is not None else getattr(getattr(overflow, "profile", None),
+                                                                        "burst_after", 30.0)
+            self._policy = Overflow(overflow, sources, self.queue, after)
 
     @classmethod
     def from_state_dir(cls, state_dir: Path | None = None, jobs: Sequence[str] | None = None,
@@ -96,30 +146,45 @@ class SlotPool:
 
     @classmethod
     def from_config(cls, profile: str | None = None, config_file: Path | None = None,
-                    jobs: Sequence[str] | None = None, **options: Any) -> "SlotPool":
+                    jobs: Sequence[str] | None = None, *, overflow: str | None = None,
+                    cloud_profile: str | None = None, cloud_settings: dict[str, Any] | None = None,
+                    **options: Any) -> "SlotPool":
         """A pool over the jobs in the state dir that `profile` names (site file, user
-        file, `config_file`, HPC_SANDBOX_* variables: as `hpc-sandbox submit` reads them)."""
+        file, `config_file`, HPC_SANDBOX_* variables: as `hpc-sandbox submit` reads them).
+
+        `overflow="modal"` bursts to Modal with the cloud profile `cloud_profile` (else
+        the one `profile` names with its `cloud` key), `cloud_settings` overriding its
+        keys (burst_after, max_cloud_slots, slots_per_sandbox, ...)."""
         from ..config import load_spec  # the pool needs the config only here
 
-        return cls.from_state_dir(load_spec(profile=profile, config_file=config_file).state_dir, jobs, **options)
+        state_dir = load_spec(profile=profile, config_file=config_file).state_dir
+        if overflow is not None:
+            options["overflow"] = cloud_source(overflow, state_dir, profile, config_file, cloud_profile, cloud_settings)
+        return cls.from_state_dir(state_dir, jobs, **options)
 
     @classmethod
     @contextlib.asynccontextmanager
     async def launch(cls, profile: str | None = None, *, config_file: Path | None = None,
                      wait_timeout: float = 600.0, acquire_timeout: float = 300.0, lease_ttl: float | None = None,
+                     overflow: str | None = None, cloud_settings: dict[str, Any] | None = None,
                      **overrides: Any) -> AsyncIterator["SlotPool"]:
         """Submit a job for `profile` (with `overrides` named as SandboxSpec's fields,
         e.g. scheduler="slurm", array=16, slots=4), attach as soon as its first node
-        server is ready, and cancel the job on exit: normal, on error, on Ctrl-C."""
+        server is ready, and cancel the job on exit: normal, on error, on Ctrl-C.
+        With `overflow="modal"` the pool bursts to the profile's cloud counterpart
+        while the job waits in the queue (it does not wait for the job to start)."""
         from .. import jobs as job_api
         from ..config import load_spec
 
         spec = load_spec(profile=profile, config_file=config_file, overrides=overrides)
+        cloud = (cloud_source(overflow, spec.state_dir, profile, config_file, spec.cloud, cloud_settings)
+                 if overflow is not None else None)
         job = job_api.submit(spec)
         try:
-            await job.wait_ready(wait_timeout, servers=1)
+            if cloud is None:
+                await job.wait_ready(wait_timeout, servers=1)
             pool = cls.from_state_dir(spec.state_dir, [job.id], acquire_timeout=acquire_timeout,
-                                      lease_ttl=lease_ttl)
+                                      lease_ttl=lease_ttl, overflow=cloud)
             pool.jobs = [job]
             async with pool:
                 yield pool
@@ -135,6 +200,8 @@ class SlotPool:
             for source in self.sources:
                 await source.start(self.queue, self.lease_ttl)
             self._keeper = asyncio.ensure_future(self._keep_grants())
+            if self._policy is not None:
+                self._policy.start()
             self._started = True
 
     async def stop(self) -> None:
@@ -143,6 +210,8 @@ class SlotPool:
             self.queue.close(NoCapacity("the pool was stopped while this acquire waited for a slot"))
             if self._keeper is not None:
                 self._keeper.cancel()
+            if self._policy is not None:
+                await self._policy.stop()
             for source in self.sources:
                 await source.stop()
 
@@ -169,6 +238,8 @@ class SlotPool:
         waiter = self.queue.join(trajectory_id, profile)
         for source in self.sources:
             source.wake()
+        if self._policy is not None:
+            self._policy.wake()
         try:
             slot, source = await asyncio.wait_for(asyncio.shield(waiter.future), waited)
         except NoCapacity:
@@ -217,6 +288,10 @@ class SlotPool:
         coming = (f"; {waiting} more node servers of submitted jobs are queued or starting "
                   "(`hpc-sandbox status`)") if waiting else ""
         trouble = [line for source in self.sources for line in source.trouble()]
+        if self.overflow is not None and not self.overflow.off:
+            trouble.append(f"cloud: {self.overflow.slots_total()} of max_cloud_slots "
+                           f"{getattr(getattr(self.overflow, 'profile', None), 'max_cloud_slots', '?')} slots in use "
+                           "or starting")
         if trouble:
             shown = "; ".join(trouble[:3]) + (f"; and {len(trouble) - 3} more" if len(trouble) > 3 else "")
             return f"no slot within {waited:.0f}s: node servers that could not be used: {shown}{coming}"
@@ -349,3 +424,20 @@ class SlotPool:
 
     async def capacity(self) -> list[Capacity]:
         return [await source.capacity() for source in self.sources]
+
+    async def report(self) -> PoolReport:
+        """Slots by place (asks every node server), callers waiting, and what the cloud
+        part has cost so far."""
+        places: dict[str, list[Capacity]] = {}
+        for capacity in await self.capacity():
+            places.setdefault(capacity.location, []).append(capacity)
+        rows = tuple(PlaceReport(place, sum(c.servers for c in found), sum(c.slots for c in found),
+                                 sum(c.free for c in found), sum(c.waiting_servers for c in found))
+                     for place, found in places.items())
+        if self.overflow is None:
+            return PoolReport(rows, self.queue.waiting)
+        usage = self.overflow.usage()  # type: ignore[attr-defined]
+        now = time.time()
+        return PoolReport(rows, self.queue.waiting,
+                          sandboxes_alive=sum(1 for s in usage.sandboxes if s.state in ("creating", "ready")),
+                          sandbox_seconds=usage.sandbox_seconds(now), cost=usage.cost(now), cloud_off=self.overflow.off)

@@ -59,6 +59,17 @@ class Capacity:
     waiting_servers: int = 0
 
 
+@dataclass(frozen=True)
+class Outlook:
+    """A source's capacity as known now, without asking anyone: what the overflow
+    policy reads to decide whether the cluster may still serve a waiting caller."""
+
+    slots: int  # slots on node servers that are up (busy or not)
+    # One entry per node server submitted but not up yet: the scheduler's expected start
+    # (Unix time), or None when it gives none.
+    pending: tuple[float | None, ...] = ()
+
+
 class Source(Protocol):
     """What a pool asks of a place slots come from."""
 
@@ -75,6 +86,7 @@ class Source(Protocol):
     def job_ended(self, job_id: str) -> asyncio.Future | None: ...
     async def why_gone(self, job_id: str) -> str | None: ...
     def trouble(self) -> list[str]: ...
+    def outlook(self) -> Outlook: ...
 
 
 class NodeServerSource:
@@ -160,14 +172,16 @@ class NodeServerSource:
 
     async def _rediscover(self) -> None:
         try:
-            found = await asyncio.to_thread(self.discover)
-            if found != self._endpoints:
-                self._endpoints = found
-                self._usable_cache = None
-                self._saturated = False
+            self._set_endpoints(await asyncio.to_thread(self.discover))
             self._refreshed = time.monotonic()
         finally:
             self._refreshing = None
+
+    def _set_endpoints(self, found: list[Endpoint]) -> None:
+        if found != self._endpoints:
+            self._endpoints = found
+            self._usable_cache = None
+            self._saturated = False
 
     # --- handing out slots -----------------------------------------------------------
 
@@ -179,7 +193,7 @@ class NodeServerSource:
     async def _tick(self) -> None:
         """While callers wait: look for node servers (new ones, or again after a backoff)."""
         assert self._queue is not None
-        while not self._stopped and self._queue.waiting:
+        while not self._stopped and self._demand():
             known = bool(self._endpoints)
             # With no node server known yet (a job starting), look at every tick: the first
             # ready record should be used at once, not a refresh interval later.
@@ -199,11 +213,12 @@ class NodeServerSource:
         queue = self._queue
         if queue is None or self._stopped:
             return
-        if extra is not None and queue.waiting and not self._inflight.get(extra.url):
+        demand = self._demand()
+        if extra is not None and demand and not self._inflight.get(extra.url):
             self._send(extra)
         if self._saturated:
             return
-        missing = min(queue.waiting, self.max_polls) - self._inflight_total
+        missing = min(demand, self.max_polls) - self._inflight_total
         if missing <= 0:
             return
         usable = self._usable(time.monotonic())
@@ -289,6 +304,7 @@ class NodeServerSource:
             if grant.free is not None:
                 self._free[url] = grant.free
             slot = Slot(endpoint=endpoint, index=grant.slot, lease=grant.lease)
+            self._granted(endpoint)
             if not self._queue.offer(slot, self):
                 # Every caller left (gave up, was cancelled) while this request waited.
                 self._spawn(self.release(slot, reset_workspace=False))
@@ -299,7 +315,18 @@ class NodeServerSource:
             if not self._stopped:
                 self._pump()
 
+    def _demand(self) -> int:
+        """How many waiting callers this source should find slots for: all of them."""
+        return self._queue.waiting if self._queue is not None else 0
+
+    def _granted(self, endpoint: Endpoint) -> None:
+        """A slot of `endpoint` was leased (for sources that count use per server)."""
+
+    def _released(self, slot: Slot) -> None:
+        """A slot this source granted was given back (or its release failed)."""
+
     async def release(self, slot: Slot, reset_workspace: bool = True) -> None:
+        self._released(slot)
         try:
             await self.client(slot.endpoint).release(slot.index, slot.lease, reset_workspace)
         except ClientError as exc:
@@ -325,6 +352,9 @@ class NodeServerSource:
     def trouble(self) -> list[str]:
         """Why node servers were skipped at their last try (empty when none was)."""
         return list(self._trouble.values())
+
+    def outlook(self) -> Outlook:
+        return Outlook(slots=sum(e.slots for e in self._endpoints))
 
     async def capacity(self) -> Capacity:
         endpoints = await self.refresh()
@@ -376,13 +406,14 @@ class ClusterSource(NodeServerSource):
         self._ended: dict[str, asyncio.Future] = {}
         self._reasons: dict[str, str] = {}
         self._watcher: asyncio.Task | None = None
-        self._waiting = 0
         self._vanished: list[str] = []  # jobs whose folder discovery found gone
+        self._missing: dict[str, int] = {}  # job -> node servers not up yet
+        self._expected: dict[str, float | None] = {}  # job -> the scheduler's expected start, if pending
         super().__init__(self._discover, name=f"jobs in {self.state_dir}", location="cluster", **options)
 
     def _discover(self) -> list[Endpoint]:
         endpoints: list[Endpoint] = []
-        waiting = 0
+        missing: dict[str, int] = {}
         views = dict(self._views)
         for job in (self.jobs if self.jobs is not None else list_jobs(self.state_dir)):
             if job in self._reasons:
@@ -412,12 +443,12 @@ class ClusterSource(NodeServerSource):
                 view.endpoints = [Endpoint.of(r, view.credentials, where) for r in records if not r.process_gone()]
                 view.stamp = stamp
             endpoints += view.endpoints
-            if view.info is not None:
-                waiting += max(0, view.info.servers - len(view.endpoints))
+            if view.info is not None and view.info.servers > len(view.endpoints):
+                missing[job] = view.info.servers - len(view.endpoints)
         # One assignment each: the event loop reads them while this thread runs.
         self._views = views
         self._infos = {job: view.info for job, view in views.items() if view.info is not None}
-        self._waiting = waiting
+        self._missing = missing
         return endpoints
 
     def _look_at(self, folder: JobFolder) -> _JobView | None:
@@ -443,7 +474,12 @@ class ClusterSource(NodeServerSource):
         return endpoints
 
     async def capacity(self) -> Capacity:
-        return dataclasses.replace(await super().capacity(), waiting_servers=self._waiting)
+        return dataclasses.replace(await super().capacity(), waiting_servers=sum(self._missing.values()))
+
+    def outlook(self) -> Outlook:
+        pending = tuple(self._expected.get(job) for job, count in self._missing.items()
+                        if job not in self._reasons for _ in range(count))
+        return Outlook(slots=sum(e.slots for e in self._endpoints), pending=pending)
 
     async def start(self, queue: WaitQueue | None = None, lease_ttl: float | None = None) -> None:
         await super().start(queue, lease_ttl)
@@ -468,13 +504,13 @@ class ClusterSource(NodeServerSource):
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(jittered(self.status_interval))
             try:
                 await self.check_jobs([i for j, i in self._infos.items() if j not in self._reasons])
             except HpcSandboxError as exc:  # a slow controller is not a reason to drop slots
                 log.warning("job status check failed: %s", exc)
             except Exception:  # a bug here must not silently stop the watching
                 log.exception("job status check failed unexpectedly")
+            await asyncio.sleep(jittered(self.status_interval))
 
     async def check_jobs(self, infos: Sequence[JobInfo]) -> None:
         """One status call for all the given jobs (one per scheduler, in job_states)."""
@@ -482,6 +518,8 @@ class ClusterSource(NodeServerSource):
             return
         statuses = await asyncio.to_thread(self.job_states, infos)
         for job_id, status in statuses.items():
+            # What the overflow policy reads: when a queued job is expected to start.
+            self._expected[job_id] = status.expected_start if status.state is JobState.PENDING else None
             # COMPLETING: the scheduler is already killing the job's processes.
             if status.state.ended or status.state is JobState.COMPLETING:
                 self._mark_ended(job_id, f"job {job_id} ended "

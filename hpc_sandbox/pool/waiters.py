@@ -68,6 +68,18 @@ class WaitQueue:
                 return waiter.trajectory_id
         return None
 
+    def past(self, cutoff: float) -> tuple[int, float | None]:
+        """How many callers still waiting came at or before `cutoff` (monotonic time),
+        and when the next one came (None: nobody else waits). Walks only those."""
+        count = 0
+        for waiter in self._queue:
+            if waiter.future.done():
+                continue
+            if waiter.arrived > cutoff:
+                return count, waiter.arrived
+            count += 1
+        return count, None
+
     def offer(self, slot: Slot, source: object) -> bool:
         """Hand `slot` (from `source`) to the oldest caller still waiting; False when
         nobody waits. The caller's future gets (slot, source)."""
