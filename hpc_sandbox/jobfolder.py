@@ -25,6 +25,7 @@ reader never sees half a record; the pool and `hpc-sandbox status` read the fold
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -86,8 +87,8 @@ class ServerRecord:
         """True when the record is certainly stale: its server ran on this very host and
         its process is gone (a server killed with SIGKILL cannot remove its record). A
         pid now held by another user counts as gone: our server runs as us."""
-        if self.hostname != socket.gethostname():
-            return False  # another node's process: only a request can tell
+        if self.hostname != socket.gethostname() or self.pid <= 0:
+            return False  # another node's process (or one a scheduler's API named): only a request can tell
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -109,6 +110,9 @@ class JobInfo:
     runtime: str
     scheduler_ids: tuple[str, ...] = ()  # the scheduler's own ids (Slurm job ids, local pids)
     image: str | None = None
+    # What a scheduler needs to find the job again (Nomad: agent address, namespace,
+    # region, static port); never a secret.
+    scheduler_options: dict[str, str] = field(default_factory=dict)
 
     @property
     def location(self) -> str:
@@ -265,7 +269,10 @@ class JobFolder:
         try:
             data = json.loads(self.job_json.read_text(encoding="utf-8"))
             data["scheduler_ids"] = tuple(data.get("scheduler_ids") or ())
-            return JobInfo(**data)
+            # Keys a newer hpc-sandbox wrote (a login node and a compute node may differ
+            # in version) are left out, not a reason to lose the job.
+            known = {f.name for f in dataclasses.fields(JobInfo)}
+            return JobInfo(**{key: value for key, value in data.items() if key in known})
         except FileNotFoundError:
             raise JobNotFound(f"no job {self.job_id!r} in {jobs_root(self.state_dir)}") from None
         except (ValueError, TypeError) as exc:

@@ -7,6 +7,7 @@ records of its node servers, and their logs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -17,10 +18,10 @@ from pathlib import Path
 import aiohttp
 
 from .client import NodeClient
-from .errors import ClientError, HpcSandboxError, JobNotFound
+from .errors import ClientError, ConfigError, HpcSandboxError, JobNotFound
 from .models import Endpoint
 from .jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, jobs_root, list_jobs
-from .schedulers import JobState, JobStatus, get_scheduler
+from .schedulers import JobState, JobStatus, Scheduler, get_scheduler
 from .schedulers.base import jittered
 from .spec import SandboxSpec
 
@@ -125,13 +126,37 @@ class Job:
             pass
 
 
+@functools.lru_cache(maxsize=32)
+def _backend(name: str, state_dir: Path) -> Scheduler:
+    """One scheduler object per scheduler and state dir: what it learns (a cluster's
+    squeue format, Nomad's node addresses) is kept between polls."""
+    return get_scheduler(name, state_dir)
+
+
 def job_states(state_dir: Path, infos: Sequence[JobInfo]) -> dict[str, JobStatus]:
     """The state of every given job: one status call per scheduler, for all its jobs."""
     statuses: dict[str, JobStatus] = {}
     for scheduler in sorted({info.scheduler for info in infos}):
         group = [info for info in infos if info.scheduler == scheduler]
-        statuses.update(get_scheduler(scheduler, state_dir).status(group))
+        statuses.update(_backend(scheduler, Path(state_dir)).status(group))
     return statuses
+
+
+def scheduler_servers(state_dir: Path, info: JobInfo) -> list[ServerRecord] | None:
+    """The job's node servers as its scheduler knows them (Nomad), or None when its
+    ready records in the job folder are the truth."""
+    return _backend(info.scheduler, Path(state_dir)).servers(info)
+
+
+def server_records(state_dir: Path, job_id: str, info: JobInfo | None = None) -> list[ServerRecord]:
+    folder = JobFolder(state_dir, job_id)
+    if info is None:
+        try:
+            info = folder.read_info()
+        except JobNotFound:
+            info = None  # a node server started by hand: records only
+    found = scheduler_servers(state_dir, info) if info is not None else None
+    return folder.read_records() if found is None else found
 
 
 async def _probe(record: ServerRecord, credentials: Credentials, session: aiohttp.ClientSession) -> ServerState:
@@ -146,10 +171,9 @@ async def _probe(record: ServerRecord, credentials: Credentials, session: aiohtt
         return ServerState(record, False, error=str(exc))
 
 
-async def probe_servers(state_dir: Path, job_id: str) -> list[ServerState]:
-    folder = JobFolder(state_dir, job_id)
-    credentials = folder.credentials()
-    records = folder.read_records()
+async def probe_servers(state_dir: Path, job_id: str, info: JobInfo | None = None) -> list[ServerState]:
+    credentials = JobFolder(state_dir, job_id).credentials()
+    records = await asyncio.to_thread(server_records, state_dir, job_id, info)
     async with aiohttp.ClientSession() as session:
         return list(await asyncio.gather(*(_probe(r, credentials, session) for r in records)))
 
@@ -170,7 +194,7 @@ async def wait_ready(state_dir: Path, info: JobInfo, timeout: float,
         if time.monotonic() >= next_status:
             status = backend.status([info])[info.job_id]
             next_status = time.monotonic() + jittered(STATUS_INTERVAL)
-        found = await probe_servers(state_dir, info.job_id)
+        found = await probe_servers(state_dir, info.job_id, info)
         ready = sum(s.reachable for s in found)
         if progress:
             progress(ready, info.servers, status.state.value)
@@ -178,9 +202,9 @@ async def wait_ready(state_dir: Path, info: JobInfo, timeout: float,
             return found
         if status.state.ended or (info.scheduler == "local" and status.reason):
             folder = JobFolder(state_dir, info.job_id)
-            tail = folder.log_tail()
+            said = folder.log_tail() or status.reason  # Nomad keeps logs on its nodes: its own reason then
             raise JobFailed(f"job {info.job_id} {status.state.value} before its node servers were ready"
-                            f"{': ' + tail if tail else ''} (logs: {folder.logs})")
+                            f"{': ' + said if said else ''} (logs: {folder.logs})")
         if time.monotonic() > deadline:
             raise JobFailed(f"job {info.job_id}: {ready} of {info.servers} node servers ready after {timeout:.0f}s "
                             f"(scheduler says {status.state.value}{': ' + status.reason if status.reason else ''}); "
@@ -210,15 +234,22 @@ async def report(state_dir: Path, job: str | None = None) -> list[JobReport]:
     statuses = job_states(state_dir, infos)
     reports = []
     for info in infos:
-        servers = await probe_servers(state_dir, info.job_id)
+        servers = await probe_servers(state_dir, info.job_id, info)
         reports.append(JobReport(info, statuses.get(info.job_id, JobStatus(info.job_id, JobState.UNKNOWN)), servers))
     return reports
 
 
-def cancel(state_dir: Path, job: str) -> JobInfo:
-    """Cancel through the scheduler, then remove the job folder (records, token, logs)."""
+def cancel(state_dir: Path, job: str, purge: bool = False) -> JobInfo:
+    """Cancel through the scheduler, then remove the job folder (records, token, logs).
+    `purge` (Nomad) removes the job from the scheduler at once."""
     folder = JobFolder(state_dir, job)
     info = folder.read_info()
-    get_scheduler(info.scheduler, state_dir).cancel(info)
+    backend = get_scheduler(info.scheduler, state_dir)
+    if purge:
+        if info.scheduler != "nomad":
+            raise ConfigError(f"--purge is for Nomad jobs; {job} is a {info.scheduler} job")
+        backend.cancel(info, purge=True)  # type: ignore[call-arg]
+    else:
+        backend.cancel(info)
     folder.remove()
     return info

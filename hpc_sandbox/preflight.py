@@ -42,6 +42,12 @@ async def run_preflight(spec: SandboxSpec, timeout: float, report: Callable[[Ste
         return ok
 
     state_dir = spec.state_dir
+    if spec.scheduler == "nomad":
+        from .schedulers.nomad import NomadConnection, agent_checks
+
+        for name, ok, detail in await asyncio.to_thread(agent_checks, NomadConnection.for_spec(spec)):
+            if not step(name, ok, detail):
+                return steps
     try:
         info = jobs.submit(spec).info
     except HpcSandboxError as exc:
@@ -55,9 +61,10 @@ async def run_preflight(spec: SandboxSpec, timeout: float, report: Callable[[Ste
         endpoint = Endpoint.of(record, JobFolder(state_dir, info.job_id).credentials())
         async with aiohttp.ClientSession() as session:
             client = NodeClient(endpoint, session=session)
-            try:
-                await client.health(timeout=10)
-            except ClientError as exc:
+            # A node server that a scheduler's API names (Nomad: a running allocation) may
+            # still be starting: give it a little while before calling it unreachable.
+            exc = await _first_answer(client, min(timeout, 30.0) if record.pid <= 0 else 0.0)
+            if exc is not None:
                 lo, hi = spec.port_range
                 step("reach", False,
                      f"the node server started on {record.hostname} and listens on {record.url}, but "
@@ -94,12 +101,25 @@ async def run_preflight(spec: SandboxSpec, timeout: float, report: Callable[[Ste
             step("cancel", False, f"{exc}; cancel it by hand: hpc-sandbox cancel {info.job_id}")
 
 
+async def _first_answer(client: NodeClient, patience: float) -> ClientError | None:
+    """None once the node server answers; its last error if it has not within `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            await client.health(timeout=10)
+            return None
+        except ClientError as exc:
+            if time.monotonic() >= deadline:
+                return exc
+            await asyncio.sleep(0.5)
+
+
 async def _wait_for_record(spec: SandboxSpec, info, timeout: float, step):
     backend = get_scheduler(info.scheduler, spec.state_dir)
     folder = JobFolder(spec.state_dir, info.job_id)
     deadline = time.monotonic() + timeout
     while True:
-        records = folder.read_records()
+        records = await asyncio.to_thread(jobs.server_records, spec.state_dir, info.job_id, info)
         if records:
             step("start", True, f"node server ready on {records[0].hostname} ({records[0].url})")
             return records[0]

@@ -153,6 +153,12 @@ class SandboxSpec:
     # Network interface node servers listen on (e.g. ib0); None: the node's hostname.
     interface: str | None = None
     nomad_type: str = "batch"
+    # The Nomad agent (default: NOMAD_ADDR, else http://127.0.0.1:4646), its region and the
+    # CA that signed its certificate (default: NOMAD_REGION, NOMAD_CACERT). The namespace
+    # is `account`; the ACL token only ever comes from NOMAD_TOKEN.
+    nomad_address: str | None = None
+    nomad_region: str | None = None
+    nomad_cacert: Path | None = None
     # A site's template folder; files there override the packaged templates by name.
     template_dir: Path | None = None
     # The cloud profile (under `cloud:` in the config) this profile bursts to.
@@ -224,6 +230,8 @@ class SandboxSpec:
         # Node servers run elsewhere, in another working directory: the path must be
         # absolute, and ~ is expanded here, for the user who renders the spec.
         self._set("state_dir", Path(self.state_dir).expanduser().absolute())
+        if self.nomad_cacert is not None and not isinstance(self.nomad_cacert, Path):
+            self._set("nomad_cacert", Path(str(self.nomad_cacert)).expanduser())
         if self.template_dir is not None and not isinstance(self.template_dir, Path):
             self._set("template_dir", Path(str(self.template_dir)).expanduser())
 

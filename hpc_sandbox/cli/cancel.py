@@ -11,8 +11,9 @@ from .common import resolve_state_dir, state_dir_option
 
 @click.command("cancel")
 @click.argument("job")
+@click.option("--purge", is_flag=True, help="Nomad: also purge the job from Nomad at once (not left for its GC).")
 @state_dir_option
-def cancel(job: str, state_dir: Path | None) -> None:
+def cancel(job: str, purge: bool, state_dir: Path | None) -> None:
     """Cancel JOB through its scheduler; its records, token and logs are removed."""
-    info = jobs.cancel(resolve_state_dir(state_dir), job)
+    info = jobs.cancel(resolve_state_dir(state_dir), job, purge=purge)
     click.echo(f"cancelled {info.job_id} ({info.scheduler})", err=True)

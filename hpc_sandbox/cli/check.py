@@ -15,6 +15,7 @@ from ..config import CLEAR, load_spec
 from ..errors import RuntimeUnavailable
 from ..preflight import Step, run_preflight
 from ..runtime import RuntimeOptions, make_runtime
+from ..schedulers import SUBMIT_SCHEDULERS
 from .common import resolve_state_dir, state_dir_option
 
 
@@ -91,7 +92,7 @@ def _preflight(scheduler: str, partition: str | None, profile: str | None, confi
 
 
 @click.command("check")
-@click.option("--scheduler", type=click.Choice(["slurm", "pbs"]), default=None,
+@click.option("--scheduler", type=click.Choice([s for s in SUBMIT_SCHEDULERS if s != "local"]), default=None,
               help="Also run a preflight: submit a tiny job, reach its node server from here with its token, "
                    "run a command, cancel it; each step reported.")
 @click.option("--partition", default=None, help="Partition/queue for the preflight job.")

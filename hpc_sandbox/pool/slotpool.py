@@ -141,7 +141,8 @@ class SlotPool:
         from .. import jobs as job_api  # binds job states to the schedulers; the pool never imports them
 
         state = Path(state_dir).expanduser() if state_dir is not None else None
-        source = ClusterSource(state, jobs, job_states=lambda infos: job_api.job_states(source.state_dir, infos))
+        source = ClusterSource(state, jobs, job_states=lambda infos: job_api.job_states(source.state_dir, infos),
+                               locate=lambda info: job_api.scheduler_servers(source.state_dir, info))
         return cls([source], **options)
 
     @classmethod

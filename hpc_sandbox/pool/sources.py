@@ -27,7 +27,7 @@ import aiohttp
 
 from ..client import NodeClient
 from ..errors import ClientError, HpcSandboxError, NoFreeSlot
-from ..jobfolder import Credentials, JobFolder, JobInfo, default_state_dir, list_jobs
+from ..jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, default_state_dir, list_jobs
 from ..models import Endpoint, Slot
 from ..schedulers.base import JobState, JobStatus, jittered
 from .waiters import WaitQueue
@@ -44,6 +44,9 @@ FEW, SAMPLE = 4, 16
 # How a ClusterSource learns the state of jobs: one call for many jobs (jobs.job_states
 # binds it to the schedulers; the pool itself never imports them).
 JobStates = Callable[[Sequence[JobInfo]], Mapping[str, JobStatus]]
+# How it finds the node servers of a job whose scheduler knows them (Nomad's API); None
+# for a job whose ready records in its folder are the truth.
+Locate = Callable[[JobInfo], "list[ServerRecord] | None"]
 
 
 @dataclass(frozen=True)
@@ -382,6 +385,7 @@ class _JobView:
     info: JobInfo | None
     stamp: tuple[int, int] | None = None  # (mtime_ns, inode) of servers/ when last read
     endpoints: list[Endpoint] = dataclasses.field(default_factory=list)
+    located: bool = False  # its node servers come from its scheduler's API, not its folder
 
 
 class ClusterSource(NodeServerSource):
@@ -396,11 +400,13 @@ class ClusterSource(NodeServerSource):
     """
 
     def __init__(self, state_dir: Path | None = None, jobs: Sequence[str] | None = None,
-                 status_interval: float = 5.0, job_states: JobStates | None = None, **options: Any) -> None:
+                 status_interval: float = 5.0, job_states: JobStates | None = None, locate: Locate | None = None,
+                 **options: Any) -> None:
         self.state_dir = Path(state_dir or default_state_dir()).expanduser()
         self.jobs = list(jobs) if jobs is not None else None
         self.status_interval = status_interval
         self.job_states = job_states
+        self.locate = locate
         self._views: dict[str, _JobView] = {}
         self._infos: dict[str, JobInfo] = {}
         self._ended: dict[str, asyncio.Future] = {}
@@ -436,7 +442,12 @@ class ClusterSource(NodeServerSource):
                     views.pop(job, None)
                     continue
                 stamp = None  # no node server ready yet
-            if stamp != view.stamp:
+            located = self._located(view) if self.locate is not None and view.info is not None else None
+            if located is not None:
+                view.endpoints = [Endpoint.of(r, view.credentials, view.info.location) for r in located]  # type: ignore[union-attr]
+            elif view.located:
+                pass  # its scheduler's API did not answer this time: keep what it said last
+            elif stamp != view.stamp:
                 where = view.info.location if view.info else "local"
                 # A record whose server is known dead (same host, process gone) is not tried.
                 records = folder.read_records() if stamp is not None else []
@@ -450,6 +461,22 @@ class ClusterSource(NodeServerSource):
         self._infos = {job: view.info for job, view in views.items() if view.info is not None}
         self._missing = missing
         return endpoints
+
+    def _located(self, view: _JobView) -> list[ServerRecord] | None:
+        """The job's node servers from its scheduler's API; None: read its folder, or,
+        when the API did not answer, keep what it said last (the failure is said once)."""
+        assert self.locate is not None and view.info is not None
+        job = view.info.job_id
+        try:
+            found = self.locate(view.info)
+        except HpcSandboxError as exc:
+            if job not in self._trouble:
+                log.warning("cannot list the node servers of job %s: %s", job, exc)
+            self._trouble[job] = f"job {job}: {exc}"
+            return None
+        self._trouble.pop(job, None)
+        view.located = found is not None
+        return found
 
     def _look_at(self, folder: JobFolder) -> _JobView | None:
         """A job seen for the first time: its credentials and job.json (read once)."""

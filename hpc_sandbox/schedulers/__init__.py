@@ -17,6 +17,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "local": ("local", "LocalScheduler"),
     "slurm": ("slurm", "SlurmScheduler"),
     "pbs": ("pbs", "PbsScheduler"),
+    "nomad": ("nomad", "NomadScheduler"),
 }
 SUBMIT_SCHEDULERS = tuple(name for name in SCHEDULERS if name in BACKENDS)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..jobfolder import JobFolder, JobInfo
+from ..jobfolder import JobFolder, JobInfo, ServerRecord
 from ..spec import SandboxSpec
 
 
@@ -69,6 +69,11 @@ class Scheduler(ABC):
     @abstractmethod
     def status(self, jobs: Sequence[JobInfo]) -> dict[str, JobStatus]:
         """State of every given job, in one round trip to the scheduler."""
+
+    def servers(self, job: JobInfo) -> list[ServerRecord] | None:
+        """The job's node servers, for a scheduler that knows them (Nomad's allocations);
+        None: their ready records in the job folder are the truth (a shared filesystem)."""
+        return None
 
     @abstractmethod
     def cancel(self, job: JobInfo) -> None:
