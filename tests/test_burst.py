@@ -106,7 +106,8 @@ async def test_slots_see_no_token_and_the_server_log_has_none(modal, state_dir):
         logs = "".join(p.read_text(errors="replace") for p in (Path(os.environ["MODAL_DOUBLE_DIR"]) / "sandboxes")
                        .glob("*.log"))
         assert "ready:" in logs and source._token not in logs
-        assert source._token not in (state_dir / "cloud" / source.pool_id / "pool.json").read_text()
+        [state_file] = (state_dir / "cloud" / source.pool_id).glob("pool-*.json")
+        assert source._token not in state_file.read_text()
 
 
 def pending_job(state_dir: Path, job_id: str, servers: int = 1) -> None:
@@ -284,3 +285,30 @@ def test_exec_overflow_modal_runs_in_a_cloud_sandbox_when_no_cluster_exists(moda
     assert done.returncode == 3, done.stderr
     assert done.stdout.strip() == "in the cloud"
     assert not live(modal)  # stopped with the command's pool
+
+
+async def test_a_sandbox_that_comes_up_serves_callers_while_requests_wait_on_full_ones(modal, state_dir):
+    # Three sandboxes of one slot each: requests parked on the first two (full) must not
+    # keep the third caller from the third sandbox until a long poll (10 s) times out.
+    source = ModalSource(cloud(burst_after=0, slots_per_sandbox=1, max_cloud_slots=3), state_dir=state_dir,
+                         sdk=modal)
+    async with SlotPool([], overflow=source) as pool:
+        held = await asyncio.wait_for(asyncio.gather(*(pool.acquire(f"t{i}", timeout=8) for i in range(3))), 9)
+        assert {s.endpoint.name for s in held} == {s["id"] for s in live(modal)} and source.created == 3
+
+
+async def test_a_caller_within_burst_after_does_not_take_an_idle_cloud_slot(modal, state_dir):
+    server = start_server(state_dir, slots=1)
+    try:
+        source = ModalSource(cloud(burst_after=1.0, slots_per_sandbox=2), state_dir=state_dir, sdk=modal)
+        async with SlotPool.from_state_dir(state_dir, overflow=source, acquire_timeout=30) as pool:
+            cluster = await pool.acquire("holds the node server")
+            first = await pool.acquire("waited 1 s: cloud")
+            assert first.location == "cloud"
+            arrived = time.monotonic()
+            second = await pool.acquire("also waits its 1 s")  # a cloud slot is free, but the cluster comes first
+            assert second.location == "cloud" and time.monotonic() - arrived >= 0.95
+            for slot in (cluster, first, second):
+                await pool.release(slot)
+    finally:
+        server.stop()

@@ -1,13 +1,15 @@
 """CloudFolder: what one pool's cloud overflow keeps on disk, where a person can look.
 
     STATE_DIR/cloud/POOL_ID/
-        token       the pool's token, 0600 (reaches sandboxes as a Modal Secret)
-        pool.json   who runs the pool (host, pid), its profile, its sandboxes (id, url,
-                    slots, state, created, ended) and what they have cost so far
+        token                 the pool's token, 0600 (reaches sandboxes as a Modal Secret)
+        pool-HOST-PID.json    one per process running the pool: who (host, pid), its
+                              profile, its sandboxes (id, url, slots, state, created,
+                              ended) and what they have cost so far
 
-`pool.json` is rewritten whenever a sandbox changes state and every few seconds while
+The state file is rewritten whenever a sandbox changes state and every few seconds while
 sandboxes run: `hpc-sandbox status` reads it, so a person sees cloud slots and cost
-beside the cluster's without asking Modal.
+beside the cluster's without asking Modal. Two processes running the same pool (same
+user, host, state dir and cloud profile) each keep their own file.
 """
 from __future__ import annotations
 
@@ -85,6 +87,7 @@ class PoolState:
     started: float
     cost_per_hour: float | None = None
     sandboxes: list[SandboxEntry] = field(default_factory=list)
+    runtime: str = "none"  # how the slots of one sandbox are kept apart
     updated: float = 0.0
 
     def sandbox_seconds(self, now: float) -> float:
@@ -107,9 +110,11 @@ class CloudFolder:
     def token(self) -> Path:
         return self.path / "token"
 
-    @property
-    def pool_json(self) -> Path:
-        return self.path / "pool.json"
+    def state_file(self, owner: str) -> Path:
+        return self.path / f"pool-{owner.replace(':', '-').replace('/', '-')}.json"
+
+    def state_files(self) -> list[Path]:
+        return sorted(self.path.glob("pool-*.json"))
 
     def make_token(self, reuse: bool) -> str:
         """The pool's token: the one kept from an earlier run (to adopt its sandboxes),
@@ -127,19 +132,19 @@ class CloudFolder:
         return token
 
     def write(self, state: PoolState) -> None:
-        write_json_atomic(self.pool_json, asdict(state))
+        write_json_atomic(self.state_file(state.owner), asdict(state))
 
-    def read(self) -> PoolState:
+    def read(self, path: Path) -> PoolState:
         try:
-            data = json.loads(self.pool_json.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
             data["sandboxes"] = [SandboxEntry(**entry) for entry in data.get("sandboxes", [])]
             return PoolState(**data)
         except (OSError, ValueError, TypeError) as exc:
-            raise HpcSandboxError(f"cannot read {self.pool_json}: {exc}") from None
+            raise HpcSandboxError(f"cannot read {path}: {exc}") from None
 
 
 def list_pools(state_dir: Path) -> list[CloudFolder]:
     root = Path(state_dir).expanduser() / "cloud"
     if not root.is_dir():
         return []
-    return [CloudFolder(state_dir, p.name) for p in sorted(root.iterdir()) if (p / "pool.json").is_file()]
+    return [CloudFolder(state_dir, p.name) for p in sorted(root.iterdir()) if any(p.glob("pool-*.json"))]

@@ -140,7 +140,7 @@ class ModalSource(NodeServerSource):
         self._in_flight = asyncio.Semaphore(self.profile.max_creates_in_flight)
         self._token = self.folder.make_token(reuse=self.profile.recover)
         self._state = PoolState(self.pool_id, self.profile.name, str(self.owner), time.time(),
-                                self.profile.cost_per_hour)
+                                self.profile.cost_per_hour, runtime=self.profile.runtime)
         self._save()
         # Modal is asked in the background: a pool over a busy cluster starts at once,
         # and a cloud that cannot be reached is said once, not raised at every caller.
@@ -158,7 +158,11 @@ class ModalSource(NodeServerSource):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the SDK's errors, ConfigError: the cloud is off, the cluster is not
-            self._turn_off(f"cannot use Modal: {_describe(exc)}")
+            if isinstance(exc, ConfigError) or type(exc).__name__ in FATAL:
+                self._turn_off(f"cannot use Modal: {_describe(exc)}")
+            else:  # a network blip: said once, tried again at the next burst after a backoff
+                self._create_failed(exc)
+                self._prepared = None
             return False
 
     async def stop(self) -> None:
@@ -211,6 +215,9 @@ class ModalSource(NodeServerSource):
         return min(self.wanted, self._queue.waiting) if self._queue is not None else 0
 
     def _granted(self, endpoint: Endpoint) -> None:
+        # One caller fewer for the cloud until the policy next counts: a caller still
+        # within burst_after must not get a cloud slot meanwhile.
+        self.wanted = max(0, self.wanted - 1)
         sandbox = self._sandboxes.get(endpoint.name)
         if sandbox is not None:
             sandbox.leased += 1
@@ -251,9 +258,11 @@ class ModalSource(NodeServerSource):
         return started
 
     async def _create(self, size: int) -> None:
-        assert self._limit is not None and self._in_flight is not None and self._prepared is not None
+        assert self._limit is not None and self._in_flight is not None
         sandbox: _Sandbox | None = None
         try:
+            if self._prepared is None:
+                self._prepared = asyncio.ensure_future(self._prepare())
             if not await asyncio.shield(self._prepared):
                 return
             async with self._in_flight:
@@ -287,7 +296,9 @@ class ModalSource(NodeServerSource):
                          *(sdk.Secret.from_name(secret) for secret in profile.secrets)],
                 env=dict(profile.env) or None, timeout=profile.timeout, idle_timeout=profile.idle_timeout,
                 gpu=profile.gpu, cpu=profile.cpu, memory=profile.memory, region=profile.region,
-                encrypted_ports=[profile.port], readiness_probe=sdk.Probe.with_tcp(profile.port)))
+                encrypted_ports=[profile.port], readiness_probe=sdk.Probe.with_tcp(profile.port),
+                # add_local_python_source puts the package under /root: `python -m` finds it there.
+                workdir="/root"))
             self._sdk_creates.add(creating)
             creating.add_done_callback(self._keep_handle)
             try:
@@ -337,7 +348,8 @@ class ModalSource(NodeServerSource):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._create_failed(exc, sandbox.entry.id)
+            if not self._stopped:  # stopped meanwhile: its end is no failure
+                self._create_failed(exc, sandbox.entry.id)
             await self._terminate(handle.object_id, handle, f"not ready: {_describe(exc)}")
             return
         sandbox.endpoint = endpoint
@@ -466,7 +478,7 @@ class ModalSource(NodeServerSource):
             try:
                 self.folder.write(self._state)
             except OSError as exc:
-                log.warning("cannot write %s: %s", self.folder.pool_json, exc)
+                log.warning("cannot write %s: %s", self.folder.state_file(self._state.owner), exc)
 
 
 def _describe(exc: BaseException) -> str:
@@ -523,10 +535,12 @@ async def list_sandboxes(profile: CloudProfile, pool_id: str | None = None,
 
 async def cleanup(profile: CloudProfile, pool_id: str | None, *, include_live: bool = False,
                   sdk: ModuleType | None = None) -> list[LeftSandbox]:
-    """Stop the sandboxes of `pool_id` (every pool's with None) whose pool is gone;
-    with `include_live`, those of running pools too. Returns what was stopped."""
+    """Stop the sandboxes of `pool_id` (every pool's with None) whose pool is gone (its
+    process on this host has exited); with `include_live`, also those of running pools
+    and of pools on other hosts. Returns what was stopped."""
     found, handles = await list_sandboxes(profile, pool_id, sdk)
-    chosen = [s for s in found if include_live or s.owner_alive is not True]
+    # An owner on another host cannot be told alive or not: only --force stops its sandboxes.
+    chosen = [s for s in found if include_live or s.owner_alive is False]
     for sandbox in chosen:
         await handles[sandbox.id].terminate.aio()
     return chosen

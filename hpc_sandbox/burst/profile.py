@@ -18,7 +18,7 @@ and a cluster profile names its counterpart with `cloud: NAME`:
 Keys are the fields below, one to one (as for SandboxSpec). Layers, lowest precedence
 first: the older ATROPOS_MODAL_PROFILE_<NAME>_<KEY> and ATROPOS_MODAL_<KEY> variables
 (IMAGE, GPU, CPU, MEMORY, SLOTS_PER_SANDBOX, MAX_SANDBOXES, IDLE_TIMEOUT, MAX_LIFETIME,
-SECRETS, ENV_VARS: a setup made for those keeps working), the site file, the user
+SECRETS, ENV_VARS, APP_NAME: a setup made for those keeps working), the site file, the user
 file, --config, HPC_SANDBOX_MODAL_<KEY> variables, then arguments.
 """
 from __future__ import annotations
@@ -57,9 +57,14 @@ class CloudProfile:
     # A sandbox's longest life (seconds) and Modal's own idle reaper: both hold even when
     # the pool that made it is killed, so a sandbox cannot leak for long.
     timeout: int = 3600
-    idle_timeout: int = 300
-    secrets: tuple[str, ...] = ()  # names of Modal Secrets whose variables the slots see
-    env: Mapping[str, str] = field(default_factory=dict)  # extra environment of the sandbox
+    # Modal counts a request through the tunnel as activity, not a lease held quietly:
+    # keep this longer than a caller may hold a cloud slot between two calls.
+    idle_timeout: int = 900
+    # Names of Modal Secrets, and extra variables, for the sandbox's own environment (the
+    # node server's). Slots start from a clean environment, as on the cluster: these do
+    # not reach slot commands yet.
+    secrets: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
     runtime: str = "none"  # how slots of one sandbox are kept apart: none shares its filesystem
     port: int = 8000  # the node server's port inside the sandbox
     slots_per_sandbox: int = 4
@@ -100,8 +105,10 @@ class CloudProfile:
             raise SpecError("slots_per_sandbox", f"must be 1-4096, got {self.slots_per_sandbox}")
         if self.max_cloud_slots < 0:
             raise SpecError("max_cloud_slots", f"must be 0 (no cloud) or more, got {self.max_cloud_slots}")
-        if self.burst_after < 0 or self.cloud_idle_timeout <= 0:
-            raise SpecError("burst_after", "burst_after must be >= 0 and cloud_idle_timeout > 0")
+        if self.burst_after < 0:
+            raise SpecError("burst_after", f"must be 0 or more seconds, got {self.burst_after}")
+        if self.cloud_idle_timeout <= 0:
+            raise SpecError("cloud_idle_timeout", f"must be more than 0 seconds, got {self.cloud_idle_timeout}")
         if self.max_creates_per_second <= 0 or self.max_creates_in_flight < 1:
             raise SpecError("max_creates_per_second", "must be > 0 (and max_creates_in_flight >= 1)")
         if self.cpu is not None and self.cpu <= 0:
@@ -237,13 +244,19 @@ def from_environment(name: str, environ: Mapping[str, str], *, older_names: bool
         if variable in environ:  # counted in sandboxes there, in slots here
             origin = f"environment variable {variable}"
             sandboxes = _from_text("max_cloud_slots", environ[variable], origin)
-            per = values.get("slots_per_sandbox", CloudProfile.slots_per_sandbox)
-            values["max_cloud_slots"], origins["max_cloud_slots"] = int(sandboxes) * int(per), origin  # type: ignore[arg-type]
+            # Counted in sandboxes there, in slots here: converted in build(), once every
+            # layer has said what slots_per_sandbox is.
+            values["max_sandboxes"], origins["max_cloud_slots"] = int(sandboxes), origin  # type: ignore[arg-type]
             break
     return values, origins
 
 
 def build(name: str, values: Mapping[str, object], origins: Mapping[str, str]) -> CloudProfile:
+    values = dict(values)
+    sandboxes = values.pop("max_sandboxes", None)
+    if sandboxes is not None and "max_cloud_slots" not in values:
+        values["max_cloud_slots"] = int(sandboxes) * int(values.get("slots_per_sandbox",  # type: ignore[call-overload]
+                                                                    CloudProfile.slots_per_sandbox))
     try:
         return CloudProfile(name=name, **values)  # type: ignore[arg-type]
     except SpecError as exc:

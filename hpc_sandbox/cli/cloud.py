@@ -63,7 +63,8 @@ def list_(cloud_profile: str | None, profile: str | None, config_file: Path | No
 @cloud.command("cleanup")
 @_with_profile_options
 @click.option("--all-pools", is_flag=True, help="Every pool's sandboxes in the app, not only this pool's.")
-@click.option("--force", is_flag=True, help="Also stop sandboxes whose pool still runs on this host.")
+@click.option("--force", is_flag=True,
+              help="Also stop sandboxes whose pool still runs, or runs on another host (it cannot be told).")
 @state_dir_option
 def cleanup(cloud_profile: str | None, profile: str | None, config_file: Path | None, all_pools: bool, force: bool,
             state_dir: Path | None) -> None:

@@ -43,11 +43,13 @@ async def _run(state: Path, job: str | None, command: str, timeout: float | None
 @click.option("--cloud-profile", default=None,
               help="Cloud profile for --overflow [default: the one --profile names, else 'default'].")
 @click.option("--profile", default=None, help="Cluster profile whose `cloud` key names the cloud profile.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="An extra config file for --overflow's cloud profile (highest precedence after flags).")
 @state_dir_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(job: str | None, timeout: float | None, acquire_timeout: float, env_pairs: tuple[str, ...],
-          overflow: str | None, cloud_profile: str | None, profile: str | None, state_dir: Path | None,
-          command: tuple[str, ...]) -> None:
+          overflow: str | None, cloud_profile: str | None, profile: str | None, config_file: Path | None,
+          state_dir: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with bash in a free slot; print its output; exit with its code.
 
     One argument is taken as a shell string (`exec -- 'ls | wc -l'`); several are
@@ -64,7 +66,7 @@ def exec_(job: str | None, timeout: float | None, acquire_timeout: float, env_pa
     script = command[0] if len(command) == 1 else shlex.join(command)
     state = resolve_state_dir(state_dir)
     try:
-        cloud = cloud_source(overflow, state, profile, None, cloud_profile, None) if overflow else None
+        cloud = cloud_source(overflow, state, profile, config_file, cloud_profile, None) if overflow else None
         result = asyncio.run(_run(state, job, script, timeout, acquire_timeout, env, cloud))
     except HpcSandboxError as exc:
         click.echo(f"Error: {exc}", err=True)

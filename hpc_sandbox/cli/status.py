@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
+import typing
 from pathlib import Path
 
 import click
 
 from .. import jobs
 from ..errors import HpcSandboxError
+
+if typing.TYPE_CHECKING:
+    from ..burst.folder import PoolState
 from .common import resolve_state_dir, state_dir_option
 
 
@@ -51,25 +56,39 @@ def status(job: str | None, as_json: bool, state_dir: Path | None) -> None:
 
 def _cloud_pools(state: Path) -> list[dict]:
     """Pools that burst to the cloud, from their pool.json (no call to Modal)."""
-    from ..burst.folder import Owner, list_pools
+    from ..burst.folder import list_pools
 
     now = time.time()
     out = []
     for folder in list_pools(state):
-        try:
-            pool = folder.read()
-        except HpcSandboxError:
-            continue
-        owner = Owner.parse(pool.owner)
-        alive = [s for s in pool.sandboxes if s.state in ("creating", "ready")]
-        if not alive and owner is not None and owner.alive() is False:
-            continue  # a finished pool with nothing left: history, not status
-        out.append({"cloud_pool": pool.pool_id, "profile": pool.profile, "owner": pool.owner,
-                    "owner_alive": owner.alive() if owner else None,
-                    "sandboxes": [{"id": s.id, "state": s.state, "slots": s.slots, "url": s.url} for s in alive],
-                    "slots": sum(s.slots for s in alive if s.state == "ready"),
-                    "sandbox_seconds": round(pool.sandbox_seconds(now), 1), "cost": pool.cost(now)})
+        for path in folder.state_files():
+            try:
+                pool = folder.read(path)
+            except HpcSandboxError:
+                continue
+            entry = _cloud_pool(pool, now)
+            if entry is not None:
+                out.append(entry)
     return out
+
+
+def _cloud_pool(pool: PoolState, now: float) -> dict | None:
+    from ..burst.folder import Owner
+
+    owner = Owner.parse(pool.owner)
+    owner_alive = owner.alive() if owner else None
+    alive = [s for s in pool.sandboxes if s.state in ("creating", "ready")]
+    if not alive and owner_alive is False:
+        return None  # a finished pool with nothing left: history, not status
+    if owner_alive is False:
+        # Its process is gone: what it wrote last may no longer hold (cleanup, Modal's
+        # own timeouts); `hpc-sandbox cloud list` asks Modal.
+        alive = [dataclasses.replace(s, state="left behind?") for s in alive]
+    return {"cloud_pool": pool.pool_id, "profile": pool.profile, "runtime": pool.runtime, "owner": pool.owner,
+            "owner_alive": owner_alive,
+            "sandboxes": [{"id": s.id, "state": s.state, "slots": s.slots, "url": s.url} for s in alive],
+            "slots": sum(s.slots for s in alive if s.state == "ready"),
+            "sandbox_seconds": round(pool.sandbox_seconds(now), 1), "cost": pool.cost(now)}
 
 
 def _print_cloud(pools: list[dict]) -> None:
@@ -81,3 +100,5 @@ def _print_cloud(pools: list[dict]) -> None:
                    f"{p['sandbox_seconds']:.0f} sandbox-seconds{cost}{gone}")
         for s in p["sandboxes"]:
             click.echo(f"  {s['id']}  {s['state']}  {s['slots']} slots  {s['url'] or ''}")
+        if p["sandboxes"] and p.get("runtime") == "none":
+            click.echo("  (runtime none: the slots of one sandbox share its filesystem outside their workspaces)")

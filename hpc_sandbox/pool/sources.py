@@ -112,6 +112,7 @@ class NodeServerSource:
         self._free: dict[str, int] = {}  # url -> free slots when last heard of
         self._inflight: dict[str, int] = {}  # url -> acquire requests waiting there now
         self._inflight_total = 0
+        self._parked = 0  # of those, requests sent to servers that had no free slot (long polls)
         self._saturated = False  # every usable server has its share of requests: joins cost O(1)
         self._skip_until: dict[str, float] = {}
         self._usable_cache: list[Endpoint] | None = None  # see _usable
@@ -212,16 +213,21 @@ class NodeServerSource:
         """Send as many long-poll acquires as callers wait for and servers can take;
         and one to `extra` (a server this pool just freed a slot on) while callers wait,
         even if their requests wait elsewhere: the freed slot is served now, and a grant
-        that then finds nobody waiting is given back."""
+        that then finds nobody waiting is given back.
+
+        A request parked on a full server (a long poll) does not stop one from going to a
+        server with a free slot: a server that has just come up (a node, a cloud sandbox)
+        is used at once, not when a parked request times out."""
         queue = self._queue
         if queue is None or self._stopped:
             return
         demand = self._demand()
         if extra is not None and demand and not self._inflight.get(extra.url):
-            self._send(extra)
+            self._send(extra, parked=False)
         if self._saturated:
             return
-        missing = min(demand, self.max_polls) - self._inflight_total
+        wanted = min(demand, self.max_polls)
+        missing = wanted - (self._inflight_total - self._parked)  # what requests that wait nowhere cover
         if missing <= 0:
             return
         usable = self._usable(time.monotonic())
@@ -248,18 +254,20 @@ class NodeServerSource:
                 for endpoint in sample:
                     count = min(free(endpoint), missing)
                     for _ in range(max(0, count)):
-                        self._send(endpoint)
+                        self._send(endpoint, parked=False)
                     missing -= max(0, count)
                     if missing <= 0:
                         return
         candidates = list(usable)
         random.shuffle(candidates)  # ties broken at random: many pools spread out
         for endpoint in sorted(candidates, key=key, reverse=True):
-            count = min(room(endpoint), missing)
+            parked = free(endpoint) <= 0
+            # Parked requests never make more requests in flight than callers wait.
+            count = min(room(endpoint), missing, wanted - self._inflight_total if parked else missing)
             if count <= 0:
                 break
             for _ in range(count):
-                self._send(endpoint)
+                self._send(endpoint, parked=parked)
             missing -= count
             if missing <= 0:
                 return
@@ -278,12 +286,13 @@ class NodeServerSource:
         self._skip_until[url] = time.monotonic() + seconds
         self._usable_cache = None
 
-    def _send(self, endpoint: Endpoint) -> None:
+    def _send(self, endpoint: Endpoint, parked: bool) -> None:
         self._inflight[endpoint.url] = self._inflight.get(endpoint.url, 0) + 1
         self._inflight_total += 1
-        self._spawn(self._poll(endpoint))
+        self._parked += parked
+        self._spawn(self._poll(endpoint, parked))
 
-    async def _poll(self, endpoint: Endpoint) -> None:
+    async def _poll(self, endpoint: Endpoint, parked: bool) -> None:
         assert self._queue is not None
         url = endpoint.url
         sent = time.monotonic()
@@ -314,6 +323,7 @@ class NodeServerSource:
         finally:
             self._inflight[url] -= 1
             self._inflight_total -= 1
+            self._parked -= parked
             self._saturated = False
             if not self._stopped:
                 self._pump()
