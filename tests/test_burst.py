@@ -240,11 +240,8 @@ asyncio.run(main())
 """
 
 
-async def test_a_killed_pool_leaves_sandboxes_the_next_start_and_cloud_cleanup_stop(modal, state_dir, cli, tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text("cloud:\n  test: {}\n")
-    env = {**subprocess_env(os.environ["MODAL_DOUBLE_DIR"]), "SSL_CERT_FILE": os.environ["SSL_CERT_FILE"],
-           "HPC_SANDBOX_SITE_CONFIG": str(config)}
+def kill_a_pool_holding_a_cloud_slot(state_dir: Path, env: dict[str, str]) -> None:
+    """A pool in another process takes a cloud slot and is SIGKILLed: its sandbox stays."""
     child = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT, str(state_dir)], env=env, stdout=subprocess.PIPE,
                              text=True)
     try:
@@ -253,6 +250,14 @@ async def test_a_killed_pool_leaves_sandboxes_the_next_start_and_cloud_cleanup_s
         child.wait(10)
     finally:
         child.kill()
+
+
+async def test_a_killed_pool_leaves_sandboxes_the_next_start_and_cloud_cleanup_stop(modal, state_dir, cli, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("cloud:\n  test: {}\n")
+    env = {**subprocess_env(os.environ["MODAL_DOUBLE_DIR"]), "SSL_CERT_FILE": os.environ["SSL_CERT_FILE"],
+           "HPC_SANDBOX_SITE_CONFIG": str(config)}
+    kill_a_pool_holding_a_cloud_slot(state_dir, env)
     assert len(live(modal)) == 1  # the SIGKILLed pool could not stop it
     shown = cli("cloud", "list", "--cloud-profile", "test", extra_env=env)
     assert shown.returncode == 0, shown.stderr
@@ -262,14 +267,7 @@ async def test_a_killed_pool_leaves_sandboxes_the_next_start_and_cloud_cleanup_s
     async with SlotPool([], overflow=source):
         assert await asyncio.to_thread(wait_until, lambda: not live(modal), 15)
     # And by hand: a second leftover, stopped by `hpc-sandbox cloud cleanup`.
-    child = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT, str(state_dir)], env=env, stdout=subprocess.PIPE,
-                             text=True)
-    try:
-        assert child.stdout.readline().strip() == "holding cloud"
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
-    finally:
-        child.kill()
+    kill_a_pool_holding_a_cloud_slot(state_dir, env)
     stopped = cli("cloud", "cleanup", "--cloud-profile", "test", extra_env=env)
     assert stopped.returncode == 0, stopped.stderr
     assert "1 sandbox stopped" in stopped.stdout
