@@ -272,6 +272,8 @@ async def test_a_killed_pool_leaves_sandboxes_the_next_start_and_cloud_cleanup_s
     assert stopped.returncode == 0, stopped.stderr
     assert "1 sandbox stopped" in stopped.stdout
     assert await asyncio.to_thread(wait_until, lambda: not live(modal), 10)
+    shown = cli("status", extra_env=env)  # the dead pools are forgotten once their sandboxes are stopped
+    assert shown.returncode == 0 and "cloud pool" not in shown.stdout, shown.stdout
 
 
 def test_exec_overflow_modal_runs_in_a_cloud_sandbox_when_no_cluster_exists(modal, state_dir, cli, tmp_path):

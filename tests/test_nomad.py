@@ -113,7 +113,7 @@ def test_submit_status_exec_cancel_through_the_nomad_api(nomad_agent, cli, state
     assert nomad_agent.variables[("default", f"nomad/jobs/{job_id}")]["token"] == token
     for request in nomad_agent.requests:
         assert request.header("X-Nomad-Token") == "acl-secret-1", request.path
-        if request.path.startswith("/v1/var/"):
+        if request.path.startswith(("/v1/var/", "/v1/evaluation/")):
             assert request.query.get("namespace") == "default", request.path
 
     cancelled = cli("cancel", job_id, extra_env=env)

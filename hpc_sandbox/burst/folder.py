@@ -88,6 +88,7 @@ class PoolState:
     cost_per_hour: float | None = None
     sandboxes: list[SandboxEntry] = field(default_factory=list)
     runtime: str = "none"  # how the slots of one sandbox are kept apart
+    stopped: float | None = None  # when the pool stopped (and stopped its sandboxes)
     updated: float = 0.0
 
     def sandbox_seconds(self, now: float) -> float:

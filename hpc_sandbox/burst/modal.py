@@ -186,6 +186,8 @@ class ModalSource(NodeServerSource):
             with contextlib.suppress(Exception):
                 async for sandbox in self._sdk.Sandbox.list.aio(app_id=self._app.app_id, tags=self._tags(owner=True)):
                     await self._terminate(sandbox.object_id, sandbox, "the pool stopped")
+        if self._state is not None:
+            self._state.stopped = time.time()
         self._save()
 
     # --- what the pool asks ------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..config import load_cloud_profile
+from ..errors import HpcSandboxError
 from .common import resolve_state_dir, state_dir_option
 
 _profile_options = [
@@ -16,7 +17,7 @@ _profile_options = [
                  help="Cloud profile (under `cloud:` in the config) [default: the one --profile names, else 'default']."),
     click.option("--profile", default=None, help="Cluster profile whose `cloud` key names the cloud profile."),
     click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                 help="An extra config file (highest precedence after flags)."),
+                 help="An extra config file (above the site and user files; HPC_SANDBOX_MODAL_* variables win)."),
 ]
 
 
@@ -72,8 +73,27 @@ def cleanup(cloud_profile: str | None, profile: str | None, config_file: Path | 
     from ..burst.modal import cleanup as stop_sandboxes, default_pool_id
 
     cloud = load_cloud_profile(cloud_profile, cluster_profile=profile, config_file=config_file)
-    pool_id = None if all_pools else default_pool_id(resolve_state_dir(state_dir), cloud.name)
+    state = resolve_state_dir(state_dir)
+    pool_id = None if all_pools else default_pool_id(state, cloud.name)
     stopped = asyncio.run(stop_sandboxes(cloud, pool_id, include_live=force))
+    _forget_dead_pools(state, pool_id)
     for s in stopped:
         click.echo(f"stopped {s.id}  pool {s.pool}  owner {s.owner}  ({s.status})")
     click.echo(f"{len(stopped)} sandbox{'es' if len(stopped) != 1 else ''} stopped.")
+
+
+def _forget_dead_pools(state: Path, pool_id: str | None) -> None:
+    """Drop the state files of pools whose process is gone (their sandboxes were just
+    stopped): `hpc-sandbox status` stops listing them."""
+    from ..burst.folder import Owner, list_pools
+
+    for folder in list_pools(state):
+        if pool_id is not None and folder.pool_id != pool_id:
+            continue
+        for path in folder.state_files():
+            try:
+                owner = Owner.parse(folder.read(path).owner)
+            except HpcSandboxError:
+                continue
+            if owner is not None and owner.alive() is False:
+                path.unlink(missing_ok=True)

@@ -44,7 +44,8 @@ async def _run(state: Path, job: str | None, command: str, timeout: float | None
               help="Cloud profile for --overflow [default: the one --profile names, else 'default'].")
 @click.option("--profile", default=None, help="Cluster profile whose `cloud` key names the cloud profile.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="An extra config file for --overflow's cloud profile (highest precedence after flags).")
+              help="An extra config file for --overflow's cloud profile (above the site and user files; "
+                   "HPC_SANDBOX_MODAL_* variables and flags win over it).")
 @state_dir_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(job: str | None, timeout: float | None, acquire_timeout: float, env_pairs: tuple[str, ...],

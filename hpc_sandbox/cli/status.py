@@ -78,7 +78,7 @@ def _cloud_pool(pool: PoolState, now: float) -> dict | None:
     owner = Owner.parse(pool.owner)
     owner_alive = owner.alive() if owner else None
     alive = [s for s in pool.sandboxes if s.state in ("creating", "ready")]
-    if not alive and owner_alive is False:
+    if not alive and (owner_alive is False or pool.stopped):
         return None  # a finished pool with nothing left: history, not status
     if owner_alive is False:
         # Its process is gone: what it wrote last may no longer hold (cleanup, Modal's

@@ -208,7 +208,10 @@ class NomadScheduler(Scheduler):
         deadline = time.monotonic() + EVALUATION_WAIT
         while True:
             try:
-                evaluation = client.evaluation.get_evaluation(eval_id)
+                # With the job's namespace: python-nomad leaves it off evaluation calls, and
+                # Nomad then also checks read-job in `default`, which a token may lack.
+                evaluation = client.evaluation.request(eval_id, method="get",
+                                                       params={"namespace": client.evaluation.namespace}).json()
             except Exception as exc:
                 raise describe_error(exc, f"reading evaluation {eval_id}") from None
             status = evaluation.get("Status")
