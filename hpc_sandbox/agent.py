@@ -11,7 +11,10 @@ Protocol (newline-framed JSON; json.dumps never emits a raw newline):
 Requests are served concurrently; answers come back in completion order, matched
 by id. Stdout carries nothing but answers: diagnostics go to stderr.
 
-Tools: bash, read_file, write_file, list_files, archive, cancel, ping.
+Tools: bash, session, process, read_file, write_file, list_files, archive, cancel, ping.
+`bash` runs a fresh `bash -c` by default; with `session` it runs in a persistent shell
+of the slot, with `background` it starts a process and returns a handle at once (see
+"sessions" and "background processes" below).
 """
 from __future__ import annotations
 
@@ -24,12 +27,15 @@ import hashlib
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import stat
 import sys
 import subprocess
 import tarfile
+import tempfile
 import threading
 import time
 
@@ -323,46 +329,29 @@ class _Spawned:
     pythons/kernels without one) and the pipes are drained separately.
     """
 
-    def __init__(self, loop, argv, cwd, env, out, err):
+    def __init__(self, loop, argv, cwd, env, out, err, merge=False):
         self.loop = loop
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            # merge: one pipe for both, so that their order is kept (a background process's log)
+            stderr=subprocess.STDOUT if merge else subprocess.PIPE,
             start_new_session=True,  # own process group: a timeout kills all of it
         )
         self.exited = loop.create_future()
         self.streams_done = loop.create_future()
         self.open_streams = 0
         for pipe, sink in ((self.proc.stdout, out), (self.proc.stderr, err)):
+            if pipe is None:
+                continue
             fd = pipe.fileno()
             os.set_blocking(fd, False)
             self.open_streams += 1
             loop.add_reader(fd, self._on_readable, pipe, sink)
-        self._watch_exit()
+        _watch_exit(loop, self.proc, self._set_exited)
 
     @property
     def pid(self):
         return self.proc.pid
-
-    def _watch_exit(self):
-        pidfd_open = getattr(os, "pidfd_open", None)
-        if pidfd_open is not None:
-            try:
-                self.pidfd = pidfd_open(self.proc.pid)
-            except OSError:
-                self.pidfd = None
-            if self.pidfd is not None:
-                self.loop.add_reader(self.pidfd, self._on_exit)
-                return
-        threading.Thread(target=self._wait_in_thread, daemon=True).start()
-
-    def _on_exit(self):
-        self.loop.remove_reader(self.pidfd)
-        os.close(self.pidfd)
-        self._set_exited(self.proc.wait())
-
-    def _wait_in_thread(self):
-        code = self.proc.wait()
-        self.loop.call_soon_threadsafe(self._set_exited, code)
 
     def _set_exited(self, code):
         if not self.exited.done():
@@ -392,7 +381,36 @@ class _Spawned:
     def close_streams(self):
         """Stop reading (a background job may hold the pipes open for hours)."""
         for pipe in (self.proc.stdout, self.proc.stderr):
-            self._close_stream(pipe)
+            if pipe is not None:
+                self._close_stream(pipe)
+
+
+def _watch_exit(loop, proc, on_exit) -> None:
+    """Call on_exit(returncode) on `loop` when `proc` ends: from a pidfd where python
+    and the kernel have them, else from a thread blocked in wait()."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            pidfd = pidfd_open(proc.pid)
+        except OSError:
+            pidfd = None
+        if pidfd is not None:
+            def ready():
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+                on_exit(proc.wait())
+
+            loop.add_reader(pidfd, ready)
+            return
+
+    def wait_in_thread():
+        code = proc.wait()
+        try:
+            loop.call_soon_threadsafe(on_exit, code)
+        except RuntimeError:  # the loop closed meanwhile (the agent is exiting)
+            pass
+
+    threading.Thread(target=wait_in_thread, daemon=True).start()
 
 
 async def _done_within(loop, future, seconds):
@@ -506,6 +524,560 @@ def _kill_all_but(spared) -> int:
     return killed
 
 
+# --- sessions -----------------------------------------------------------------------
+#
+# A session is one long-lived `bash -i` of the slot, fed one command line per call on
+# a pipe that is its stdin. Each call's command is written to a file in the session's
+# private folder and run with `source` in the shell itself, so cwd, variables,
+# functions and an activated venv carry over. The line that runs it is:
+#
+#   export HPC_SANDBOX_CALL=TAG; { source CMD; } <IN >>OUT 2>>ERR; printf 'NONCE %d\n' "$?" >>STATUS
+#
+# - Completion and exit status come through STATUS, a FIFO of their own, as the call's
+#   random nonce and `$?`: never from matching anything in the output, which can hold
+#   any bytes. No other process holds STATUS open (the shell opens it for one write).
+# - The command's stdin is /dev/null (a command that reads stdin gets EOF at once, never
+#   the shell's own input), a file holding `input`, or, with `idle_timeout`, a FIFO the
+#   agent keeps open so that a later call can send more input to a waiting prompt.
+# - OUT and ERR are FIFOs that live as long as the session and that the agent always
+#   reads: a job left running in the background (`server &`) keeps writing to them and
+#   never blocks on a full pipe, and is never waited for. Output that comes while no
+#   command runs is dropped. The shell's own stdout and stderr (prompts, job notices)
+#   go to /dev/null; a heredoc, binary output or a line that looks like a status line
+#   is the command's output and nothing else.
+# - `exit 3` or a failure under `set -e` ends the shell: no status line comes, and the
+#   shell's exit (seen on a pidfd) ends the call with its exit code and
+#   session_ended. The next call on that name starts a fresh shell.
+# - The shell is interactive (-i) so that SIGINT aborts the command line that runs,
+#   even a loop of builtins, and the shell goes on reading the next line with its state
+#   intact, as a terminal's Ctrl-C does. It has no terminal (a program that opens
+#   /dev/tty fails at once rather than wait for a password), but job control is on
+#   (`set -m`): every job, foreground or `&`, runs in a process group of its own, in the
+#   shell's session. So a timeout (or `interrupt`) can stop what the command started
+#   and nothing older: SIGINT to each group of the session whose leader's pid is newer
+#   than the last pid the system had given out when the command started
+#   (/proc/loadavg), and to the shell; then a line that reports `$?` under the same
+#   nonce (the aborted line never reports). After a grace: SIGKILL to those groups and
+#   to every process carrying the call's tag (what left the session), SIGINT to the
+#   shell again. After another, the whole session dies. A server started with `&` by an
+#   earlier command is left alone; one started by the interrupted command is not.
+# - Every process of a session carries a tag AGENT.sN-M (the shell M=0, call M=n), so
+#   reset, the limits watchdog (which takes the tag up to its last dot) and session
+#   close find them all, even those that left the group.
+
+SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+MAX_SESSIONS = 16  # per slot: each is a shell the slot's limits count
+MAX_INPUT = 1 << 20  # bytes of `input` in one call
+# Lines the shell runs at start: no history (it would be saved in $HOME, the workspace),
+# no history expansion of our lines, nothing run before each prompt.
+_SESSION_INIT = "\\builtin set -m +o history +H; \\builtin unset HISTFILE MAILCHECK PROMPT_COMMAND\n"
+_STATUS_LINE = "\\builtin printf '%%s %%d\\n' %s \"$?\" >>%s\n"
+
+
+def _last_pid():
+    """The pid the system (this pid namespace) gave out last; None if it cannot tell."""
+    try:
+        with open("/proc/loadavg", "rb") as handle:
+            return int(handle.read().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _session_groups(sid: int, newer_than) -> set:
+    """The process groups of session `sid` but its leader's own, whose leader's pid is
+    above `newer_than` (all when None): the jobs a command started since then."""
+    groups = set()
+    for pid in _pids():
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            pgid, session = int(fields[2]), int(fields[3])
+        except (OSError, IndexError, ValueError):
+            continue
+        if session == sid and pgid != sid and (newer_than is None or pgid > newer_than):
+            groups.add(pgid)
+    return groups
+
+
+def _private_root() -> str:
+    """A folder of the agent's own outside the workspace, for session files and logs.
+
+    Outside the workspace so that a slot's listing, archive or wipe never meets it and
+    a command cannot take it for one of its files: the slot's own /tmp (private to
+    the slot under every runtime but none), made 0700 by mkdtemp."""
+    for folder in (os.environ.get("TMPDIR"), "/tmp", "/dev/shm", "/var/tmp"):
+        if folder and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+            try:
+                return tempfile.mkdtemp(prefix="hpc-sandbox-agent-", dir=folder)
+            except OSError:
+                continue
+    raise ToolError("io", "no writable temporary folder for the agent's session and process files")
+
+
+class _SessionCommand:
+    """One command line run in a session, from its start to its status."""
+
+    def __init__(self, loop, nonce: str, tag: str, cap: int) -> None:
+        self.loop = loop
+        self.nonce = nonce
+        self.tag = tag
+        self.done = loop.create_future()
+        # The output of the call following the command; a fresh pair after each call
+        # that returns while it runs (waiting), which the next call picks up.
+        self.out = CappedBuffer(cap)
+        self.err = CappedBuffer(cap)
+        self.cap = cap
+        self.last_output = time.monotonic()
+        self.finished = False
+        self.collected = False  # a call returned its end
+        self.ended = False  # the shell ended with it
+        self.exit_code = None
+        self.signal = None
+        self.interrupted = False
+        self.stdin_fd = None  # the agent's end of a stdin FIFO, while it is open
+        self.stdin_path = None
+        self.last_pid = None
+        self.pending_input = bytearray()
+        self.eof_after_input = False
+
+    def feed(self, out: bool, chunk: bytes) -> None:
+        (self.out if out else self.err).feed(chunk)
+        self.last_output = time.monotonic()
+
+    def detach(self):
+        """The output so far, for a call that returns while the command runs."""
+        out, err = self.out, self.err
+        self.out, self.err = CappedBuffer(self.cap), CappedBuffer(self.cap)
+        return out, err
+
+    def finish(self, status=None, returncode=None) -> None:
+        """Its `$?` came (status), or the shell ended (its returncode)."""
+        if self.finished:
+            return
+        self.finished = True
+        if returncode is not None:
+            self.ended = True
+            self.exit_code = returncode if returncode >= 0 else None
+            self.signal = -returncode if returncode < 0 else None
+        else:
+            self.exit_code = status
+        if self.exit_code == 137 and self.signal is None and not self.interrupted:
+            # 128+SIGKILL: what the limits watchdog sends; the node server looks at
+            # `signal` to tell a limit breach from an ordinary end.
+            self.signal = signal.SIGKILL.value
+        self.close_stdin()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # stdin FIFO ---------------------------------------------------------------------
+
+    def send_input(self, data: bytes, eof: bool) -> None:
+        self.pending_input += data
+        self.eof_after_input = self.eof_after_input or eof
+        self._write_input()
+
+    def _write_input(self) -> None:
+        if self.stdin_fd is None:
+            return
+        try:
+            while self.pending_input:
+                written = os.write(self.stdin_fd, self.pending_input[:65536])
+                del self.pending_input[:written]
+        except BlockingIOError:  # the command has not read the last batch yet
+            self.loop.add_writer(self.stdin_fd, self._on_writable)
+            return
+        except OSError:
+            self.pending_input.clear()
+        self.loop.remove_writer(self.stdin_fd)
+        if self.eof_after_input:
+            self.close_stdin()
+
+    def _on_writable(self) -> None:
+        self._write_input()
+
+    def close_stdin(self) -> None:
+        """The command reads EOF once it has read what was sent."""
+        if self.stdin_fd is not None:
+            self.loop.remove_writer(self.stdin_fd)
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
+        if self.finished and self.stdin_path is not None:
+            try:
+                os.unlink(self.stdin_path)
+            except OSError:
+                pass
+            self.stdin_path = None
+
+
+class _Session:
+    """One persistent shell of the slot, and the FIFOs it talks to the agent on."""
+
+    def __init__(self, agent: "Agent", name: str, number: int) -> None:
+        self.agent = agent
+        self.name = name
+        self.number = number
+        self.tag = "%s.s%d-" % (agent.tag, number)  # + 0 for the shell, + n for its n-th call
+        self.folder = os.path.join(agent.private_folder(), "s%d" % number)
+        self.loop = None
+        self.proc = None
+        self.alive = False
+        self.closed = False
+        self.returncode = None
+        self.fds = {}  # "out" | "err" | "status" -> the agent's end
+        self.control = None  # the write end of the shell's stdin
+        self.status_buffer = b""
+        self.current = None  # the last command started, until the next one
+        self.calls = 0
+        self.attached = None  # the request id of the call that follows the current command
+        self.started_at = time.time()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def start(self, loop) -> None:
+        self.loop = loop
+        os.mkdir(self.folder, 0o700)
+        control_r = None
+        try:
+            for name in ("out", "err", "status"):
+                os.mkfifo(self.path(name), 0o600)
+                # O_RDWR: the agent is a writer too, so its end never reads EOF while
+                # the shell's writers come and go, and the shell's opens never block.
+                self.fds[name] = os.open(self.path(name), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            control_r, self.control = os.pipe()
+            env = dict(self.agent.base_env)
+            env[CALL_ENV] = self.tag + "0"
+            self.proc = subprocess.Popen(
+                [self.agent.bash, "--noprofile", "--norc", "--noediting", "-i"], cwd=self.agent.workspace,
+                env=env, stdin=control_r, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a group of its own, which the agent's signals never hit
+            )
+        except BaseException:
+            self.close_files()
+            raise
+        finally:
+            if control_r is not None:
+                os.close(control_r)
+        os.set_blocking(self.control, False)
+        self.alive = True
+        loop.add_reader(self.fds["out"], self._on_output, True)
+        loop.add_reader(self.fds["err"], self._on_output, False)
+        loop.add_reader(self.fds["status"], self._on_status)
+        _watch_exit(loop, self.proc, self._on_exit)
+        self.send(_SESSION_INIT)
+
+    @property
+    def running(self) -> bool:
+        return self.current is not None and not self.current.finished
+
+    def send(self, line: str) -> bool:
+        """Write a line to the shell's stdin; False if the shell is not there to read it."""
+        if not self.alive or self.control is None:
+            return False
+        try:
+            data = line.encode("utf-8")
+            while data:  # the pipe holds 64 KiB; our lines are short and the shell reads them
+                data = data[os.write(self.control, data):]
+            return True
+        except (BlockingIOError, BrokenPipeError, OSError):
+            return False
+
+    def begin(self, command: bytes, stdin: str, cap: int, stdin_fd=None) -> _SessionCommand:
+        """Start `command` (written to a file first); its stdin is the path `stdin`."""
+        self.calls += 1
+        nonce = "c%d-%s" % (self.calls, os.urandom(8).hex())
+        cmd = _SessionCommand(self.loop, nonce, self.tag + str(self.calls), cap)
+        cmd.stdin_fd = stdin_fd
+        with open(os.open(self.path("cmd"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
+                  "wb") as handle:
+            handle.write(command)
+        line = ("\\builtin export %s=%s; { \\builtin source %s; } <%s >>%s 2>>%s; " + _STATUS_LINE) % (
+            CALL_ENV, cmd.tag, shlex.quote(self.path("cmd")), shlex.quote(stdin), shlex.quote(self.path("out")),
+            shlex.quote(self.path("err")), nonce, shlex.quote(self.path("status")))
+        self.current = cmd
+        cmd.last_pid = _last_pid()  # any job it starts gets a newer one (see _interrupt)
+        if not self.send(line):
+            cmd.finish(returncode=self.returncode if self.returncode is not None else -signal.SIGKILL)
+        return cmd
+
+    def ask_status(self, cmd: _SessionCommand, attempt: int) -> None:
+        """After a SIGINT, ask for `$?` under the command's nonce: the line SIGINT
+        aborted never reports it."""
+        self.send(_STATUS_LINE % ("%s.i%d" % (cmd.nonce, attempt), shlex.quote(self.path("status"))))
+
+    def signal_jobs(self, cmd: _SessionCommand, sig: int) -> None:
+        """`sig` to the process groups `cmd` started, and SIGINT to the shell (which
+        aborts what it runs itself, a loop of builtins)."""
+        if not self.alive:
+            return
+        for pgid in _session_groups(self.proc.pid, cmd.last_pid):
+            _kill_group(pgid, sig)
+        _kill_group(self.proc.pid, signal.SIGINT)
+
+    # readers ------------------------------------------------------------------------
+
+    def _read(self, name: str) -> bytes:
+        fd = self.fds.get(name)
+        if fd is None:
+            return b""
+        try:
+            return os.read(fd, 65536)
+        except (BlockingIOError, OSError):
+            return b""
+
+    def _on_output(self, out: bool) -> None:
+        chunk = self._read("out" if out else "err")
+        cmd = self.current
+        if chunk and cmd is not None and not cmd.finished:
+            cmd.feed(out, chunk)
+        # else: a background job's output between commands: dropped (read all the same,
+        # so that it never blocks on a full pipe)
+
+    def _drain_output(self) -> None:
+        """Everything the command wrote is in the FIFOs by the time its status is:
+        read it before the command counts as finished."""
+        for out in (True, False):
+            while True:
+                chunk = self._read("out" if out else "err")
+                if not chunk:
+                    break
+                cmd = self.current
+                if cmd is not None and not cmd.finished:
+                    cmd.feed(out, chunk)
+
+    def _on_status(self) -> None:
+        chunk = self._read("status")
+        if not chunk:
+            return
+        self.status_buffer += chunk
+        while b"\n" in self.status_buffer:
+            line, self.status_buffer = self.status_buffer.split(b"\n", 1)
+            fields = line.split()
+            cmd = self.current
+            if len(fields) != 2 or cmd is None or cmd.finished:
+                continue
+            nonce = fields[0].decode("ascii", "replace")
+            # Its own nonce, or the nonce of a status asked for after an interrupt;
+            # any other is a late answer for an earlier command.
+            if nonce != cmd.nonce and not nonce.startswith(cmd.nonce + "."):
+                continue
+            try:
+                status = int(fields[1])
+            except ValueError:
+                continue
+            self._drain_output()
+            cmd.finish(status=status)
+
+    def _on_exit(self, code: int) -> None:
+        self.returncode = code
+        self.alive = False
+        if self.closed:
+            return
+        self._on_status()  # a status written just before it ended still counts
+        self._drain_output()
+        if self.current is not None:
+            self.current.finish(returncode=code)
+        # The session is over: so are the jobs it left running, as when a terminal
+        # closes. Its group id is not reused while one of them is in it.
+        _kill_group(self.proc.pid, signal.SIGKILL)
+        _kill_tagged(self.tag, exact=False)
+
+    # ending ---------------------------------------------------------------------------
+
+    def kill(self) -> int:
+        """SIGKILL every process of the session: its group and all that carry its tags."""
+        if self.proc is not None and self.returncode is None:  # not reaped: its pid is still its own
+            _kill_group(self.proc.pid, signal.SIGKILL)
+        return _kill_tagged(self.tag, exact=False)
+
+    def close(self, kill: bool = True) -> None:
+        """End the session and forget its files. A call that follows its command ends.
+        `kill` False: the caller has just killed every process of the slot (one scan of
+        /proc for all, not one per session)."""
+        if self.closed:
+            return
+        if kill:
+            self.kill()
+        self.closed = True
+        self.alive = False
+        if self.current is not None:
+            self.current.finish(returncode=self.returncode if self.returncode is not None else -signal.SIGKILL)
+        self.close_files()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def close_files(self) -> None:
+        for fd in self.fds.values():
+            if self.loop is not None:
+                self.loop.remove_reader(fd)
+            os.close(fd)
+        self.fds = {}
+        if self.control is not None:
+            os.close(self.control)
+            self.control = None
+
+    def describe(self) -> dict:
+        try:
+            cwd = os.readlink("/proc/%d/cwd" % self.proc.pid) if self.alive else None
+        except OSError:
+            cwd = None
+        cmd = self.current
+        return {
+            "name": self.name,
+            "pid": self.proc.pid if self.proc else None,
+            "alive": self.alive,
+            "running": cmd is not None and not cmd.finished,
+            "calls": self.calls,
+            "cwd": cwd,
+            "started_at": self.started_at,
+        }
+
+
+# --- background processes -----------------------------------------------------------
+#
+# `bash` with `background: true` starts `bash -c COMMAND` in a process group of its own,
+# tagged AGENT.bN, stdin /dev/null, stdout and stderr on one pipe (their order kept, as
+# 2>&1) that the agent reads into a capped log file in its private folder (outside the
+# workspace, as session files are: never listed, archived or wiped with the slot's
+# files, and never counted in its disk limit, so capped here). The log keeps the head
+# and a ring of the latest bytes; offsets are positions in the whole output.
+
+MAX_BACKGROUND = 64  # handles kept per slot; the oldest finished one goes first
+SIGNALS = {sig.name[3:]: sig for sig in signal.Signals if sig.name.startswith("SIG") and not sig.name.startswith("SIG_")}
+
+
+class _OutputLog:
+    """A stream kept in a file of at most `cap` bytes: its first cap/2 bytes, then a ring
+    of its latest cap/2. Positions are offsets in the whole stream."""
+
+    def __init__(self, path: str, cap: int) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.head = cap // 2
+        self.ring = cap - self.head
+        self.total = 0
+
+    @property
+    def kept_from(self) -> int:
+        """The first offset of the ring's part (what lies between head and it is gone)."""
+        return min(self.total, max(self.head, self.total - self.ring))
+
+    def feed(self, chunk: bytes) -> None:
+        if self.fd is None:
+            return
+        data = memoryview(chunk)
+        if self.total < self.head:
+            room = min(len(data), self.head - self.total)
+            os.pwrite(self.fd, data[:room], self.total)
+            self.total += room
+            data = data[room:]
+        if not data:
+            return
+        if len(data) > self.ring:  # only its last `ring` bytes can stay
+            self.total += len(data) - self.ring
+            data = data[len(data) - self.ring:]
+        if not data:
+            return
+        at = (self.total - self.head) % self.ring
+        first = min(len(data), self.ring - at)
+        os.pwrite(self.fd, data[:first], self.head + at)
+        if first < len(data):
+            os.pwrite(self.fd, data[first:], self.head)
+        self.total += len(data)
+
+    def read(self, offset: int, limit: int):
+        """(start, bytes) from `offset` on: `start` > `offset` when what lay between was dropped."""
+        start = min(offset, self.total)
+        if start < min(self.head, self.total):
+            end = self.total if self.kept_from <= self.head else self.head  # up to the gap, if any
+        else:
+            start = max(start, self.kept_from)
+            end = self.total
+        end = min(end, start + limit)
+        pieces = []
+        if start < min(end, self.head):
+            pieces.append(os.pread(self.fd, min(end, self.head) - start, start))
+        at = max(start, self.head)
+        while at < end:
+            ring_at = (at - self.head) % self.ring
+            n = min(end - at, self.ring - ring_at)
+            pieces.append(os.pread(self.fd, n, self.head + ring_at))
+            at += n
+        return start, b"".join(pieces)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _utf8_complete(data: bytes) -> int:
+    """How many bytes of `data` end on a whole UTF-8 character (a reader at an offset
+    must not split one between two reads)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): does its sequence fit?
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0x6 else 3 if byte >> 4 == 0xE else 4 if byte >> 3 == 0x1E else 1
+            return len(data) if back >= need else len(data) - back
+    return len(data)
+
+
+class _Background:
+    """A process started with `background: true`."""
+
+    def __init__(self, handle: str, command: str, tag: str, log: _OutputLog) -> None:
+        self.handle = handle
+        self.command = command
+        self.tag = tag
+        self.log = log
+        self.child = None  # _Spawned
+        self.started_at = time.time()
+        self.started = time.monotonic()
+        self.ended = None  # time.monotonic() of its exit
+
+    @property
+    def running(self) -> bool:
+        return not self.child.exited.done()
+
+    def status(self) -> dict:
+        code = self.child.exited.result() if self.child.exited.done() else None
+        return {
+            "handle": self.handle,
+            "pid": self.child.pid,
+            "running": code is None,
+            "exit_code": code if code is not None and code >= 0 else None,
+            "signal": -code if code is not None and code < 0 else None,
+            "duration": round((self.ended or time.monotonic()) - self.started, 6),
+        }
+
+    def kill(self) -> None:
+        if self.running:
+            _kill_group(self.child.pid, signal.SIGKILL)
+        _kill_tagged(self.tag, exact=True)
+
+    def close(self, kill: bool = True) -> None:
+        if kill:
+            self.kill()
+        self.child.close_streams()
+        self.log.close()
+
+
+def _signal_number(value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value in {sig.value for sig in SIGNALS.values()}:
+            return value
+    elif isinstance(value, str):
+        name = value.upper()
+        name = name[3:] if name.startswith("SIG") else name
+        if name in SIGNALS:
+            return SIGNALS[name].value
+    raise ToolError("bad_request", "signal must be a signal name (TERM, INT, KILL, HUP, USR1...) or number")
+
+
 # --- the agent ---------------------------------------------------------------------
 
 
@@ -538,6 +1110,16 @@ class Agent:
         # naming bash by its path spares every spawn a search along PATH.
         self.base_env = dict(os.environ)
         self.bash = shutil.which("bash") or "bash"
+        self.sessions = {}  # name -> _Session
+        self.background = {}  # handle -> _Background
+        self.sessions_started = 0
+        self.background_started = 0
+        self._private = None  # the private folder, made on first use (see _private_root)
+
+    def private_folder(self) -> str:
+        if self._private is None:
+            self._private = _private_root()
+        return self._private
 
     # I/O ----------------------------------------------------------------------------
 
@@ -564,12 +1146,18 @@ class Agent:
             task.add_done_callback(self.tasks.discard)
         # stdin closed: the server is gone or is stopping us. Leave nothing behind.
         self.kill_all()
+        self.forget_all()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=KILL_GRACE_SECONDS + 1)
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
 
     def kill_all(self) -> int:
         """SIGKILL every process of this slot's commands; how many were signalled."""
-        for pgid in {pgid for pgid, _ in self.running.values()} | self.lingering:
+        groups = {pgid for pgid, _ in self.running.values()} | self.lingering
+        groups |= {session.proc.pid for session in self.sessions.values() if session.alive}
+        groups |= {process.child.pid for process in self.background.values() if process.running}
+        for pgid in groups:
             _kill_group(pgid, signal.SIGKILL)
         # Counted by the scans only, which pass over zombies (a killed process that its
         # parent has not reaped yet is dead already; a group of them still "exists").
@@ -597,7 +1185,18 @@ class Agent:
                 raise ToolError("reset_failed", "the slot's processes kept reappearing for %.0fs" % RESET_SECONDS)
             await asyncio.sleep(0.01)
         self.lingering.clear()
+        self.forget_all()
         return {"killed": killed}
+
+    def forget_all(self) -> None:
+        """Close every session and drop every background process with its log: the next
+        holder of the slot must not meet the last one's shells or output."""
+        for session in list(self.sessions.values()):
+            session.close(kill=False)
+        self.sessions.clear()
+        for process in list(self.background.values()):
+            process.close(kill=False)
+        self.background.clear()
 
     async def handle_line(self, line: bytes) -> None:
         request_id = None
@@ -632,12 +1231,21 @@ class Agent:
     # tools --------------------------------------------------------------------------
 
     async def tool_bash(self, request_id, args, timeout):
+        if args.get("session") is not None:
+            if args.get("background"):
+                raise ToolError("bad_request", "a command runs either in a session or in the background, not both")
+            return await self._session_call(request_id, args, timeout)
+        for key in ("input", "idle_timeout", "interrupt", "eof"):
+            if args.get(key) not in (None, False):
+                raise ToolError("bad_request", "%s goes with a session (args.session)" % key)
         command = args.get("command")
         if not isinstance(command, str):
             raise ToolError("bad_request", "bash needs a string 'command'")
         extra_env = args.get("env") or {}
         if not isinstance(extra_env, dict):
             raise ToolError("bad_request", "env must be an object of strings")
+        if args.get("background"):
+            return self._start_background(args, command, extra_env)
         env = dict(self.base_env)
         env.update({str(k): str(v) for k, v in extra_env.items()})
         self.calls_started += 1
@@ -683,23 +1291,309 @@ class Agent:
             "stderr_dropped": err.dropped,
         }
 
-    def _spawn_in(self, cwd, loop, argv, env, out, err):
+    # sessions -----------------------------------------------------------------------
+
+    async def _session_call(self, request_id, args, timeout):
+        """`bash` in a session: start a command, or follow the one that runs (send it
+        input, interrupt it, or just wait for more of it)."""
+        name = args.get("session")
+        if not isinstance(name, str) or not SESSION_NAME.match(name):
+            raise ToolError("bad_request", "session must be a name of 1-64 letters, digits, '_', '.' or '-' "
+                                           "starting with a letter or digit")
+        command = args.get("command")
+        data = args.get("input")
+        if data is not None and not isinstance(data, str):
+            raise ToolError("bad_request", "input must be a string")
+        data = data.encode("utf-8", "surrogatepass") if data is not None else None
+        if data is not None and len(data) > MAX_INPUT:
+            raise ToolError("bad_request", "input must be at most %d bytes" % MAX_INPUT)
+        idle = args.get("idle_timeout")
+        if idle is not None and (isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0):
+            raise ToolError("bad_request", "idle_timeout must be a number of seconds > 0")
+        interrupt = bool(args.get("interrupt"))
+        eof = bool(args.get("eof"))
+        cap = _bounded_int(args, "output_cap", self.output_cap, MAX_OUTPUT_CAP)
+        timeout = float(timeout) if timeout else None
+        loop = asyncio.get_event_loop()
+        started = time.monotonic()
+        session = self.sessions.get(name)
+        if session is not None and session.attached is not None:
+            raise ToolError("busy", "session %s is serving another call" % name)
+        fresh = False
+        if command is not None:
+            if not isinstance(command, str):
+                raise ToolError("bad_request", "bash needs a string 'command'")
+            if "\x00" in command:
+                raise ToolError("bad_request", "command contains a NUL byte")
+            if interrupt or eof:
+                raise ToolError("bad_request", "interrupt and eof go with a call that follows a running command, "
+                                               "not with a new command")
+            if session is not None and session.running:
+                raise ToolError("busy", "a command still runs in session %s: follow it (a call without a command, "
+                                        "with input or interrupt) before starting another" % name)
+            prefix = self._session_prefix(args)
+            if session is None or not session.alive:
+                session = self._new_session(name, loop)
+                fresh = True
+            cmd = self._begin(session, prefix + command.encode("utf-8", "surrogatepass"), data, idle, cap)
+            if cmd.finished and cmd.ended and not fresh:
+                # It died between our look and our line (killed from outside): start over once.
+                session = self._new_session(name, loop)
+                fresh = True
+                cmd = self._begin(session, prefix + command.encode("utf-8", "surrogatepass"), data, idle, cap)
+        else:
+            cmd = session.current if session is not None else None
+            if cmd is None or cmd.collected:
+                raise ToolError("not_running", "no command runs in session %s: send a command" % name)
+            if (data is not None or eof) and not cmd.finished:
+                if cmd.stdin_fd is None:
+                    raise ToolError("bad_request", "the command's stdin is not open: a command that may wait for "
+                                                   "input must be started with idle_timeout")
+                cmd.send_input(data or b"", eof)
+            cmd.last_output = max(cmd.last_output, started)  # silence counts from this call
+        session.attached = request_id
+        try:
+            timed_out = waiting = False
+            deadline = started + timeout if timeout is not None else None
+            if interrupt and not cmd.finished:
+                await self._interrupt(session, cmd)
+            while not cmd.finished:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    timed_out = True
+                    await self._interrupt(session, cmd)
+                    break
+                if idle is not None and now >= cmd.last_output + idle:
+                    waiting = True
+                    break
+                waits = [limit for limit in (deadline, cmd.last_output + idle if idle is not None else None)
+                         if limit is not None]
+                await _done_within(loop, cmd.done, min(waits) - now if waits else None)
+        finally:
+            session.attached = None
+        out, err = cmd.detach()
+        if cmd.finished:
+            cmd.collected = True
+            if cmd.ended and self.sessions.get(name) is session:
+                self._drop_session(session)
+        return {
+            "session": name,
+            "session_started": fresh,
+            "exit_code": cmd.exit_code if cmd.finished else None,
+            "signal": cmd.signal if cmd.finished else None,
+            "timed_out": timed_out,
+            "interrupted": cmd.interrupted,
+            "waiting": waiting,
+            "session_ended": cmd.ended,
+            "duration": round(time.monotonic() - started, 6),
+            "stdout": out.text(),
+            "stderr": err.text(),
+            "stdout_dropped": out.dropped,
+            "stderr_dropped": err.dropped,
+        }
+
+    def _session_prefix(self, args) -> bytes:
+        """`cwd` and `env` of a session call, as commands run before it in the shell:
+        they stay, as a `cd` and an `export` typed there would. On the command's first
+        line, so that the line numbers of its errors are its own."""
+        words = []
+        extra_env = args.get("env") or {}
+        if not isinstance(extra_env, dict):
+            raise ToolError("bad_request", "env must be an object of strings")
+        for key, value in extra_env.items():
+            if not isinstance(key, str) or not ENV_NAME.match(key):
+                raise ToolError("bad_request", "env: %r is not a variable name" % (key,))
+            words.append("\\builtin export %s=%s; " % (key, shlex.quote(str(value))))
+        if args.get("cwd"):
+            parts = workspace_parts(args["cwd"], self.roots)
+            os.close(self._open_dir(parts, args["cwd"]))  # a folder inside, reached without a symlink
+            words.append("\\builtin cd -- %s || \\builtin return; "
+                         % shlex.quote(os.path.join(self.workspace, *parts)))
+        return "".join(words).encode("utf-8", "surrogatepass")
+
+    def _new_session(self, name, loop) -> _Session:
+        old = self.sessions.pop(name, None)
+        if old is not None:
+            old.close()
+        if len(self.sessions) >= MAX_SESSIONS:
+            raise ToolError("too_many", "this slot has %d sessions, its limit: close one first" % MAX_SESSIONS)
+        self.sessions_started += 1
+        session = _Session(self, name, self.sessions_started)
+        session.start(loop)
+        self.sessions[name] = session
+        return session
+
+    def _drop_session(self, session: _Session) -> None:
+        if self.sessions.get(session.name) is session:
+            del self.sessions[session.name]
+        session.close()
+
+    def _begin(self, session: _Session, command: bytes, data, idle, cap) -> _SessionCommand:
+        """Start a command in `session` with the stdin the call asks for."""
+        stdin, stdin_fd = "/dev/null", None
+        if idle is not None:
+            # It may stop at a prompt: a FIFO that stays open for a later call's input.
+            stdin = session.path("in%d" % (session.calls + 1))
+            os.mkfifo(stdin, 0o600)
+            # O_RDWR: the shell's open for reading does not block, and what is written
+            # stays in the FIFO until the command reads it.
+            stdin_fd = os.open(stdin, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        elif data is not None:
+            stdin = session.path("input")  # all of it, then EOF
+            with open(os.open(stdin, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as handle:
+                handle.write(data)
+        cmd = session.begin(command, stdin, cap, stdin_fd)
+        if stdin_fd is not None:
+            cmd.stdin_path = stdin  # removed when the command ends
+            if data is not None:
+                cmd.send_input(data, False)
+        return cmd
+
+    async def _interrupt(self, session: _Session, cmd: _SessionCommand) -> None:
+        """Stop the command that runs in `session`, keeping the session when it can:
+        SIGINT to the jobs it started and to the shell (which aborts the line, as at a
+        terminal); after a grace, SIGKILL to them and what carries the call's tag, and
+        SIGINT to the shell again; after another, the session ends."""
+        loop = asyncio.get_event_loop()
+        cmd.interrupted = True
+        for attempt in (1, 2):
+            session.signal_jobs(cmd, signal.SIGINT if attempt == 1 else signal.SIGKILL)
+            if attempt == 2:
+                _kill_tagged(cmd.tag, exact=True)
+            session.ask_status(cmd, attempt)
+            if await _done_within(loop, cmd.done, KILL_GRACE_SECONDS):
+                return
+        session.kill()
+        await _done_within(loop, cmd.done, KILL_GRACE_SECONDS)
+        if not cmd.finished:  # not even its end was seen: close it for good
+            self._drop_session(session)
+
+    async def tool_session(self, request_id, args, timeout):
+        action = args.get("action")
+        if action == "list":
+            return {"sessions": [session.describe() for session in self.sessions.values()]}
+        if action == "close":
+            name = args.get("name")
+            if not isinstance(name, str):
+                raise ToolError("bad_request", "close needs the session's name")
+            session = self.sessions.get(name)
+            if session is not None:
+                self._drop_session(session)
+            return {"name": name, "closed": session is not None}
+        raise ToolError("bad_request", "session action must be 'list' or 'close'")
+
+    # background processes -----------------------------------------------------------
+
+    def _start_background(self, args, command, extra_env) -> dict:
+        if len(self.background) >= MAX_BACKGROUND:
+            finished = [process for process in self.background.values() if not process.running]
+            if not finished:
+                raise ToolError("too_many", "%d background processes run in this slot, its limit" % MAX_BACKGROUND)
+            oldest = min(finished, key=lambda process: process.started)
+            del self.background[oldest.handle]
+            oldest.close()
+        cap = _bounded_int(args, "output_cap", self.output_cap, MAX_OUTPUT_CAP)
+        env = dict(self.base_env)
+        env.update({str(k): str(v) for k, v in extra_env.items()})
+        self.background_started += 1
+        handle = "bg-%d" % self.background_started
+        tag = "%s.b%d" % (self.tag, self.background_started)
+        env[CALL_ENV] = tag
+        started = time.monotonic()
+        log = _OutputLog(os.path.join(self.private_folder(), handle + ".log"), cap)
+        process = _Background(handle, command, tag, log)
+        loop = asyncio.get_event_loop()
+        try:
+            argv = [self.bash, "-c", command]
+            if args.get("cwd"):
+                process.child = self._spawn_in(args["cwd"], loop, argv, env, log, None, merge=True)
+            else:
+                process.child = _Spawned(loop, argv, self.workspace, env, log, None, merge=True)
+        except BaseException:
+            log.close()
+            raise
+        process.child.exited.add_done_callback(lambda _: setattr(process, "ended", time.monotonic()))
+        self.background[handle] = process
+        return {
+            "background": True,
+            "handle": handle,
+            "pid": process.child.pid,
+            "exit_code": None,
+            "signal": None,
+            "timed_out": False,
+            "duration": round(time.monotonic() - started, 6),
+            "stdout": "",
+            "stderr": "",
+            "stdout_dropped": 0,
+            "stderr_dropped": 0,
+        }
+
+    async def tool_process(self, request_id, args, timeout):
+        action = args.get("action")
+        if action == "list":
+            return {"processes": [dict(process.status(), command=process.command[:200],
+                                       started_at=process.started_at, output_bytes=process.log.total)
+                                  for process in self.background.values()]}
+        if action not in ("output", "signal", "wait"):
+            raise ToolError("bad_request", "process action must be 'list', 'output', 'signal' or 'wait'")
+        process = self.background.get(args.get("handle"))
+        if process is None:
+            raise ToolError("not_found", "no background process %r in this slot (it ended with a reset or "
+                                         "release, or was never started)" % (args.get("handle"),))
+        if action == "output":
+            offset = _bounded_int(args, "offset", 0, None)
+            limit = _bounded_int(args, "limit", DEFAULT_OUTPUT_CAP, MAX_OUTPUT_CAP)
+            encoding = args.get("encoding", "text")
+            if encoding not in ("text", "base64"):
+                raise ToolError("bad_request", "encoding must be 'text' or 'base64'")
+            start, data = process.log.read(offset, limit)
+            if encoding == "text":
+                # Whole characters only, unless nothing more can come.
+                more = start + len(data) < process.log.total or process.running or not process.child.streams_done.done()
+                if more:
+                    data = data[:_utf8_complete(data)]
+                output = data.decode("utf-8", "replace")
+            else:
+                output = base64.b64encode(data).decode("ascii")
+            return dict(process.status(), offset=start, next_offset=start + len(data), dropped=start - min(offset, start),
+                        total=process.log.total, output=output, encoding=encoding)
+        if action == "signal":
+            number = _signal_number(args.get("signal", "TERM"))
+            sent = process.running
+            if sent:
+                _kill_group(process.child.pid, number)
+            if number == signal.SIGKILL:
+                _kill_tagged(process.tag, exact=True)  # what left its group too
+            return dict(process.status(), sent=sent)
+        # wait
+        wait = args.get("timeout")
+        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
+            raise ToolError("bad_request", "timeout must be a number of seconds >= 0")
+        if timeout:
+            wait = float(timeout) if wait is None else min(float(wait), float(timeout))
+        loop = asyncio.get_event_loop()
+        if await _done_within(loop, process.child.exited, wait):
+            # What it wrote just before it ended, read before answering.
+            await _done_within(loop, process.child.streams_done, PIPE_DRAIN_SECONDS)
+        return process.status()
+
+    def _spawn_in(self, cwd, loop, argv, env, out, err, merge=False):
         """Start `argv` in the workspace folder `cwd`, walked like any other path."""
         parts = workspace_parts(cwd, self.roots)
         if not parts:
-            return _Spawned(loop, argv, self.workspace, env, out, err)
+            return _Spawned(loop, argv, self.workspace, env, out, err, merge)
         dir_fd = self._open_dir(parts, cwd)
         try:
             if self.fd_paths:
                 # The child chdirs (before it closes inherited descriptors and execs) to
                 # /proc/self/fd/N: the folder we opened, whatever its path is by then.
-                return _Spawned(loop, argv, "/proc/self/fd/%d" % dir_fd, env, out, err)
+                return _Spawned(loop, argv, "/proc/self/fd/%d" % dir_fd, env, out, err, merge)
             # No /proc: the child inherits our cwd. Safe to move it for the spawn: nothing
             # in the agent uses a relative path, and spawns happen on this one thread.
             here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 os.fchdir(dir_fd)
-                return _Spawned(loop, argv, None, env, out, err)
+                return _Spawned(loop, argv, None, env, out, err, merge)
             finally:
                 os.fchdir(here)
                 os.close(here)
@@ -913,12 +1807,25 @@ class Agent:
         }
 
     async def tool_cancel(self, request_id, args, timeout):
-        running = self.running.get(args.get("target"))
+        target = args.get("target")
+        running = self.running.get(target)
         if running is not None:
             pgid, call_tag = running
             _kill_group(pgid, signal.SIGKILL)
             _kill_tagged(call_tag, exact=True)
-        return {"cancelled": running is not None}
+            return {"cancelled": True}
+        for session in self.sessions.values():
+            if session.attached is not None and session.attached == target and session.running:
+                # Its caller has gone: stop the command as a timeout would, keeping the
+                # session; the call then answers, to no one.
+                self._spawn_task(self._interrupt(session, session.current))
+                return {"cancelled": True}
+        return {"cancelled": False}
+
+    def _spawn_task(self, work) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def tool_ping(self, request_id, args, timeout):
         return {"pid": os.getpid(), "workspace": self.workspace, "python": sys.version.split()[0]}
@@ -1006,6 +1913,8 @@ class _CappedBytesIO(io.BytesIO):
 
 TOOLS = {
     "bash": Agent.tool_bash,
+    "session": Agent.tool_session,
+    "process": Agent.tool_process,
     "read_file": Agent.tool_read_file,
     "write_file": Agent.tool_write_file,
     "list_files": Agent.tool_list_files,

@@ -8,6 +8,11 @@ from .jobfolder import Credentials, ServerRecord
 from .protocol import CallAnswer
 
 LOCATIONS = ("local", "cluster", "cloud")
+# The fields of a bash result kept in ToolResult.data: output sizes dropped, and those of a
+# session call (session, session_started, session_ended, waiting, interrupted) or of a
+# background start (background, handle, pid).
+_BASH_DATA = ("stdout_dropped", "stderr_dropped", "session", "session_started", "session_ended", "waiting",
+              "interrupted", "background", "handle", "pid")
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,17 @@ class ToolResult:
         if tool == "bash":
             timed_out = bool(result.get("timed_out"))
             exit_code = result.get("exit_code")
+            # A session call that returned on silence (`waiting`) has no exit code yet: not
+            # a success, and said so; a background start succeeded when it has a handle.
+            waiting = bool(result.get("waiting"))
+            error, error_kind = None, None
+            if timed_out:
+                error, error_kind = "command timed out", "timeout"
+            elif waiting:
+                error, error_kind = ("the command is still running and printed nothing for idle_timeout "
+                                     "(waiting for input?): follow it with input or interrupt"), "waiting"
             return cls(
-                success=exit_code == 0 and not timed_out,
+                success=(exit_code == 0 and not timed_out and not waiting) or bool(result.get("background")),
                 tool=tool,
                 stdout=result.get("stdout", ""),
                 stderr=result.get("stderr", ""),
@@ -99,9 +113,9 @@ class ToolResult:
                 duration=float(result.get("duration") or 0.0),
                 timed_out=timed_out,
                 truncated=bool(result.get("stdout_dropped") or result.get("stderr_dropped")),
-                error="command timed out" if timed_out else None,
-                error_kind="timeout" if timed_out else None,
-                data={k: result[k] for k in ("stdout_dropped", "stderr_dropped") if k in result},
+                error=error,
+                error_kind=error_kind,
+                data={k: result[k] for k in _BASH_DATA if k in result},
                 **where,
             )
         return cls(success=True, tool=tool, data=result, **where)

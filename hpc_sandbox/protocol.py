@@ -67,7 +67,9 @@ def parse_slot_index(raw: str) -> int:
 
 # --- tools and defaults ---------------------------------------------------------------
 
-TOOLS = ("bash", "read_file", "write_file", "list_files", "archive")
+# bash (plain, in a named session, or in the background), session (list, close), process
+# (list, output, signal, wait of background processes), and the file tools.
+TOOLS = ("bash", "session", "process", "read_file", "write_file", "list_files", "archive")
 # An acquire may wait on the server for a slot to free up, at most this long (a client
 # that wants longer asks again: proxies and NATs drop idle connections).
 MAX_ACQUIRE_WAIT = 60.0

@@ -415,7 +415,9 @@ class SlotTable:
         try:
             result = await agent.call(call.tool, call.args, call.timeout)
             answer = CallAnswer.success(call, result)
-            if result.get("signal") and not result.get("timed_out"):
+            # Only a command the call ran can have been killed under it (a `process`
+            # answer that reports a background process's signal is just a report).
+            if call.tool == "bash" and result.get("signal") and not result.get("timed_out"):
                 breach = await self._breach_since(slot, started)
                 if breach:
                     return CallAnswer.failure(call, LIMIT_EXCEEDED, breach)
