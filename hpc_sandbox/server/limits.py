@@ -372,7 +372,8 @@ class Watchdog:
             return None
         largest = max(mine, key=lambda proc: proc.rss)
         self._kill_group(spared, largest)
-        return (f"memory limit: the slot used {used // MIB} MiB, its limit is {limit} MiB; "
+        # Rounded up: a slot just over 512 MiB must not read "used 512 MiB, its limit is 512".
+        return (f"memory limit: the slot used {-(-used // MIB)} MiB, its limit is {limit} MiB; "
                 "the command was killed")
 
     def _check_disk(self, view: SlotView, spared: set[int], mine: list[Proc], budget: int) -> tuple[str | None, int]:
