@@ -51,10 +51,14 @@ class RuntimeOptions:
     executable: str | None = None  # override the runtime binary (tests, odd installs)
     extra_binds: tuple[str, ...] = field(default=())
     network: str = "host"  # one of NETWORK_MODES
+    # Variables every slot gets on top of its clean environment (serve --slot-env-file;
+    # a cloud sandbox hands its profile's env and pass_env this way).
+    extra_env: tuple[tuple[str, str], ...] = ()
 
 
-def slot_env(workspace: str, slot_index: int) -> dict[str, str]:
+def slot_env(workspace: str, slot_index: int, extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
     env = {key: os.environ[key] for key in _PASSED_ENV if key in os.environ}
+    env.update(extra)  # below the slot's own HOME, TERM and index, which no setting may change
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     env.setdefault("LANG", "C.UTF-8")
     env.update({"HOME": workspace, "TERM": "dumb", "HPC_SANDBOX_SLOT": str(slot_index), "PYTHONUNBUFFERED": "1"})
@@ -106,7 +110,8 @@ class NoneRuntime(SlotRuntime):
 
     def agent_command(self, workspace: Path, slot_index: int) -> tuple[list[str], dict[str, str]]:
         python = self.options.python or sys.executable
-        return self._agent_args(python, str(AGENT_SOURCE), str(workspace)), slot_env(str(workspace), slot_index)
+        return (self._agent_args(python, str(AGENT_SOURCE), str(workspace)),
+                slot_env(str(workspace), slot_index, self.options.extra_env))
 
 
 # Asked once of the interpreter that will run the agent: the binary to run (a venv's
@@ -217,10 +222,11 @@ class BwrapRuntime(SlotRuntime):
         # folder (the per-user base of every server's workspaces) is still bound here.
         argv += ["--bind", str(workspace), SLOT_WORKSPACE,
                  "--ro-bind", str(AGENT_SOURCE), SLOT_AGENT,
-                 "--chdir", SLOT_WORKSPACE, "--clearenv"]
-        env = slot_env(SLOT_WORKSPACE, slot_index)
-        for key, value in sorted(env.items()):
-            argv += ["--setenv", key, value]
+                 "--chdir", SLOT_WORKSPACE]
+        # bwrap itself runs with exactly the slot's environment (built clean, never the
+        # server's), which its child inherits: no value is put on a command line, where
+        # anyone on the node could read it in /proc/PID/cmdline.
+        env = slot_env(SLOT_WORKSPACE, slot_index, self.options.extra_env)
         argv += self._agent_args(python, SLOT_AGENT, SLOT_WORKSPACE)
         return argv, env
 

@@ -312,3 +312,15 @@ async def test_a_caller_within_burst_after_does_not_take_an_idle_cloud_slot(moda
                 await pool.release(slot)
     finally:
         server.stop()
+
+
+async def test_slots_get_the_profiles_env_and_the_secret_variables_named_in_pass_env(modal, state_dir):
+    modal._double.named_secret("api-keys", {"API_KEY": "k-123", "OTHER_KEY": "not for slots"})
+    profile = cloud(burst_after=0, env={"GREETING": "hi there"}, secrets=("api-keys",), pass_env=("API_KEY",))
+    source = ModalSource(profile, state_dir=state_dir, sdk=modal)
+    async with SlotPool([], overflow=source) as pool:
+        async with pool.slot() as slot:
+            seen = await pool.execute(slot, "bash", {"command": 'echo "$GREETING|$API_KEY|${OTHER_KEY:-unset}"'})
+    assert seen.stdout == "hi there|k-123|unset\n", seen
+    [create] = creates(modal)
+    assert "k-123" not in repr(create.args) + repr(create.kwargs.get("env"))  # names travel, never values

@@ -12,6 +12,7 @@ shows it. The server speaks plain HTTP inside the sandbox: Modal's edge terminat
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -20,6 +21,9 @@ from pathlib import Path
 from ..jobfolder import JobFolder
 
 TOKEN_ENV = "HPC_SANDBOX_TOKEN"
+# Names (never values) of the sandbox's variables its slots get: the profile's env and
+# pass_env. The values come from the sandbox's own environment (Modal Secrets, env).
+SLOT_ENV_NAMES = "HPC_SANDBOX_SLOT_ENV_NAMES"
 JOB_ID = "cloud"
 
 
@@ -39,8 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     fd = os.open(folder.token, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(token + "\n")
+    names = [n for n in os.environ.get(SLOT_ENV_NAMES, "").split(",") if n and n != TOKEN_ENV]
+    slot_env = {name: os.environ[name] for name in names if name in os.environ}
+    slot_env_file = state / "slot-env.json"  # in the state dir: hidden from bwrap slots like the token
+    fd = os.open(slot_env_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(slot_env, handle)
     environment = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
     command = [sys.executable, "-m", "hpc_sandbox", "serve", "--job-id", JOB_ID, "--slots", str(options.slots),
+               "--slot-env-file", str(slot_env_file),
                "--runtime", options.runtime, "--host", options.host, "--port-range", f"{options.port}-{options.port}",
                "--state-dir", str(state), "--token-file", str(folder.token), "--insecure-http"]
     os.execve(sys.executable, command, environment)

@@ -42,7 +42,7 @@ from ..errors import ClientError, ConfigError
 from ..jobfolder import default_state_dir
 from ..models import Endpoint, Slot
 from ..pool.sources import Capacity, NodeServerSource, Outlook
-from .entry import TOKEN_ENV
+from .entry import SLOT_ENV_NAMES, TOKEN_ENV
 from .folder import CloudFolder, Owner, PoolState, SandboxEntry
 from .profile import CloudProfile
 
@@ -296,7 +296,8 @@ class ModalSource(NodeServerSource):
                 app=self._app, name=name, tags=self._tags(owner=True), image=self._image,
                 secrets=[sdk.Secret.from_dict({TOKEN_ENV: self._token}),
                          *(sdk.Secret.from_name(secret) for secret in profile.secrets)],
-                env=dict(profile.env) or None, timeout=profile.timeout, idle_timeout=profile.idle_timeout,
+                env={**profile.env, SLOT_ENV_NAMES: ",".join(sorted({*profile.env, *profile.pass_env}))},
+                timeout=profile.timeout, idle_timeout=profile.idle_timeout,
                 gpu=profile.gpu, cpu=profile.cpu, memory=profile.memory, region=profile.region,
                 encrypted_ports=[profile.port], readiness_probe=sdk.Probe.with_tcp(profile.port),
                 # add_local_python_source puts the package under /root: `python -m` finds it there.

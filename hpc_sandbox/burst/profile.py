@@ -60,11 +60,12 @@ class CloudProfile:
     # Modal counts a request through the tunnel as activity, not a lease held quietly:
     # keep this longer than a caller may hold a cloud slot between two calls.
     idle_timeout: int = 900
-    # Names of Modal Secrets, and extra variables, for the sandbox's own environment (the
-    # node server's). Slots start from a clean environment, as on the cluster: these do
-    # not reach slot commands yet.
+    # Names of Modal Secrets: their variables are set in the sandbox. Slots start from a
+    # clean environment, as on the cluster: they get `env`, and of the sandbox's own
+    # variables (a Secret's) those named in `pass_env`.
     secrets: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    pass_env: tuple[str, ...] = ()
     runtime: str = "none"  # how slots of one sandbox are kept apart: none shares its filesystem
     port: int = 8000  # the node server's port inside the sandbox
     slots_per_sandbox: int = 4
@@ -82,6 +83,7 @@ class CloudProfile:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "secrets", tuple(self.secrets))
+        object.__setattr__(self, "pass_env", tuple(self.pass_env))
         object.__setattr__(self, "env", dict(self.env))
         if isinstance(self.memory, str):
             object.__setattr__(self, "memory", parse_size_mb(self.memory, "memory"))
@@ -118,8 +120,11 @@ class CloudProfile:
         if not 1024 <= self.port <= 65535:
             raise SpecError("port", f"must be 1024-65535, got {self.port}")
         for key in self.env:
-            if not key or "=" in key:
+            if not key or "=" in key or "," in key:
                 raise SpecError("env", f"{key!r} is not an environment variable name")
+        for key in self.pass_env:
+            if not key or "=" in key or "," in key:
+                raise SpecError("pass_env", f"{key!r} is not an environment variable name")
 
     @property
     def max_sandboxes(self) -> int:

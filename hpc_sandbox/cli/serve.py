@@ -1,19 +1,33 @@
 """`hpc-sandbox serve`: what a jobspec runs on each node (or array task)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import click
 
 from ..errors import SpecError
-from ..jobfolder import JobFolder
+from ..jobfolder import JobFolder, read_private
 from ..runtime import NETWORK_MODES, RUNTIMES, RuntimeOptions
 from ..server.app import ServerLimits
 from ..server.limits import SlotLimits
 from ..server.main import ServeOptions, run
 from ..spec import DEFAULT_PORT_RANGE, parse_port_range, parse_size_mb
 from .common import resolve_state_dir, state_dir_option
+
+
+def read_slot_env(path: Path) -> tuple[tuple[str, str], ...]:
+    """--slot-env-file: {NAME: VALUE}, from a file only we can read."""
+    try:
+        data = json.loads(read_private(path, "slot env file"))
+    except ValueError as exc:
+        raise click.BadParameter(f"{path} is not JSON: {exc}", param_hint="--slot-env-file") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str)
+                                             for k, v in data.items()):
+        raise click.BadParameter(f"{path} must hold a JSON object of names to string values",
+                                 param_hint="--slot-env-file")
+    return tuple(sorted(data.items()))
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -51,6 +65,9 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
               help="Its private key, mode 0600 (default STATE_DIR/jobs/JOB/tls.key).")
 @click.option("--insecure-http", is_flag=True,
               help="Serve plain HTTP without TLS: the token travels unencrypted. Trusted single-user machines only.")
+@click.option("--slot-env-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A 0600 JSON file {NAME: VALUE} of variables every slot gets (runtimes none and bwrap; "
+                   "how a cloud sandbox hands its profile's env to slots).")
 @click.option("--workspace-root", type=click.Path(path_type=Path), default=None,
               help="Where slot workspaces live (default node-local $TMPDIR/hpc-sandbox-UID/...).")
 @click.option("--python", "slot_python", default=None,
@@ -68,7 +85,8 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
               help="Disk each slot's workspace may use, e.g. 1G (a number alone is MiB). Default: no limit.")
 def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None, gpus: int, port_range: str,
           port_index: int, host: str | None, interface: str | None, state_dir: Path | None, token_file: Path | None,
-          tls_cert: Path | None, tls_key: Path | None, insecure_http: bool, workspace_root: Path | None,
+          tls_cert: Path | None, tls_key: Path | None, insecure_http: bool, slot_env_file: Path | None,
+          workspace_root: Path | None,
           slot_python: str | None, max_body: int, max_concurrent: int, slot_memory: int | None,
           slot_procs: int | None, slot_disk: int | None) -> None:
     """Run one node server: N slots behind an authenticated HTTP API.
@@ -83,12 +101,17 @@ def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None
     # does (ready, leases, stopping) even without -v.
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     state = resolve_state_dir(state_dir)
+    extra_env = read_slot_env(slot_env_file) if slot_env_file else ()
+    if extra_env and runtime in ("apptainer", "singularity"):
+        raise click.UsageError("--slot-env-file is for runtimes none and bwrap (Apptainer would put the values "
+                               "on its command line, readable by anyone on the node)")
     options = ServeOptions(
         job_id=job_id,
         slots=slots,
         token_file=token_file or JobFolder(state, job_id).token,
         state_dir=state,
-        runtime=RuntimeOptions(kind=runtime, image=image, gpus=gpus, python=slot_python, network=network),
+        runtime=RuntimeOptions(kind=runtime, image=image, gpus=gpus, python=slot_python, network=network,
+                               extra_env=extra_env),
         port_range=parse_port_range(port_range),
         port_index=port_index,
         host=host,
