@@ -206,3 +206,23 @@ def test_check_scheduler_nomad_runs_the_preflight(nomad_agent, cli):
     for step in ("agent", "namespace", "raw_exec", "submit", "start", "reach", "token", "exec", "cancel"):
         assert any(line.startswith("ok ") and line.split()[1] == step for line in checked.stdout.splitlines()), \
             (step, checked.stdout)
+
+
+def test_a_waiting_pool_asks_nomad_for_a_jobs_allocations_about_once_a_second(tmp_path, state_dir, set_env):
+    from hpc_sandbox.errors import NoCapacity
+
+    with NomadDouble(tmp_path, start_delay=30.0) as double:  # its allocation stays pending
+        set_env(double.env())
+        port = free_port()
+        job = jobs.submit(spec_for(state_dir, port_range=f"{port}-{port}"))
+
+        async def wait_three_seconds() -> None:
+            async with SlotPool.from_state_dir(state_dir, [job.id]) as pool:
+                with pytest.raises(NoCapacity):
+                    await pool.acquire(timeout=3)
+
+        before = len(double.requests_to(f"/v1/job/{job.id}/allocations", "GET"))
+        asyncio.run(wait_three_seconds())
+        asked = len(double.requests_to(f"/v1/job/{job.id}/allocations", "GET")) - before
+        assert 1 <= asked <= 6, asked  # one allocations call per job per look, a look a second at most
+        job.cancel()

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 UNHEALTHY_BACKOFF = 5.0  # seconds a server that failed to answer is skipped
 MIN_REFRESH_INTERVAL = 0.25  # seconds between two discoveries, even when forced
+LOCATE_INTERVAL = 1.0  # seconds between two asks of a scheduler's API for one job's node servers
 POLL_WAIT = 10.0  # seconds one long-poll acquire waits on a node server before it is sent again
 CAPACITY_CONCURRENCY = 32  # node servers asked at once by capacity()
 # A pump that has at most FEW requests to send looks at SAMPLE random servers first.
@@ -396,6 +397,7 @@ class _JobView:
     stamp: tuple[int, int] | None = None  # (mtime_ns, inode) of servers/ when last read
     endpoints: list[Endpoint] = dataclasses.field(default_factory=list)
     located: bool = False  # its node servers come from its scheduler's API, not its folder
+    located_at: float = float("-inf")  # when its scheduler's API was last asked (monotonic)
 
 
 class ClusterSource(NodeServerSource):
@@ -477,6 +479,10 @@ class ClusterSource(NodeServerSource):
         when the API did not answer, keep what it said last (the failure is said once)."""
         assert self.locate is not None and view.info is not None
         job = view.info.job_id
+        now = time.monotonic()
+        if view.located and now - view.located_at < LOCATE_INTERVAL:
+            return None  # asked moments ago: a shared agent is not asked four times a second
+        view.located_at = now
         try:
             found = self.locate(view.info)
         except HpcSandboxError as exc:
