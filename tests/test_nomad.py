@@ -226,3 +226,17 @@ def test_a_waiting_pool_asks_nomad_for_a_jobs_allocations_about_once_a_second(tm
         asked = len(double.requests_to(f"/v1/job/{job.id}/allocations", "GET")) - before
         assert 1 <= asked <= 6, asked  # one allocations call per job per look, a look a second at most
         job.cancel()
+
+
+def test_an_agent_that_hangs_gives_a_timeout_line_not_a_hang(tmp_path, state_dir, set_env, monkeypatch):
+    import hpc_sandbox.schedulers.nomad as nomad_scheduler
+
+    monkeypatch.setattr(nomad_scheduler, "REQUEST_TIMEOUT", 1)
+    with NomadDouble(tmp_path) as double:
+        set_env(double.env())
+        double.hang(10)
+        started = time.monotonic()
+        with pytest.raises(SchedulerError, match="cannot reach the agent") as failure:
+            jobs.submit(spec_for(state_dir))
+        assert failure.value.timed_out and time.monotonic() - started < 8
+        assert not list((state_dir / "jobs").glob("*"))  # nothing half-made is left
