@@ -110,3 +110,25 @@ async def test_file_transfers_count_against_the_concurrency_limit(state_dir, tmp
             assert answer.result["stdout"] == "ok\n"
     finally:
         server.stop()
+
+
+async def test_a_server_started_where_a_killed_one_ran_gives_its_slots_empty_workspaces(state_dir):
+    first = start_server(state_dir, job_id="reborn", slots=1)
+    port = first.record.port
+    async with NodeClient(first.endpoint) as client:
+        grant = await client.acquire("writer")
+        wrote = await client.execute(grant.slot, grant.lease, "bash", {"command": "echo secret > left.txt"})
+        assert wrote.ok
+    first.proc.send_signal(signal.SIGKILL)  # no clean stop: its workspaces stay on disk
+    first.proc.wait(10)
+    (state_dir / "jobs" / "reborn" / "servers" / f"{first.record.hostname}-{port}.json").unlink(missing_ok=True)
+    second = start_server(state_dir, job_id="reborn", slots=1, extra=["--port-range", f"{port}-{port}"])
+    try:
+        assert second.record.port == port  # the same job, host and port: the same workspace root
+        async with NodeClient(second.endpoint) as client:
+            grant = await client.acquire("reader")
+            seen = await client.execute(grant.slot, grant.lease, "bash", {"command": "ls -A"})
+            assert seen.ok and seen.result["stdout"] == "", seen.result
+        assert "did not stop cleanly" in second.log.read_text()
+    finally:
+        second.stop()

@@ -158,9 +158,21 @@ async def serve(options: ServeOptions) -> int:
         if options.workspace_root is None:
             make_private_dir(workspace_base())
             workspace_root = default_workspace_root(options.job_id, host, port)
+            make_private_dir(workspace_root)
+            # Left by a server of the same job, host and port that was killed (SIGKILL,
+            # a node's OOM killer): its slots' files must not reach this server's slots.
+            leftovers = list(workspace_root.iterdir())
+            if leftovers:
+                log.warning("removing %d entries left in %s by a server that did not stop cleanly",
+                            len(leftovers), workspace_root)
+                for entry in leftovers:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
         else:
             workspace_root = options.workspace_root
-        make_private_dir(workspace_root)
+            make_private_dir(workspace_root)
         # No slot may see the state dir, the token, the certificate's key, or any other
         # workspace of this user on this node (its neighbours', other servers').
         secrets = (options.token_file, options.tls_key, options.tls_cert)
