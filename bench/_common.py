@@ -1,5 +1,9 @@
-"""Shared pieces of the benchmarks: child processes that are always cleaned up, and
-a small load generator that times async operations.
+"""Shared pieces of the benchmarks: which hpc_sandbox they measure (chosen before it is
+imported) and the record of where they ran, child processes that are always cleaned up,
+and a small load generator that times async operations.
+
+Nothing here imports hpc_sandbox at module level: a benchmark imports this module first,
+to choose the hpc_sandbox it measures (use_code) before anything imports it.
 
 Every process a benchmark starts goes through `Children`: each gets its own process
 group, and `Children.stop_all()` (called from a `finally`, and again from `atexit`)
@@ -7,20 +11,86 @@ sends SIGTERM to every group, waits a grace period, then SIGKILLs what is left.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import atexit
 import logging
 import os
+import platform
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 log = logging.getLogger("bench")
+
+REPO = Path(__file__).resolve().parent.parent  # this checkout (bench/ is in it)
+
+
+# --- the hpc_sandbox measured ----------------------------------------------------------
+
+
+def choose_code(argv: Sequence[str], bench: str, code_option: bool = False) -> tuple[Path, str]:
+    """The hpc_sandbox to measure, from the benchmark's command line `argv`: this
+    checkout's working tree (default), a git revision of it extracted to a temporary
+    directory (--code-at REV; the working tree may hold others' half-done edits), or,
+    with `code_option`, a directory (--code DIR). Returns that directory (the one holding
+    hpc_sandbox/) and a note for the record. `bench` names the temporary directory.
+
+    Read with the options the benchmark's own parser gets (add_code_options): argparse
+    takes an abbreviation such as `--code` for `--code-at` where no --code exists, and
+    both parsers must read the command line alike."""
+    pre = argparse.ArgumentParser(add_help=False)
+    add_code_options(pre, code_option)
+    known, _ = pre.parse_known_args(argv)
+    if known.code_at:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", known.code_at], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        root = Path(tempfile.mkdtemp(prefix=f"hpc-sandbox-{bench}-code-"))
+        atexit.register(shutil.rmtree, root, True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "hpc_sandbox"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+        return root, f"git {sha} ({known.code_at}), extracted to {root}"
+    root = Path(known.code).resolve() if getattr(known, "code", None) else REPO
+    if root != REPO:
+        return root, str(root)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "hpc_sandbox"],
+                           capture_output=True, text=True).stdout.strip()
+    return REPO, f"{REPO} (this checkout's working tree{', with uncommitted changes' if dirty else ''})"
+
+
+def add_code_options(parser: argparse.ArgumentParser, code_option: bool = False) -> None:
+    """The options choose_code reads (--code only with `code_option`), for the
+    benchmark's --help and for choose_code's own early look at the command line."""
+    if code_option:
+        parser.add_argument("--code", help="measure the hpc_sandbox in this directory (default: this checkout)")
+    parser.add_argument("--code-at", metavar="REV", help="measure this git revision of this checkout's hpc_sandbox/")
+
+
+def code_first(root: Path) -> None:
+    """Put `root`'s hpc_sandbox first for this process and for every Python process it
+    starts (PYTHONPATH), not whatever `pip install -e` points at (or nothing:
+    hpc_sandbox need not be installed)."""
+    sys.path.insert(0, str(root))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+
+
+def use_code(argv: Sequence[str], bench: str, code_option: bool = False) -> tuple[Path, str]:
+    """choose_code, then make it the hpc_sandbox that this process and the processes it
+    starts import: call it before anything imports hpc_sandbox."""
+    root, note = choose_code(argv, bench, code_option)
+    code_first(root)
+    # `python -m hpc_sandbox` (a node server the benchmark starts) puts its working
+    # directory first on sys.path, ahead of PYTHONPATH.
+    os.chdir(root)
+    return root, note
 
 
 # --- child processes -------------------------------------------------------------------
@@ -153,6 +223,50 @@ def cpu_model() -> str:
     return "?"
 
 
+def _git(*args: str) -> str:
+    """A git command's output in this checkout; "?" where git is missing or hangs (the
+    record of where a benchmark ran must not stop it)."""
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def environment(code_root: Path, code_note: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where a benchmark ran, for its header: date, CPU, versions, this checkout's HEAD and
+    the hpc_sandbox measured (`code_note`, from choose_code), then `extra` (the
+    benchmark's own lines) and the load average. Raises if hpc_sandbox was imported from
+    elsewhere than `code_root`: the figures would be of other code."""
+    # Imported here, not at module level: hpc_sandbox only once use_code has chosen it;
+    # aiohttp only by the benchmarks that report it.
+    import aiohttp
+    import hpc_sandbox
+    code = Path(hpc_sandbox.__file__).resolve().parent
+    if code.parent != code_root.resolve():
+        raise RuntimeError(f"hpc_sandbox was imported from {code}, not from {code_root}")
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": f"{cpu_model()} x {os.cpu_count()}",
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "git HEAD": _git("rev-parse", "--short", "HEAD"),
+        "hpc_sandbox": code_note,
+        **(extra or {}),
+        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (at start)",
+    }
+
+
+def verdict(met: bool) -> str:
+    return "MET" if met else "MISSED"
+
+
+def print_table_header(header: str) -> None:
+    """A report table's header line, and a rule as wide under it."""
+    print(header)
+    print("-" * len(header))
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -225,6 +339,16 @@ async def run_load(name: str, ops: Sequence[Op], calls_per_op: int, total_ops: i
     cpu = cpu_seconds(cpu_of) - cpu_before if cpu_of else float("nan")
     return Measurement(name=name, concurrency=len(ops), calls=len(latencies) * calls_per_op, ops=len(latencies),
                        seconds=seconds, latencies=latencies, errors=errors, cpu=cpu)
+
+
+def parse_and_run(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Awaitable[int]],
+                  argv: Sequence[str] | None) -> int:
+    """A benchmark's main: its parser gets the last two options (--json, -v), then its
+    `run` coroutine runs under run_benchmark with the parsed arguments."""
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    return run_benchmark(lambda: run(args), args.verbose)
 
 
 def run_benchmark(run: Callable[[], Awaitable[int]], verbose: bool) -> int:

@@ -62,9 +62,7 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,49 +72,24 @@ from types import ModuleType
 from typing import Any, Sequence
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+# Before hpc_sandbox: _common imports none of it, and use_code chooses which is imported.
+from _common import (REPO, Children, add_code_options, code_first, environment, parse_and_run,  # noqa: E402
+                     percentile, print_table_header, use_code, verdict)
+
 DOUBLES = REPO / "tests" / "doubles"
 STARTED_IN = Path.cwd()  # where relative paths given on the command line point
 
-
-def _choose_code(argv: Sequence[str]) -> tuple[Path, str]:
-    """The hpc_sandbox to measure, chosen before it is imported: this checkout's working
-    tree (default), or a git revision of it extracted to a temporary directory
-    (--code-at; the working tree may hold others' half-done edits). This process, the
-    cluster's node server and every sandbox of the double use it."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--code-at")
-    known, _ = pre.parse_known_args(argv)
-    if not known.code_at:
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "hpc_sandbox"],
-                               capture_output=True, text=True).stdout.strip()
-        return REPO, f"{REPO} (this checkout's working tree{', with uncommitted changes' if dirty else ''})"
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", known.code_at], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    root = Path(tempfile.mkdtemp(prefix="hpc-sandbox-burst-bench-code-"))
-    atexit.register(shutil.rmtree, root, True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "hpc_sandbox"], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-    return root, f"git {sha} ({known.code_at}), extracted to {root}"
-
-
 if __name__ == "__main__":
-    CODE_ROOT, CODE_NOTE = _choose_code(sys.argv[1:])
-    # `python -m hpc_sandbox` (the cluster's node server) puts its working directory first
-    # on sys.path; the sandboxes get CODE_ROOT from add_local_python_source, as resolved here.
-    os.chdir(CODE_ROOT)
+    # The hpc_sandbox to measure (--code-at REV, or this working tree: it may hold others'
+    # half-done edits), before it is imported: this process, the cluster's node server and
+    # every sandbox of the double (add_local_python_source, as resolved here) use it.
+    CODE_ROOT, CODE_NOTE = use_code(sys.argv[1:], "burst-bench")
 else:
     CODE_ROOT, CODE_NOTE = REPO, "as imported"
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(CODE_ROOT))
-# Not whatever `pip install -e` points at (or nothing: hpc_sandbox need not be installed).
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))
-
-import aiohttp  # noqa: E402
+    code_first(CODE_ROOT)  # the sandboxes it starts import this checkout's, too
 
 import exec_bench  # noqa: E402  (its NodeServer starts a real node server)
-from _common import Children, cpu_model, percentile, run_benchmark  # noqa: E402
 
 from hpc_sandbox.burst.modal import ModalSource  # noqa: E402
 from hpc_sandbox.burst.profile import CloudProfile  # noqa: E402
@@ -479,35 +452,6 @@ async def waste_case(key: str, label: str, state_dir: Path, sdk: ModuleType, sec
 # --- report ------------------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-
-
-def environment(sdk: ModuleType) -> dict[str, str]:
-    import hpc_sandbox
-    code = Path(hpc_sandbox.__file__).resolve().parent
-    if code.parent != CODE_ROOT.resolve():
-        raise RuntimeError(f"hpc_sandbox was imported from {code}, not from {CODE_ROOT}")
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu": f"{cpu_model()} x {os.cpu_count()}",
-        "python": platform.python_version(),
-        "aiohttp": aiohttp.__version__,
-        "git HEAD": _git("rev-parse", "--short", "HEAD"),
-        "hpc_sandbox": CODE_NOTE,
-        "modal": f"THE DOUBLE ({Path(sdk.__file__).parent.relative_to(REPO)}), not Modal",
-        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (at start)",
-    }
-
-
-def verdict(met: bool) -> str:
-    return "MET" if met else "MISSED"
-
-
 def stats(values: Sequence[float]) -> str:
     v = sorted(values)
     if not v:
@@ -519,11 +463,9 @@ def report_bursts(results: list[BurstResult]) -> tuple[list[dict], bool]:
     target = 1 / SLOTS_PER_SANDBOX
     print(f"\n1. sandboxes per cloud slot: C={CLUSTER_SLOTS} cluster slots, N={TRAJECTORIES} trajectories "
           f"holding {HOLD:.0f} s, S={SLOTS_PER_SANDBOX}, burst_after {BURST_AFTER:.0f} s")
-    header = (f"{'case':26s} {'past deadline':>13s} {'sandboxes':>9s} {'per caller':>10s} {'cloud grants':>12s} "
-              f"{'per grant':>9s} {'decision':>8s} {'create call':>11s} {'create ret':>10s} {'early':>5s} "
-              f"{'failed':>6s}")
-    print(header)
-    print("-" * len(header))
+    print_table_header(f"{'case':26s} {'past deadline':>13s} {'sandboxes':>9s} {'per caller':>10s} "
+                       f"{'cloud grants':>12s} {'per grant':>9s} {'decision':>8s} {'create call':>11s} "
+                       f"{'create ret':>10s} {'early':>5s} {'failed':>6s}")
     rows, met = [], True
     for r in results:
         t = r.timeline
@@ -629,10 +571,9 @@ def report_waste(results: list[WasteResult]) -> list[dict]:
           f"burst_after {BURST_AFTER:.0f} s; the {CLUSTER_SLOTS} cluster\n   holders release at "
           f"{BURST_AFTER + 0.3:.1f} s; Sandbox.create takes {WASTE_CREATE_DELAY:.0f} s (the double's create_delay); "
           f"cloud_idle_timeout {WASTE_IDLE_TIMEOUT:.0f} s")
-    header = (f"{'case':28s} {'sandboxes':>9s} {'never used':>10s} {'cloud grants':>12s} {'billed slot-s':>13s} "
-              f"{'leased':>7s} {'WASTED':>7s} {'starting':>8s} {'ready, unleased':>15s} {'stopped':>7s}")
-    print(header)
-    print("-" * len(header))
+    print_table_header(f"{'case':28s} {'sandboxes':>9s} {'never used':>10s} {'cloud grants':>12s} "
+                       f"{'billed slot-s':>13s} {'leased':>7s} {'WASTED':>7s} {'starting':>8s} "
+                       f"{'ready, unleased':>15s} {'stopped':>7s}")
     rows = []
     for r in results:
         billed, leased, starting = r.billed(), r.leased(), r.starting()
@@ -677,7 +618,8 @@ async def run(args: argparse.Namespace) -> int:
     os.environ["TMPDIR"] = str(work / "tmp")
     sdk = import_double(work / "modal-double")
     atexit.register(sdk._double.cleanup)  # also if this process ends some other way
-    env = environment(sdk)
+    env = environment(CODE_ROOT, CODE_NOTE,
+                      {"modal": f"THE DOUBLE ({Path(sdk.__file__).parent.relative_to(REPO)}), not Modal"})
     print("cloud overflow benchmark, against the Modal SDK double (real local node servers as sandboxes)")
     for key, value in env.items():
         print(f"  {key:13s} {value}")
@@ -721,11 +663,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--code-at", metavar="REV", help="measure this git revision of this checkout's hpc_sandbox/")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    return run_benchmark(lambda: run(args), args.verbose)
+    add_code_options(parser)
+    return parse_and_run(parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import gc
 import heapq
 import json
 import logging
 import os
-import platform
 import secrets
 import shutil
 import statistics
@@ -52,48 +50,20 @@ from typing import Sequence
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-
-def _choose_code(argv: Sequence[str]) -> tuple[Path, str]:
-    """The hpc_sandbox to measure, chosen before it is imported: this checkout's working
-    tree (default), a directory (--code), or a git revision of this checkout extracted
-    to a temporary directory (--code-at). This process, the node servers (`python -m
-    hpc_sandbox`, run from that directory) and the harness servers all use it, whatever
-    `pip install -e` points at."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--code")
-    pre.add_argument("--code-at")
-    known, _ = pre.parse_known_args(argv)
-    if known.code_at:
-        sha = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", known.code_at], check=True,
-                             capture_output=True, text=True).stdout.strip()
-        root = Path(tempfile.mkdtemp(prefix="hpc-sandbox-pool-bench-code-"))
-        atexit.register(shutil.rmtree, root, True)
-        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", sha, "hpc_sandbox"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-        return root, f"git {sha} ({known.code_at}), extracted to {root}"
-    root = Path(known.code).resolve() if known.code else HERE.parent
-    if root == HERE.parent:
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "hpc_sandbox"],
-                               capture_output=True, text=True).stdout.strip()
-        return root, f"{root} (this checkout's working tree{', with uncommitted changes' if dirty else ''})"
-    return root, str(root)
-
+# Before hpc_sandbox: _common imports none of it, and use_code chooses which is imported.
+from _common import (REPO, Children, add_code_options, environment, free_ports, parse_and_run,  # noqa: E402
+                     percentile, print_table_header, use_code, verdict)
 
 STARTED_IN = Path.cwd()  # where relative paths given on the command line point
 if __name__ == "__main__":
-    CODE_ROOT, CODE_NOTE = _choose_code(sys.argv[1:])
-    sys.path.insert(0, str(CODE_ROOT))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))
-    os.chdir(CODE_ROOT)  # `python -m hpc_sandbox` puts its working directory first on sys.path
+    # The hpc_sandbox to measure (--code DIR, --code-at REV, or this working tree), before
+    # it is imported: this process, the node servers (`python -m hpc_sandbox`, run from
+    # that directory) and the harness servers all use it.
+    CODE_ROOT, CODE_NOTE = use_code(sys.argv[1:], "pool-bench", code_option=True)
 else:
-    CODE_ROOT, CODE_NOTE = HERE.parent, "as imported"
-
-import aiohttp  # noqa: E402
+    CODE_ROOT, CODE_NOTE = REPO, "as imported"
 
 import exec_bench  # noqa: E402  (its NodeServer starts a real node server)
-from _common import Children, cpu_model, free_ports, percentile, run_benchmark  # noqa: E402
 
 from hpc_sandbox import Endpoint, NodeServerSource, SlotPool  # noqa: E402
 from hpc_sandbox.jobfolder import JobFolder, JobInfo, ServerRecord  # noqa: E402
@@ -522,43 +492,12 @@ def discovery(work: Path, records: int, reps: int) -> DiscoveryResult:
 # --- report ----------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(HERE.parent), *args], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-
-
-def environment() -> dict[str, str]:
-    cpu = cpu_model()
-    import hpc_sandbox
-    code = Path(hpc_sandbox.__file__).resolve().parent
-    if code.parent != CODE_ROOT.resolve():
-        raise RuntimeError(f"hpc_sandbox was imported from {code}, not from {CODE_ROOT}")
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu": f"{cpu} x {os.cpu_count()}",
-        "python": platform.python_version(),
-        "aiohttp": aiohttp.__version__,
-        "git HEAD": _git("rev-parse", "--short", "HEAD"),
-        "hpc_sandbox": CODE_NOTE,
-        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (at start)",
-    }
-
-
-def verdict(met: bool) -> str:
-    return "MET" if met else "MISSED"
-
-
 def report_contention(results: list[ContentionResult]) -> list[dict]:
     print("\n1. contention: real node servers (runtime none, HTTPS); each trajectory: acquire -> "
           f"bash `sleep {SLEEP}` -> release(reset_workspace=True)")
-    header = (f"{'case':26s} {'wall s':>7s} {'ideal s':>7s} {'wall/ideal':>10s} {'cycle s':>7s} "
-              f"{'ideal@cycle':>11s} {'wall/that':>9s} {'req/grant':>9s} {'out of order':>12s} "
-              f"{'wait p50':>8s} {'wait max':>8s} {'err':>3s}")
-    print(header)
-    print("-" * len(header))
+    print_table_header(f"{'case':26s} {'wall s':>7s} {'ideal s':>7s} {'wall/ideal':>10s} {'cycle s':>7s} "
+                       f"{'ideal@cycle':>11s} {'wall/that':>9s} {'req/grant':>9s} {'out of order':>12s} "
+                       f"{'wait p50':>8s} {'wait max':>8s} {'err':>3s}")
     rows = []
     for r in results:
         print(f"{r.label:26s} {r.wall:7.2f} {r.ideal:7.2f} {r.wall / r.ideal:10.2f} {r.mean_cycle:7.3f} "
@@ -605,10 +544,8 @@ def report_scale(results: list[ScaleResult]) -> dict:
           "   process: the pool and the trajectories' loops; servers run in other processes). Plain HTTP in\n"
           "   every row. 'harness' = PROTOCOL-LEVEL HARNESS SERVER WITHOUT AGENTS (bench/_harness_server.py),\n"
           "   one port per harness node server; 'real' = hpc-sandbox serve --runtime none --insecure-http.")
-    header = (f"{'row':30s} {'servers':>7s} {'slots':>7s} {'traj':>6s} {'cycles':>7s} {'cycles/s':>8s} "
-              f"{'CPU ms/cycle':>12s} {'of it GC':>8s} {'req/grant':>9s}")
-    print(header)
-    print("-" * len(header))
+    print_table_header(f"{'row':30s} {'servers':>7s} {'slots':>7s} {'traj':>6s} {'cycles':>7s} {'cycles/s':>8s} "
+                       f"{'CPU ms/cycle':>12s} {'of it GC':>8s} {'req/grant':>9s}")
     rows = []
     for r in results:
         print(f"{r.row.key + (' (info)' if r.row.info else ''):30s} {r.row.servers:7d} {r.row.slots:7d} "
@@ -656,7 +593,7 @@ async def run(args: argparse.Namespace) -> int:
     plan = make_plan(args)
     children = Children()
     work = Path(tempfile.mkdtemp(prefix="hpc-sandbox-pool-bench-"))
-    env = environment()
+    env = environment(CODE_ROOT, CODE_NOTE)
     print("pool benchmark" + (" (--quick)" if args.quick else ""))
     for key, value in env.items():
         print(f"  {key:13s} {value}")
@@ -717,13 +654,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run (smaller contention and scale cases)")
     parser.add_argument("--only", action="append", choices=["contention", "scale", "discovery"],
                         help="run only this section (repeatable)")
-    parser.add_argument("--code", help="measure the hpc_sandbox in this directory (default: this checkout)")
-    parser.add_argument("--code-at", metavar="REV", help="measure this git revision of this checkout's hpc_sandbox/")
+    add_code_options(parser, code_option=True)
     parser.add_argument("--harness-procs", type=int, default=2, help="processes the harness servers share (default 2)")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    return run_benchmark(lambda: run(args), args.verbose)
+    return parse_and_run(parser, run, argv)
 
 
 if __name__ == "__main__":
