@@ -4,17 +4,25 @@
 It is bind-mounted as this single file into any image, so it uses the standard
 library only, runs on any python3 >= 3.8, and imports nothing from hpc_sandbox.
 
-Protocol (newline-framed JSON; json.dumps never emits a raw newline):
+Protocol (newline-framed JSON, json.dumps never emits a raw newline; but for the raw
+bytes of streamed output, see "Streaming" below):
   in  (stdin):  {"id": "r1", "tool": "bash", "args": {"command": "ls"}, "timeout": 30}
   out (stdout): {"id": "r1", "ok": true, "result": {...}}
                 {"id": "r1", "ok": false, "error": {"kind": "path", "message": "..."}}
 Requests are served concurrently; answers come back in completion order, matched
-by id. Stdout carries nothing but answers: diagnostics go to stderr.
+by id. Stdout carries nothing but answers (and a streaming call's output chunks):
+diagnostics go to stderr.
 
-Tools: bash, session, process, read_file, write_file, list_files, archive, cancel, ping.
-`bash` runs a fresh `bash -c` by default; with `session` it runs in a persistent shell
-of the slot, with `background` it starts a process and returns a handle at once (see
-"sessions" and "background processes" below).
+Streaming: a request with "stream": true also gets its output as it is read, before
+its answer (only `bash` has any, plain or in a session), as a header line without
+"ok" followed by exactly `size` raw bytes of output, then the next line:
+  out (stdout): {"id": "r1", "chunk": "stdout", "size": 65536}\n<65536 bytes>
+A chunk is whole UTF-8 characters where the output is UTF-8 (a character is never
+split between two chunks). Chunks are coalesced: one per ~50 ms or 64 KiB, stdout and
+stderr in the order they were read. The answer that follows is the same as without
+streaming (the capped head+tail of each stream). The agent writes chunks as fast as
+it reads them, whoever reads the stream at the far end: the node server never lets a
+slow reader hold up this channel.
 """
 from __future__ import annotations
 
@@ -318,6 +326,86 @@ class CappedBuffer:
                 + bytes(self.tail).decode("utf-8", "replace")
             )
         return bytes(self.head + self.tail).decode("utf-8", "replace")
+
+
+# A streaming call's output goes out in lines of at most this much raw output, at
+# most this long after the first byte of it was read: a chatty command must not cost
+# a JSON line per read, and a quiet one must still show its output at once.
+STREAM_FLUSH_BYTES = 64 << 10
+STREAM_FLUSH_SECONDS = 0.05
+
+
+class _Streamer:
+    """Sends a streaming call's output as chunks, coalesced (see the docstring)."""
+
+    def __init__(self, agent: "Agent", request_id, loop) -> None:
+        self.agent = agent
+        self.request_id = request_id
+        self.loop = loop
+        self.pending = []  # [stream name, bytearray]: runs of one stream, in read order
+        self.size = 0
+        self.timer = None
+        # Per stream, the start of a character cut off at the end of the last chunk:
+        # it goes with the next one, so that every chunk is whole UTF-8 characters
+        # (a reader may decode each on its own, or skip one).
+        self.carry = {"stdout": b"", "stderr": b""}
+        self.closed = False
+
+    def feed(self, name: str, chunk: bytes) -> None:
+        if self.closed or not chunk:
+            return
+        if self.pending and self.pending[-1][0] == name:
+            self.pending[-1][1] += chunk
+        else:
+            self.pending.append([name, bytearray(chunk)])
+        self.size += len(chunk)
+        if self.size >= STREAM_FLUSH_BYTES:
+            self.flush()
+        elif self.timer is None:
+            self.timer = self.loop.call_later(STREAM_FLUSH_SECONDS, self.flush)
+
+    def flush(self, final: bool = False) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        pending, self.pending, self.size = self.pending, [], 0
+        try:
+            self._send(pending, final)
+        except OSError:  # the node server is gone (its end of our stdout closed): nobody to stream to
+            self.closed = True
+
+    def _send(self, pending, final: bool) -> None:
+        for name, data in pending:
+            if self.carry[name]:
+                data[:0] = self.carry[name]
+            whole = _utf8_complete(data)
+            self.carry[name] = bytes(data[whole:])
+            if whole:
+                self.agent.send_chunk(self.request_id, name, memoryview(data)[:whole])
+        if final:  # the command has ended: a cut-off character will not be completed
+            for name, rest in self.carry.items():
+                if rest:
+                    self.agent.send_chunk(self.request_id, name, rest)
+            self.carry = {"stdout": b"", "stderr": b""}
+
+    def close(self) -> None:
+        """Flush what is left; the answer, sent next, comes after every chunk."""
+        if not self.closed:
+            self.flush(final=True)
+            self.closed = True
+
+
+class _Tee:
+    """An output sink that keeps the capped buffer and streams as well."""
+
+    def __init__(self, buffer: "CappedBuffer", streamer: _Streamer, name: str) -> None:
+        self.buffer = buffer
+        self.streamer = streamer
+        self.name = name
+
+    def feed(self, chunk: bytes) -> None:
+        self.buffer.feed(chunk)
+        self.streamer.feed(self.name, chunk)
 
 
 class _Spawned:
@@ -640,9 +728,13 @@ class _SessionCommand:
         self.last_pid = None
         self.pending_input = bytearray()
         self.eof_after_input = False
+        # The streamer of the call that follows the command, if that call streams.
+        self.streamer = None
 
     def feed(self, out: bool, chunk: bytes) -> None:
         (self.out if out else self.err).feed(chunk)
+        if self.streamer is not None:
+            self.streamer.feed("stdout" if out else "stderr", chunk)
         self.last_output = time.monotonic()
 
     def detach(self):
@@ -1114,6 +1206,7 @@ class Agent:
         self.background = {}  # handle -> _Background
         self.sessions_started = 0
         self.background_started = 0
+        self.streamers = {}  # request id -> _Streamer of a call that streams its output
         self._private = None  # the private folder, made on first use (see _private_root)
 
     def private_folder(self) -> str:
@@ -1125,6 +1218,14 @@ class Agent:
 
     def send(self, message: dict) -> None:
         self.out.write(json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n")
+        self.out.flush()
+
+    def send_chunk(self, request_id, stream: str, data) -> None:
+        """A streaming call's output: a header line, then its bytes as they are (no JSON
+        escaping: a node server can skip a chunk its reader has no room for unread)."""
+        header = {"id": request_id, "chunk": stream, "size": len(data)}
+        self.out.write(json.dumps(header, separators=(",", ":")).encode("utf-8") + b"\n")
+        self.out.write(data)
         self.out.flush()
 
     async def serve(self) -> None:
@@ -1215,7 +1316,15 @@ class Agent:
             handler = TOOLS.get(tool)
             if handler is None:
                 raise ToolError("unknown_tool", "unknown tool %r (known: %s)" % (tool, ", ".join(sorted(TOOLS))))
-            result = await handler(self, request_id, args, request.get("timeout"))
+            streamer = None
+            if request.get("stream") is True and request_id is not None and request_id not in self.streamers:
+                streamer = self.streamers[request_id] = _Streamer(self, request_id, asyncio.get_event_loop())
+            try:
+                result = await handler(self, request_id, args, request.get("timeout"))
+            finally:
+                if streamer is not None:  # every chunk goes out before the answer
+                    del self.streamers[request_id]
+                    streamer.close()
             self.send({"id": request_id, "ok": True, "result": result})
         except ToolError as exc:
             self.send({"id": request_id, "ok": False, "error": {"kind": exc.kind, "message": exc.message}})
@@ -1256,11 +1365,15 @@ class Agent:
 
         started = time.monotonic()
         out, err = CappedBuffer(cap), CappedBuffer(cap)
+        sinks = (out, err)
+        streamer = self.streamers.get(request_id)
+        if streamer is not None:
+            sinks = (_Tee(out, streamer, "stdout"), _Tee(err, streamer, "stderr"))
         loop = asyncio.get_event_loop()
         if args.get("cwd"):
-            child = self._spawn_in(args["cwd"], loop, [self.bash, "-c", command], env, out, err)
+            child = self._spawn_in(args["cwd"], loop, [self.bash, "-c", command], env, *sinks)
         else:  # the hot path: no walk, no descriptor
-            child = _Spawned(loop, [self.bash, "-c", command], self.workspace, env, out, err)
+            child = _Spawned(loop, [self.bash, "-c", command], self.workspace, env, *sinks)
         self.running[request_id] = (child.pid, call_tag)
         timed_out = False
         try:
@@ -1352,6 +1465,9 @@ class Agent:
                 cmd.send_input(data or b"", eof)
             cmd.last_output = max(cmd.last_output, started)  # silence counts from this call
         session.attached = request_id
+        # Output that came while no call followed the command is in its buffers (and so
+        # in this call's result), not in the chunks: only what comes from now on is streamed.
+        cmd.streamer = self.streamers.get(request_id)
         try:
             timed_out = waiting = False
             deadline = started + timeout if timeout is not None else None
@@ -1371,6 +1487,7 @@ class Agent:
                 await _done_within(loop, cmd.done, min(waits) - now if waits else None)
         finally:
             session.attached = None
+            cmd.streamer = None
         out, err = cmd.detach()
         if cmd.finished:
             cmd.collected = True

@@ -7,9 +7,11 @@ the same execution id (the server answers a repeated id with the first result).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import uuid
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from .models import Endpoint
 from .paths import workspace_relative
 from .tls import pinned_context, system_context
 from .protocol import (DEFAULT_EXEC_TIMEOUT, AcquireRequest, BadAnswer, Call, CallAnswer, Grant, Health,
-                       ReleaseRequest, SlotsAnswer)
+                       ReleaseRequest, SlotsAnswer, StreamEvent)
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,91 @@ class NodeClient:
         answer = await self._request("POST", protocol.slot_route(slot, "exec"), json=call.to_json(with_slot=False),
                                      lease=lease, timeout=call.timeout + TIMEOUT_MARGIN)
         return self._parse(CallAnswer.from_json, answer)
+
+    async def stream(self, slot: int, lease: str, tool: str, args: dict[str, Any], timeout: float | None = None,
+                     exec_id: str | None = None) -> AsyncGenerator[StreamEvent, None]:
+        """One tool call, its output as it comes: stdout/stderr events, then one result
+        event holding the same answer `execute` returns (the last item; the iterator
+        ends after it). Refusals (lease, limits, auth) raise as for `execute`; a stream
+        that breaks off raises ServerGone, one that goes silent past the call's timeout
+        plus a margin CallTimeout. Closing the iterator early hangs up: the call still
+        runs to its end on the server, its answer kept under its exec id."""
+        call = Call(slot, lease, exec_id or new_exec_id(), tool, args, timeout or DEFAULT_EXEC_TIMEOUT, stream=True)
+        headers = {**self._auth, protocol.LEASE_HEADER: lease, "Accept": protocol.STREAM_CONTENT_TYPE}
+        # How long the stream lasts is the reader's pace as much as the command's: no
+        # total timeout, but none of its reads may wait longer than the call could.
+        http_timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT,
+                                             sock_read=call.timeout + TIMEOUT_MARGIN)
+        url = self.endpoint.url + protocol.slot_route(slot, "exec")
+        started = False  # once an event is out, nothing is retried (its output would repeat)
+        for attempt in range(len(RETRY_DELAYS) + 1):
+            try:
+                async with self.session.post(url, json=call.to_json(with_slot=False), headers=headers, ssl=self._ssl,
+                                             timeout=http_timeout) as response:
+                    if response.status >= 400:
+                        await self._decode(response)  # raises the refusal's own error
+                    if response.content_type != protocol.STREAM_CONTENT_TYPE:
+                        # A node server that does not stream answers as to a plain exec.
+                        answer = self._parse(CallAnswer.from_json, await self._decode(response))
+                        started = True
+                        yield StreamEvent.result(answer)
+                        return
+                    async for event in self._events(response):
+                        started = True
+                        yield event
+                        if event.answer is not None:
+                            return
+                    raise ServerGone(f"node server {self.endpoint.name}: the stream of call {call.exec_id} ended "
+                                     "without its result")
+            except aiohttp.ClientSSLError as exc:
+                raise self._impostor(exc) from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectorError,
+                    aiohttp.ClientPayloadError) as exc:
+                # Before any event, as `_request` does (the exec id makes it safe); after
+                # one, a repeat would show output twice: the stream is over.
+                if started or attempt >= len(RETRY_DELAYS):
+                    raise ServerGone(f"node server {self.endpoint.name} ({self.endpoint.url}): stream "
+                                     f"{'broke off' if started else 'could not start'}: "
+                                     f"{exc.__class__.__name__}: {exc}") from None
+                await asyncio.sleep(RETRY_DELAYS[attempt])
+            except aiohttp.ServerTimeoutError as exc:
+                if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                    raise ServerGone(f"node server {self.endpoint.name} ({self.endpoint.url}) is unreachable: "
+                                     f"no connection within {CONNECT_TIMEOUT:.0f}s ({exc})") from None
+                raise CallTimeout(f"node server {self.endpoint.name}: stream of call {call.exec_id} was silent "
+                                  f"for {call.timeout + TIMEOUT_MARGIN:.0f}s") from None
+            except asyncio.TimeoutError:
+                raise CallTimeout(f"node server {self.endpoint.name}: stream of call {call.exec_id} was silent "
+                                  f"for {call.timeout + TIMEOUT_MARGIN:.0f}s") from None
+
+    async def _events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[StreamEvent, None]:
+        """The events of a streamed answer, one per line, as they arrive."""
+        pending = bytearray()
+        scanned = 0  # pending holds no newline before this (a long result line comes in many pieces)
+        async for piece in response.content.iter_any():
+            pending += piece
+            while True:
+                end = pending.find(b"\n", scanned)
+                if end < 0:
+                    scanned = len(pending)
+                    break
+                line = bytes(pending[:end])
+                del pending[:end + 1]
+                scanned = 0
+                if line.strip():
+                    try:
+                        data = json.loads(line)
+                    except ValueError:
+                        raise self._nonsense("a stream line that is not JSON") from None
+                    event = self._parse(StreamEvent.from_json, data)
+                    if event.answer is not None:
+                        # The last line: read the body's end (the server ends it right after)
+                        # so that the connection is reused, whether or not the caller asks
+                        # for more after the result.
+                        await response.content.read()
+                    yield event
+            if len(pending) > protocol.MAX_STREAM_LINE:
+                raise self._nonsense(f"a stream line over {protocol.MAX_STREAM_LINE} bytes")
 
     async def batch(self, calls: list[Call]) -> list[CallAnswer]:
         """Several calls in one request; one answer per call, in call order."""

@@ -124,3 +124,22 @@ class ToolResult:
     def failure(cls, tool: str, kind: str, message: str, slot: Slot | None = None) -> "ToolResult":
         return cls(success=False, tool=tool, error=message, error_kind=kind,
                    slot=slot.id if slot else None, location=slot.location if slot else None)
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    """One item of `pool.stream(...)`: a piece of output as it came (`kind` "stdout" or
+    "stderr", its text in `data`, and `skipped`: output bytes just before it that a
+    slow reader was not sent), or, last, the call's `result` (`kind` "result"), the
+    same ToolResult `execute` returns, with `dropped_bytes`: output bytes the stream
+    left out in all (the result itself is never cut short by the stream)."""
+
+    kind: str
+    data: str = ""
+    skipped: int = 0
+    result: ToolResult | None = None
+    dropped_bytes: int = 0
+
+    @classmethod
+    def ended(cls, result: ToolResult, dropped_bytes: int = 0) -> "ExecEvent":
+        return cls("result", result=result, dropped_bytes=dropped_bytes)

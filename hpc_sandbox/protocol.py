@@ -11,6 +11,8 @@ import these; none of them spells a route, a header or a dict shape of its own.
     POST /v1/slots/{i}/renew                        (X-Lease)   -> {"slot", "ttl"}
     POST /v1/slots/{i}/reset                        (X-Lease)   -> {"slot", "reset"}
     POST /v1/slots/{i}/exec          Call           (X-Lease)   -> CallAnswer
+    POST /v1/slots/{i}/exec          Call + "stream": true      -> StreamEvent lines (NDJSON)
+                                                    (X-Lease)
     POST /v1/batch                   {"calls": [Call...]}       -> {"results": [CallAnswer...]}
     GET  /v1/slots/{i}/files/{path}  stream a file out of the workspace  (X-Lease)
     PUT  /v1/slots/{i}/files/{path}  stream a file into the workspace    (X-Lease)
@@ -18,12 +20,22 @@ import these; none of them spells a route, a header or a dict shape of its own.
 Every request but /v1/health carries `Authorization: Bearer TOKEN`. An error is
 `{"error": {"kind", "message"}}` with the status ERRORS gives its kind.
 
+A streamed exec answers `application/x-ndjson`, one StreamEvent per line, in the order
+the output came: `{"event": "stdout"|"stderr", "data": "..."}` (with `"skipped": N`
+when N bytes before it were dropped), then last `{"event": "result", "answer":
+CallAnswer, "dropped_bytes": N}`. The answer is exactly what a plain exec answers;
+`dropped_bytes` counts the output bytes a slow reader was not sent (the server keeps
+at most STREAM_BUFFER_BYTES per call). An error before the stream starts (auth,
+lease, limits, a bad request) is the usual JSON error with its status; one after it
+started is a failed answer in the result event.
+
 Requests are validated by the server (`from_json` raises BadRequest); answers are
 validated by the client (`from_json` raises BadAnswer): a node server, or whatever
 answers on its port, that sends nonsense is an error with a name, never a KeyError.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +46,7 @@ from .errors import (AuthError, BadRequest, ClientError, LeaseLost, LimitExceede
 # --- routes and headers ---------------------------------------------------------------
 
 HEALTH = "/v1/health"
+STREAM_CONTENT_TYPE = "application/x-ndjson"
 SLOTS = "/v1/slots"
 ACQUIRE = "/v1/slots/acquire"
 BATCH = "/v1/batch"
@@ -81,6 +94,13 @@ DEFAULT_CONFIRM_WITHIN = 30.0
 # with none at all, a forgotten `sleep` would hold a slot and a client forever.
 DEFAULT_EXEC_TIMEOUT = 300.0
 MAX_EXEC_ID = 128
+# A streamed call: bytes of output events a node server holds per call for a reader
+# that is slower than the command (past that, chunks are dropped and counted: the
+# server's memory must not grow with a slow client), and the longest line a client
+# accepts (the result event holds two capped output streams, JSON-escaped).
+STREAM_BUFFER_BYTES = 2 << 20
+MAX_STREAM_LINE = 512 << 20
+STREAM_OUTPUTS = ("stdout", "stderr")
 
 # --- errors ---------------------------------------------------------------------------
 
@@ -205,12 +225,16 @@ class Call:
     tool: str
     args: dict[str, Any]
     timeout: float = DEFAULT_EXEC_TIMEOUT
+    # Answer with a stream of output events ending in the answer (single exec only).
+    stream: bool = False
 
     def to_json(self, *, with_slot: bool = True) -> dict[str, Any]:
         """The request body: in a batch each call names its slot and lease; a single
         exec names them in the URL and the X-Lease header."""
         body: dict[str, Any] = {"exec_id": self.exec_id, "tool": self.tool, "args": self.args,
                                 "timeout": self.timeout}
+        if self.stream:
+            body["stream"] = True
         if with_slot:
             body.update(slot=self.slot, lease=self.lease)
         return body
@@ -240,8 +264,11 @@ class Call:
         timeout = body.get("timeout")
         if timeout is not None and (not _number(timeout) or not 0 < timeout <= max_timeout):
             raise BadRequest(f"'timeout' must be a number of seconds in (0, {max_timeout:.0f}]")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("'stream' must be true or false")
         return cls(slot=slot, lease=lease or "", exec_id=exec_id, tool=tool, args=args,
-                   timeout=float(timeout) if timeout is not None else default_timeout)
+                   timeout=float(timeout) if timeout is not None else default_timeout, stream=stream)
 
 
 # --- answers --------------------------------------------------------------------------
@@ -327,6 +354,50 @@ class CallAnswer:
         error = _get(data, "error", lambda v: isinstance(v, dict), "call answer", "an error object")
         return cls(**base, error_kind=str(error.get("kind") or "error"),
                    error_message=str(error.get("message") or "unknown error"))
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One line of a streamed exec: an output chunk (`event` stdout or stderr, with its
+    `data` and the bytes dropped just before it, `skipped`), or the last line (`event`
+    result, with the call's `answer` and the output bytes dropped in all)."""
+
+    event: str
+    data: str = ""
+    skipped: int = 0
+    answer: CallAnswer | None = None
+    dropped_bytes: int = 0
+
+    @classmethod
+    def output(cls, stream: str, data: str, skipped: int = 0) -> "StreamEvent":
+        return cls(stream, data, skipped)
+
+    @classmethod
+    def result(cls, answer: CallAnswer, dropped_bytes: int = 0) -> "StreamEvent":
+        return cls("result", answer=answer, dropped_bytes=dropped_bytes)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.answer is not None:
+            return {"event": "result", "answer": self.answer.to_json(), "dropped_bytes": self.dropped_bytes}
+        body: dict[str, Any] = {"event": self.event, "data": self.data}
+        if self.skipped:
+            body["skipped"] = self.skipped
+        return body
+
+    def to_line(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":")).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_json(cls, data: object) -> "StreamEvent":
+        data = _need(data, "stream event")
+        event = _get(data, "event", lambda v: v in (*STREAM_OUTPUTS, "result"), "stream event",
+                     "stdout, stderr or result")
+        if event == "result":
+            dropped = data.get("dropped_bytes", 0)
+            return cls.result(CallAnswer.from_json(data.get("answer")), dropped if _integer(dropped) else 0)
+        skipped = data.get("skipped", 0)
+        return cls.output(event, _get(data, "data", lambda v: isinstance(v, str), "stream event", "a string"),
+                          skipped if _integer(skipped) else 0)
 
 
 def batch_answers(data: object, calls: list[Call]) -> list[CallAnswer]:

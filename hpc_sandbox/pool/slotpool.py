@@ -21,14 +21,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..client import NodeClient, new_exec_id
 from ..errors import CallTimeout, ClientError, ConfigError, JobEnded, NoCapacity, ServerGone
-from ..models import Slot, ToolResult
+from ..models import ExecEvent, Slot, ToolResult
 from ..protocol import DEFAULT_CONFIRM_WITHIN, DEFAULT_EXEC_TIMEOUT, Call, CallAnswer
 from .overflow import CloudSource, Overflow
 from .sources import Capacity, ClusterSource, Source
@@ -66,6 +66,14 @@ def cloud_source(provider: str, state_dir: Path, profile: str | None, config_fil
 
     cloud = load_cloud_profile(cloud_profile, cluster_profile=profile, config_file=config_file, overrides=settings)
     return ModalSource(cloud, state_dir=state_dir)
+
+
+async def _next_event(events: AsyncGenerator[Any, None]) -> Any:
+    """The next item of `events`, None at its end (a coroutine, as _guarded wants)."""
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None
 
 
 class _EndGuard:
@@ -389,6 +397,36 @@ class SlotPool:
         except ClientError as exc:
             return ToolResult.failure(tool, exc.kind, str(exc), slot)
         return await self._to_result(slot, answer)
+
+    async def stream(self, slot: Slot, tool: str, args: dict[str, Any] | None = None,
+                     timeout: float | None = None) -> AsyncGenerator[ExecEvent, None]:
+        """Run a call and yield its output as it comes (ExecEvent "stdout"/"stderr"),
+        then last its result (ExecEvent "result" with the ToolResult `execute` would
+        return). A failure is that last event's result, never an exception or a hang:
+        a refusal, a dead node server, a job the scheduler ended (which ends a stream
+        that waits on it at once). Leaving the loop early hangs up; the call still runs
+        to its end in the slot (release or reset the slot to stop it)."""
+        events = self._client(slot).stream(slot.index, slot.lease, tool, args or {}, timeout)
+        try:
+            while True:
+                # Guarded one step at a time: the job's end cancels whatever task waits on
+                # the stream, so it may only be armed while this generator waits for the
+                # next event, never while its caller does something else between events.
+                try:
+                    event = await self._guarded(slot, _next_event(events))
+                except ClientError as exc:
+                    yield ExecEvent.ended(ToolResult.failure(tool, exc.kind, str(exc), slot))
+                    return
+                if event is None:  # NodeClient.stream ends only after a result, or raises
+                    yield ExecEvent.ended(ToolResult.failure(tool, ServerGone.kind, "the stream ended without a "
+                                                             "result", slot))
+                    return
+                if event.answer is not None:
+                    yield ExecEvent.ended(await self._to_result(slot, event.answer), event.dropped_bytes)
+                    return
+                yield ExecEvent(event.event, event.data, event.skipped)
+        finally:
+            await events.aclose()
 
     async def execute_batch(self, calls: Sequence[ToolCall | tuple], timeout: float | None = None) -> list[ToolResult]:
         """Several calls at once: one HTTP request per node server, results in call

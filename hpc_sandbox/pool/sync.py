@@ -4,11 +4,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..models import Slot, ToolResult
+from ..models import ExecEvent, Slot, ToolResult
 from .slotpool import SlotPool, ToolCall
 from .sources import Capacity
 
@@ -53,6 +53,17 @@ class SyncSlotPool:
                 timeout: float | None = None) -> ToolResult:
         return self._run(self.pool.execute(slot, tool, args, timeout))
 
+    def stream(self, slot: Slot, tool: str, args: dict[str, Any] | None = None,
+               timeout: float | None = None) -> Iterator[ExecEvent]:
+        """`pool.stream` as a plain iterator: output events as they come, the result last.
+        Leaving the loop early hangs up (the call runs on in the slot)."""
+        events = self.pool.stream(slot, tool, args, timeout)
+        try:
+            while (event := self._run(_next(events))) is not None:
+                yield event
+        finally:
+            self._run(events.aclose())
+
     def execute_batch(self, calls: Sequence[ToolCall | tuple], timeout: float | None = None) -> list[ToolResult]:
         return self._run(self.pool.execute_batch(calls, timeout))
 
@@ -76,3 +87,10 @@ class SyncSlotPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _next(events: AsyncGenerator[ExecEvent, None]) -> ExecEvent | None:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None

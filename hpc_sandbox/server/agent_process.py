@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import RuntimeUnavailable
@@ -23,6 +24,16 @@ STOP_GRACE_SECONDS = 3.0
 # (0.2 s). One that has not answered by the call's timeout plus this is stuck (stopped,
 # blocked in a syscall, wedged by a bug), and nothing it holds will ever be answered.
 STUCK_GRACE_SECONDS = 5.0
+
+
+# Where a streaming call's output chunks go as the agent sends them: (stream name,
+# the raw bytes, whole UTF-8 characters where the output is UTF-8). Called on the
+# reader of the agent's stdout, so it must never wait: the agent's channel keeps
+# flowing whoever reads the stream.
+OutputSink = Callable[[str, bytes], None]
+# The agent sends chunks of 64 KiB and a little (agent.STREAM_FLUSH_BYTES plus one read):
+# a header announcing much more is a broken stream, not output.
+MAX_CHUNK = 8 << 20
 
 
 class AgentDied(RuntimeUnavailable):
@@ -52,6 +63,7 @@ class AgentProcess:
         self.name = name
         self.proc: asyncio.subprocess.Process | None = None
         self.pending: dict[str, asyncio.Future] = {}
+        self.sinks: dict[str, OutputSink] = {}  # request id -> where its output chunks go
         self.ids = itertools.count(1)
         self.stopping = False
         self.exited = asyncio.Event()
@@ -115,6 +127,9 @@ class AgentProcess:
                     log.warning("%s: unreadable answer line dropped", self.name)
                     continue
                 request_id = answer.get("id")
+                if "chunk" in answer:  # a streaming call's output, ahead of its answer
+                    await self._chunk(answer)
+                    continue
                 if request_id is None and answer.get("ok") and (answer.get("result") or {}).get("ready"):
                     request_id = "__ready__"
                 future = self.pending.pop(request_id, None) if request_id is not None else None
@@ -135,6 +150,26 @@ class AgentProcess:
             if not self.stopping:
                 log.warning("%s", reason)
 
+    async def _chunk(self, header: dict[str, Any]) -> None:
+        """Read the raw bytes a chunk header announces and hand them to the call's
+        sink (none once the call has ended: dropped). Raises ValueError on a header
+        that cannot be followed: the channel is out of step for good."""
+        assert self.proc and self.proc.stdout
+        stream, size, request_id = header.get("chunk"), header.get("size"), header.get("id")
+        if stream not in ("stdout", "stderr") or not isinstance(size, int) or not 0 <= size <= MAX_CHUNK:
+            raise ValueError(f"malformed output chunk header {str(header)[:200]}")
+        try:
+            data = await self.proc.stdout.readexactly(size)
+        except asyncio.IncompleteReadError:
+            raise ValueError("the agent's output ended inside a chunk") from None
+        sink = self.sinks.get(request_id) if isinstance(request_id, str) else None
+        if sink is None:
+            return
+        try:
+            sink(stream, data)
+        except Exception:  # a bug in a sink must not stop the agent's answers being read
+            log.exception("%s: output sink failed", self.name)
+
     async def _reap(self) -> int | None:
         assert self.proc
         if self.proc.returncode is None:
@@ -152,9 +187,11 @@ class AgentProcess:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    async def call(self, tool: str, args: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    async def call(self, tool: str, args: dict[str, Any], timeout: float | None,
+                   output: OutputSink | None = None) -> dict[str, Any]:
         """Run one tool call; return the agent's result or raise AgentError/AgentDied
-        (AgentStuck when no answer came within `timeout` + STUCK_GRACE_SECONDS)."""
+        (AgentStuck when no answer came within `timeout` + STUCK_GRACE_SECONDS).
+        With `output`, the agent streams the call's output to it as it comes."""
         if not self.alive or self.proc is None or self.proc.stdin is None:
             raise AgentDied(f"{self.name}: agent is not running")
         request_id = str(next(self.ids))
@@ -163,6 +200,9 @@ class AgentProcess:
         message = {"id": request_id, "tool": tool, "args": args}
         if timeout:
             message["timeout"] = timeout
+        if output is not None:
+            message["stream"] = True
+            self.sinks[request_id] = output
         stdin = self.proc.stdin
         try:
             stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
@@ -174,6 +214,7 @@ class AgentProcess:
                 await stdin.drain()
         except (BrokenPipeError, ConnectionResetError) as exc:
             self.pending.pop(request_id, None)
+            self.sinks.pop(request_id, None)
             raise AgentDied(f"{self.name}: agent is gone ({exc})") from None
         except asyncio.TimeoutError:
             self._give_up(request_id, timeout or 0.0)
@@ -192,6 +233,7 @@ class AgentProcess:
         finally:
             if backstop is not None:
                 backstop.cancel()
+            self.sinks.pop(request_id, None)
         if answer.get("ok"):
             return answer.get("result") or {}
         error = answer.get("error") or {}

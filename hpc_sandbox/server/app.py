@@ -6,6 +6,7 @@ with the status `protocol.ERRORS` gives; the server stays up whatever it is sent
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from .. import protocol
 from ..errors import BadRequest, ClientError, LimitExceeded
-from ..protocol import DEFAULT_EXEC_TIMEOUT, AcquireRequest, Call, CallAnswer, ReleaseRequest
+from ..protocol import DEFAULT_EXEC_TIMEOUT, AcquireRequest, Call, CallAnswer, ReleaseRequest, StreamEvent
 from .files import AtomicUpload, open_for_read
 from .slots import Slot, SlotTable
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_CALLS = 1024
 CHUNK = 256 * 1024
+# A streamed call's events go to its reader in writes of at most about this much.
+STREAM_WRITE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -140,10 +143,52 @@ class Api:
         await self.table.reset(slot)
         return web.json_response({"slot": slot.index, "reset": True})
 
-    async def exec_one(self, request: web.Request) -> web.Response:
+    async def exec_one(self, request: web.Request) -> web.StreamResponse:
         index = protocol.parse_slot_index(request.match_info["index"])
         call = self._call(await _json_body(request), index, request.headers.get(protocol.LEASE_HEADER))
+        if call.stream:
+            return await self._exec_streamed(request, call)
         return web.json_response((await self.table.execute(call)).to_json())
+
+    async def _exec_streamed(self, request: web.Request, call: Call) -> web.StreamResponse:
+        """A call whose output goes to its reader as it comes (see protocol: StreamEvent).
+
+        The call runs in a task of its own that never waits for the reader: its chunks
+        go into a bounded buffer that this handler drains into the response at the
+        reader's pace; what does not fit is dropped and counted. So a slow reader costs
+        the server at most STREAM_BUFFER_BYTES, and never holds up the agent's channel
+        (which every call of the slot shares) nor the command."""
+        buffer = _EventBuffer(protocol.STREAM_BUFFER_BYTES)
+        admitted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def admit() -> None:
+            if not admitted.done():
+                admitted.set_result(None)
+
+        run = asyncio.ensure_future(self.table.execute(call, buffer.offer, admit))
+        run.add_done_callback(lambda _: buffer.finish())
+        try:
+            await asyncio.wait({run, admitted}, return_when=asyncio.FIRST_COMPLETED)
+            if not admitted.done():
+                # Refused before it ran (lease, tool, limits): the usual JSON error.
+                return web.json_response(run.result().to_json())
+            response = web.StreamResponse(headers={"Content-Type": protocol.STREAM_CONTENT_TYPE})
+            try:
+                await response.prepare(request)
+                while (data := await buffer.take(STREAM_WRITE)) is not None:
+                    await response.write(data)
+                await response.write(StreamEvent.result(_answer_of(run, call), buffer.dropped).to_line())
+                await response.write_eof()
+            except ConnectionError as exc:
+                # The reader went away. As with a plain exec whose client hung up, the call
+                # runs to its end and its answer stays under its exec id for a retry.
+                log.info("slot %d: reader of streamed call %s went away (%s)", call.slot, call.exec_id, exc)
+                buffer.close()
+                await asyncio.wait({run})
+            return response
+        finally:
+            if not run.done():  # the handler itself was cancelled (the server is stopping)
+                run.cancel()
 
     async def batch(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -153,6 +198,8 @@ class Api:
         if len(raw_calls) > MAX_BATCH_CALLS:
             raise LimitExceeded(f"a batch holds at most {MAX_BATCH_CALLS} calls, got {len(raw_calls)}")
         calls = [self._call(raw) for raw in raw_calls]
+        if any(call.stream for call in calls):
+            raise BadRequest("a call of a batch cannot stream its output: stream it as a single exec")
         answers = await asyncio.gather(*(self._batch_one(call) for call in calls))
         return web.json_response({"results": [answer.to_json() for answer in answers]})
 
@@ -197,3 +244,87 @@ class Api:
                 await asyncio.to_thread(upload.abort)
                 raise
             return web.json_response({"path": request.match_info["path"], "size": upload.size})
+
+
+def _answer_of(run: asyncio.Future, call: Call) -> CallAnswer:
+    """The answer of a streamed call's finished task; an error once the stream started
+    is the answer's, as a plain call's would be in its JSON error."""
+    if run.cancelled():
+        return CallAnswer.failure(call, "server_stopping", "the node server is stopping; the call was cancelled")
+    exc = run.exception()
+    if exc is None:
+        return run.result()
+    if isinstance(exc, ClientError):
+        return CallAnswer.failure(call, exc.kind, str(exc))
+    if isinstance(exc, OSError):
+        return CallAnswer.failure(call, "io", f"{exc.strerror or exc}")
+    log.error("slot %d: streamed call %s failed: %s: %s", call.slot, call.exec_id, type(exc).__name__, exc)
+    return CallAnswer.failure(call, "error", f"{type(exc).__name__}: {exc}")
+
+
+class _EventBuffer:
+    """The output events of one streamed call on their way to its HTTP reader.
+
+    Holds at most about `limit` bytes of encoded events (one event past it at most).
+    When full, chunks are dropped, not waited for: the agent's channel must keep
+    flowing. A dropped chunk's raw bytes are counted (in all, for the result event,
+    and since the last chunk kept, for that chunk's `skipped`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lines: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.dropped = 0
+        self.skipped = 0
+        self.finished = False  # no more chunks will come
+        self.closed = False  # nobody reads any more
+        self._wakeup: asyncio.Future | None = None
+
+    def offer(self, stream: str, data: bytes) -> None:
+        """An OutputSink: keep the chunk if there is room, else count it (never decoded:
+        dropping costs next to nothing, however fast the command writes)."""
+        if self.closed or self.finished:
+            return
+        if self.size >= self.limit:
+            self.dropped += len(data)
+            self.skipped += len(data)
+            return
+        # Each chunk holds whole characters (the agent cuts them so): decoded on its own.
+        line = StreamEvent.output(stream, data.decode("utf-8", "replace"), self.skipped).to_line()
+        self.skipped = 0
+        self.lines.append(line)
+        self.size += len(line)
+        self._wake()
+
+    def finish(self) -> None:
+        self.finished = True
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self.lines.clear()
+        self.size = 0
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def take(self, most: int) -> bytes | None:
+        """The next events, about `most` bytes of them at most (at least one); None
+        when the call has finished and every event kept has been taken."""
+        while not self.lines:
+            if self.finished:
+                return None
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+        taken = [self.lines.popleft()]
+        size = len(taken[0])
+        while self.lines and size + len(self.lines[0]) <= most:
+            line = self.lines.popleft()
+            taken.append(line)
+            size += len(line)
+        self.size -= size
+        return b"".join(taken)

@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import BadRequest, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
 from ..protocol import TOOLS, AcquireRequest, Call, CallAnswer, Grant
 from ..runtime import SlotRuntime
-from .agent_process import STUCK_GRACE_SECONDS, AgentDied, AgentError, AgentProcess, AgentStuck
+from .agent_process import STUCK_GRACE_SECONDS, AgentDied, AgentError, AgentProcess, AgentStuck, OutputSink
 from .limits import DISK_EVERY, LIMIT_EXCEEDED, WATCH_INTERVAL, SlotLimits, SlotView, Watchdog
 
 log = logging.getLogger(__name__)
@@ -379,21 +379,32 @@ class SlotTable:
             slot.deadlines.remove(deadline)
             slot.last_used = time.monotonic()
 
-    async def execute(self, call: Call) -> CallAnswer:
-        """Run one call (or return the first result for a repeated exec id)."""
+    async def execute(self, call: Call, output: OutputSink | None = None,
+                      admitted: Callable[[], None] | None = None) -> CallAnswer:
+        """Run one call (or return the first result for a repeated exec id).
+
+        A streamed call passes `output` (its chunks go there as the agent sends them)
+        and `admitted`, called once every check has passed (lease, tool, the server's
+        limits) and before anything runs: up to then a refusal is raised as for a
+        plain call; from then on everything is in the answer. A repeated exec id gets
+        the first run's answer and no output."""
         slot = self.leased(call.slot, call.lease)
         if call.tool not in TOOLS:
             raise BadRequest(f"unknown tool {call.tool!r}; valid tools: {', '.join(TOOLS)}")
         first = slot.results.get(call.exec_id)
         if first is not None and not first.cancelled():
+            if admitted is not None:
+                admitted()
             return await asyncio.shield(first)
         with self.running(slot, call.timeout):
+            if admitted is not None:
+                admitted()
             future: asyncio.Future = asyncio.get_running_loop().create_future()
             slot.results[call.exec_id] = future
             while len(slot.results) > REMEMBERED_EXEC_IDS:
                 slot.results.popitem(last=False)
             try:
-                answer = await self._run(slot, call)
+                answer = await self._run(slot, call, output)
             except BaseException:
                 # No result (the caller went away, the server is stopping): forget the id
                 # so that a retry runs the call instead of waiting on nothing.
@@ -403,7 +414,7 @@ class SlotTable:
         future.set_result(answer)
         return answer
 
-    async def _run(self, slot: Slot, call: Call) -> CallAnswer:
+    async def _run(self, slot: Slot, call: Call, output: OutputSink | None = None) -> CallAnswer:
         if slot.state in ("restarting", "resetting"):
             async with slot.lock:  # wait for the fresh agent rather than fail the call
                 pass
@@ -413,7 +424,7 @@ class SlotTable:
                                       f"slot {slot.index} is {slot.state}: {slot.last_error or ''}".rstrip(": "))
         started = time.monotonic()
         try:
-            result = await agent.call(call.tool, call.args, call.timeout)
+            result = await agent.call(call.tool, call.args, call.timeout, output)
             answer = CallAnswer.success(call, result)
             # Only a command the call ran can have been killed under it (a `process`
             # answer that reports a background process's signal is just a report).
