@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Endpoint": "models", "Slot": "models", "ToolResult": "models",
     "NodeServerSource": "pool", "ClusterSource": "pool", "SlotPool": "pool", "SyncSlotPool": "pool",
-    "ToolCall": "pool", "Job": "jobs",
+    "ToolCall": "pool", "Job": "jobs", "ExecEvent": "models", "PoolReport": "pool.slotpool",
+    "HpcSandboxBackend": "compat.atropos",
 }
 __all__ = [*_LAZY, "__version__"]
 
