@@ -47,6 +47,13 @@ def default_state_dir() -> Path:
     return Path("~/.hpc-sandbox").expanduser()
 
 
+def users_state_dir() -> Path:
+    """The state dir a user means when naming none: $HPC_SANDBOX_STATE_DIR, as the CLI
+    reads it, else ~/.hpc-sandbox (for Python code, so that it finds the CLI's jobs)."""
+    named = os.environ.get(STATE_DIR_ENV)
+    return Path(named).expanduser() if named else default_state_dir()
+
+
 def jobs_root(state_dir: Path) -> Path:
     return Path(state_dir) / "jobs"
 

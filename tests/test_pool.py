@@ -195,3 +195,9 @@ async def test_calls_failing_together_when_their_job_ends_all_say_job_ended():
 
     results = await asyncio.gather(*(one() for _ in range(3)))
     assert results == [("job j ended (failed: node failure)", 0)] * 3
+
+
+def test_a_pool_in_python_finds_the_jobs_of_the_state_dir_the_cli_uses(monkeypatch, tmp_path):
+    monkeypatch.setenv("HPC_SANDBOX_STATE_DIR", str(tmp_path / "elsewhere"))
+    [source] = SlotPool.from_state_dir().sources
+    assert source.state_dir == tmp_path / "elsewhere"

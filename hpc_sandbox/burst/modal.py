@@ -39,7 +39,7 @@ from typing import Any
 from .. import __version__
 from ..client import NodeClient
 from ..errors import ClientError, ConfigError
-from ..jobfolder import default_state_dir
+from ..jobfolder import users_state_dir
 from ..models import Endpoint, Slot
 from ..pool.sources import Capacity, NodeServerSource, Outlook
 from .entry import SLOT_ENV_NAMES, TOKEN_ENV
@@ -107,7 +107,7 @@ class ModalSource(NodeServerSource):
         super().__init__(self._ready, name=f"modal profile {profile.name}", location="cloud", refresh_interval=1.0,
                          poll_wait=poll_wait)
         self.profile = profile
-        state = Path(state_dir or default_state_dir()).expanduser()
+        state = Path(state_dir or users_state_dir()).expanduser()
         self.pool_id = pool_id or default_pool_id(state, profile.name)
         self.folder = CloudFolder(state, self.pool_id)
         self.owner = Owner.me()

@@ -27,7 +27,7 @@ import aiohttp
 
 from ..client import NodeClient
 from ..errors import ClientError, HpcSandboxError, NoFreeSlot
-from ..jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, default_state_dir, list_jobs
+from ..jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, list_jobs, users_state_dir
 from ..models import Endpoint, Slot
 from ..schedulers.base import JobState, JobStatus, jittered
 from .waiters import WaitQueue
@@ -414,7 +414,7 @@ class ClusterSource(NodeServerSource):
     def __init__(self, state_dir: Path | None = None, jobs: Sequence[str] | None = None,
                  status_interval: float = 5.0, job_states: JobStates | None = None, locate: Locate | None = None,
                  **options: Any) -> None:
-        self.state_dir = Path(state_dir or default_state_dir()).expanduser()
+        self.state_dir = Path(state_dir or users_state_dir()).expanduser()
         self.jobs = list(jobs) if jobs is not None else None
         self.status_interval = status_interval
         self.job_states = job_states
