@@ -1,7 +1,8 @@
 """hpc_sandbox.compat.atropos: the ToolBackend of Atropos-style environments, over real
 node servers (a local job submitted by start(), or node servers started here): an
 environment's rollout of 16 trajectories on 8 slots, the result shapes, the tool names
-(bash_stateful and tmux as sessions), artifacts and profiles."""
+(bash_stateful as a session; tmux as real tmux where the slot has it, else a session),
+artifacts and profiles."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +10,8 @@ import hashlib
 import io
 import json
 import os
+import random
+import shutil
 import tarfile
 import uuid
 from collections import Counter
@@ -22,6 +25,10 @@ from hpc_sandbox.errors import ConfigError
 from hpc_sandbox.jobfolder import list_jobs
 
 from helpers import free_port_range, pids_matching, wait_until
+
+requires_tmux = pytest.mark.skipif(shutil.which("tmux") is None,
+                                   reason="tmux is not installed (`apt-get install tmux`); the real-tmux "
+                                          "path is untested")
 
 
 @pytest.fixture
@@ -87,14 +94,35 @@ async def one_trajectory(backend: HpcSandboxBackend, number: int, seen: list[str
             (slot, "tmux", {"action": "send_keys", "session_name": "work", "keys": f"ada{number}"}),
             (slot, "tmux", {"action": "capture", "session_name": "work"}),
             (slot, "tmux", {"action": "capture", "session_name": "work"}),
-            (slot, "tmux", {"action": "stop", "session_name": "work"}),
         ], timeout_s=30)
         assert all(r.success for r in tmux), [r.to_dict() for r in tmux]
-        asked, answered, nothing_new = tmux[3], tmux[5], tmux[6]
-        assert asked.output == "tick 1\ntick 2\ntick 3\nname?\n" and asked.metadata["waiting"] is True
-        assert answered.output == f"hello ada{number}\n" and answered.metadata["waiting"] is False
-        assert nothing_new.output == ""
+        asked, answered, again = tmux[3], tmux[5], tmux[6]
+        assert tmux[0].metadata["mode"] == ("tmux" if shutil.which("tmux") else "session")  # "auto" chose
+        if tmux[0].metadata["mode"] == "tmux":
+            # Real tmux (the test machine has it): a capture is the screen at that moment,
+            # typed lines and prompts included. send_keys waits for the pane to go quiet, so
+            # the batch's captures show the answers but on a node too loaded to print within
+            # tmux_idle; what must hold is that the screen comes to show the whole exchange.
+            hello = f"\nhello ada{number}\n"
 
+            def answered_at_prompt(screen: str) -> bool:  # the shell's prompt (bash's "$ " or "# ") back
+                return hello in screen and screen.rstrip()[-1:] in ("$", "#")
+
+            screen = answered.output if answered_at_prompt(answered.output) else \
+                (await capture_until(backend, slot, "work", answered_at_prompt)).output
+            assert "\ntick 1\ntick 2\ntick 3\n" in screen and "\nname?\n" in screen and hello in screen, screen
+            assert screen.index("\nname?\n") < screen.index(hello)  # read took the keys sent after the question
+            assert "tick 1" in asked.output and "tick 1" in again.output
+            still = await backend.execute(slot, "tmux", {"action": "capture", "session_name": "work"})
+            assert still.output == screen  # the same screen while nothing moves
+        else:
+            assert asked.output == "tick 1\ntick 2\ntick 3\nname?\n" and asked.metadata["waiting"] is True
+            assert answered.output == f"hello ada{number}\n" and answered.metadata["waiting"] is False
+            assert again.output == ""  # the session fallback's capture: what was printed since the last
+        stopped = await backend.execute(slot, "tmux", {"action": "stop", "session_name": "work"})
+        assert stopped.success and stopped.metadata["closed"] is True, stopped.to_dict()
+
+        # Nothing of tmux in the workspace (its socket is elsewhere, the pane's shell keeps no history).
         listing = await backend.list_artifacts(slot, ".", recursive=True)
         assert {e["path"]: e["is_dir"] for e in listing} == {
             "run.py": False, "sub": True, "sub/notes.txt": False, "sub/deep": True, "sub/deep/data.txt": False}
@@ -166,12 +194,27 @@ async def test_a_start_that_fails_leaves_no_job_behind(state_dir, no_user_config
 
 
 @pytest.fixture
-async def backend(state_dir, server_factory):
-    job_id = f"shapes-{uuid.uuid4().hex[:6]}"  # a workspace root of its own (they are named by job id and port)
-    server_factory(job_id=job_id, slots=2)
-    backend = HpcSandboxBackend(SlotPool.from_state_dir(state_dir, [job_id]))
-    async with backend:
-        yield backend
+async def backend_with(state_dir, server_factory):
+    """Makes a started backend over a node server of its own: backend_with(slots=2,
+    extra=[serve options], **backend options); all stopped at the end."""
+    made: list[HpcSandboxBackend] = []
+
+    async def make(slots: int = 2, extra: list[str] | None = None, **options) -> HpcSandboxBackend:
+        job_id = f"shapes-{uuid.uuid4().hex[:6]}"  # a workspace root of its own (named by job id and port)
+        server_factory(job_id=job_id, slots=slots, extra=extra)
+        backend = HpcSandboxBackend(SlotPool.from_state_dir(state_dir, [job_id]), **options)
+        await backend.start()
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.stop(purge=True)
+
+
+@pytest.fixture
+async def backend(backend_with):
+    return await backend_with()
 
 
 async def test_result_shapes(backend: HpcSandboxBackend):
@@ -230,7 +273,9 @@ async def test_bash_stateful_session_edges(backend: HpcSandboxBackend):
     assert slow.error == "command timed out after 1s" and still.output == "2\n"  # the session outlived the timeout
 
 
-async def test_tmux_interrupt_keys_and_sessions_apart(backend: HpcSandboxBackend):
+async def test_tmux_session_fallback_interrupt_keys_and_sessions_apart(backend_with):
+    # tmux="session" forces the fallback whether or not the slot has tmux.
+    backend = await backend_with(tmux="session")
     slot = await backend.acquire("t")
     results = await backend.execute_batch([
         (slot, "tmux", {"action": "start"}),
@@ -246,7 +291,8 @@ async def test_tmux_interrupt_keys_and_sessions_apart(backend: HpcSandboxBackend
         (slot, "tmux", {"action": "bogus"}),
     ], timeout_s=20)
     started, waiting, interrupted, typed, first, _, second, main, _, stopped, bogus = results
-    assert started.success and waiting.success and waiting.metadata["waiting"] is True
+    assert started.success and started.metadata["mode"] == "session"
+    assert waiting.success and waiting.metadata["waiting"] is True
     assert interrupted.success and interrupted.metadata["waiting"] is False and interrupted.metadata["interrupted"]
     assert typed.success and first.output == "one\n"
     assert second.output == "part two\n"
@@ -255,6 +301,142 @@ async def test_tmux_interrupt_keys_and_sessions_apart(backend: HpcSandboxBackend
     assert bogus.success is False and bogus.metadata["error_kind"] == "bad_request"
     listed = await backend.execute(slot, "session", {"action": "list"})
     assert [s["name"] for s in json.loads(listed.output)["sessions"]] == ["main"]
+
+
+async def capture_until(backend: HpcSandboxBackend, slot: BackendSlot, session: str, wanted, timeout: float = 15.0):
+    """Capture the real tmux pane until `wanted(screen)` holds (a program answers when it
+    answers: no fixed sleep); the last capture's result."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await backend.execute(slot, "tmux", {"action": "capture", "session_name": session})
+        assert result.success, result.to_dict()
+        if wanted(result.output) or asyncio.get_running_loop().time() > deadline:
+            return result
+        await asyncio.sleep(0.1)
+
+
+@requires_tmux
+async def test_real_tmux_a_terminal_c_c_stop_and_release_leave_no_server(backend_with):
+    backend = await backend_with()  # tmux="auto": the slot has tmux, so it is used
+    slot = await backend.acquire("t")
+    marker = random.randint(10000, 99999)  # a sleep of this length is this test's, in pids_matching
+
+    def keys(session: str, keys, **extra):
+        return backend.execute(slot, "tmux", {"action": "send_keys", "session_name": session, "keys": keys, **extra})
+
+    started = await backend.execute(slot, "tmux", {"action": "start", "session_name": "repl"})
+    assert started.success and started.metadata["mode"] == "tmux", started.to_dict()
+    socket = started.metadata["socket"]
+    folder = os.path.dirname(socket)
+    # Its own server, on a socket in a 0700 folder of its own, not the node's shared /tmp/tmux-UID.
+    assert pids_matching(socket) and (os.stat(folder).st_mode & 0o777) == 0o700 and "/tmux-" not in socket
+
+    # A terminal: `tty` names a pty, and an interactive REPL (which needs one) answers.
+    assert (await keys("repl", "tty")).success
+    screen = await capture_until(backend, slot, "repl", lambda s: "/dev/pts/" in s)
+    assert "/dev/pts/" in screen.output, screen.output
+    await keys("repl", "python3 -q")
+    await capture_until(backend, slot, "repl", lambda s: s.rstrip().endswith(">>>"))
+    await keys("repl", ["print(6*7)", "Enter"])
+    screen = await capture_until(backend, slot, "repl", lambda s: "\n42\n" in s)
+    assert "\n42\n" in screen.output and screen.metadata["pane_command"].startswith("python"), screen.to_dict()
+    await keys("repl", "C-d")  # end of input: the REPL exits, the shell is back
+    screen = await capture_until(backend, slot, "repl", lambda s: not s.rstrip().endswith(">>>"))
+    assert screen.metadata["pane_command"] == "bash", screen.to_dict()
+
+    # C-c interrupts what runs in the pane, and the shell takes the next line.
+    running = await keys("repl", f"sleep {marker}; echo never")
+    assert running.metadata["settled"] is True and running.metadata["pane_command"] == "sleep"
+    assert pids_matching(f"sleep {marker}")
+    assert (await keys("repl", "^C")).success
+    assert await asyncio.to_thread(wait_until, lambda: not pids_matching(f"sleep {marker}"), 10)
+    # A pane that never goes quiet: send_keys returns after max_wait, the program still runs.
+    busy = await keys("repl", "while :; do date +%N; sleep 0.05; done", max_wait=1)
+    assert (busy.success, busy.metadata["settled"], busy.metadata["timed_out"]) == (True, False, False)
+    assert busy.metadata["duration"] < 5, busy.to_dict()
+    assert (await keys("repl", "C-c")).metadata["settled"] is True
+    await keys("repl", "echo after-$((6*7))")
+    screen = await capture_until(backend, slot, "repl", lambda s: "\nafter-42\n" in s)
+    assert "\nafter-42\n" in screen.output and "never" not in screen.output.splitlines(), screen.output
+    assert (await backend.execute(slot, "tmux", {"action": "capture", "session_name": "repl",
+                                                 "scrollback": 0})).output.count("\n") <= 50  # the screen alone
+
+    # start on a running name: a fresh session (the old one killed, its server with it,
+    # as it was the only one: the new start must not reach the server while it exits).
+    fresh = await backend.execute(slot, "tmux", {"action": "start", "session_name": "repl"})
+    assert fresh.success and fresh.metadata["socket"] == socket, fresh.to_dict()
+    screen = await capture_until(backend, slot, "repl", lambda s: s.strip() != "")
+    assert "after-42" not in screen.output, screen.output
+
+    # stop: the session; with the last one, the server and its folder.
+    side = await backend.execute(slot, "tmux", {"action": "start", "session_name": "side"})
+    assert side.metadata["socket"] == socket  # one server per slot, sessions side by side
+    closed = await backend.execute(slot, "tmux", {"action": "stop", "session_name": "repl"})
+    assert closed.success and closed.metadata["closed"] is True and pids_matching(socket)
+    closed = await backend.execute(slot, "tmux", {"action": "stop", "session_name": "side"})
+    assert closed.success and closed.metadata["closed"] is True
+    assert await asyncio.to_thread(wait_until, lambda: not pids_matching(socket), 10), pids_matching(socket)
+    assert not os.path.exists(folder)
+    again = await backend.execute(slot, "tmux", {"action": "stop", "session_name": "side"})
+    assert again.success and again.metadata["closed"] is False
+    gone = await backend.execute(slot, "tmux", {"action": "capture", "session_name": "side"})
+    assert (gone.success, gone.metadata["error_kind"]) == (False, "not_running")
+
+    # Nothing of tmux in the workspace: no socket, no .bash_history (the REPL keeps its own
+    # history in $HOME, which is the workspace, as it would on any terminal).
+    listing = await backend.list_artifacts(slot, ".", recursive=True)
+    assert {e["path"] for e in listing} <= {".python_history"}, list(listing)
+
+    # release(reset_workspace=True) with a session running: the backend removes only the
+    # socket folder; the agent's reset ends the server, which daemonized out of the call's
+    # process group, by the tag in the environment it inherited, and the pane's programs too.
+    work = await backend.execute(slot, "tmux", {"action": "send_keys", "session_name": "work",  # starts it
+                                                "keys": f"sleep {marker}"})
+    assert work.success and work.metadata["pane_command"] == "sleep", work.to_dict()
+    socket = work.metadata["socket"]
+    assert os.path.dirname(socket) != folder and pids_matching(socket) and pids_matching(f"sleep {marker}")
+    await backend.release(slot, reset_workspace=True)
+    assert await asyncio.to_thread(wait_until, lambda: not pids_matching(socket), 10), pids_matching(socket)
+    assert not pids_matching(f"sleep {marker}") and not os.path.exists(os.path.dirname(socket))
+
+
+async def test_auto_falls_back_to_a_session_in_a_slot_without_tmux(backend_with, tmp_path):
+    # Slots whose PATH holds bash and sleep but no tmux, as an image without it.
+    tools = tmp_path / "no-tmux-bin"
+    tools.mkdir()
+    for name in ("bash", "sleep"):
+        (tools / name).symlink_to(shutil.which(name))
+    env_file = tmp_path / "slot-env.json"
+    env_file.write_text(json.dumps({"PATH": str(tools)}))
+    env_file.chmod(0o600)
+    backend = await backend_with(extra=["--slot-env-file", str(env_file)])
+    asked: list[str] = []
+    [pool] = backend.pools.values()
+    execute = pool.execute
+
+    async def counting(slot, tool, args=None, timeout=None):
+        if tool == "bash" and "tmux -V" in (args or {}).get("command", ""):
+            asked.append(slot.id)
+        return await execute(slot, tool, args, timeout)
+
+    pool.execute = counting  # type: ignore[method-assign]
+    slot = await backend.acquire("t")
+    results = await backend.execute_batch([
+        (slot, "tmux", {"action": "start"}),
+        (slot, "tmux", {"action": "send_keys", "keys": "echo plain"}),
+        (slot, "tmux", {"action": "capture"}),
+        (slot, "tmux", {"action": "stop"}),
+    ], timeout_s=20)
+    assert all(r.success and r.metadata["mode"] == "session" for r in results), [r.to_dict() for r in results]
+    assert results[2].output == "plain\n"
+    assert asked == [slot.slot_id]  # asked once for the slot, not per call
+
+    strict = await backend_with(extra=["--slot-env-file", str(env_file)], tmux="tmux")
+    slot = await strict.acquire("u")
+    refused = await strict.execute(slot, "tmux", {"action": "start"})
+    assert (refused.success, refused.metadata["error_kind"]) == (False, "unavailable") and "no tmux" in refused.error
+    with pytest.raises(ConfigError, match="tmux must be one of"):
+        HpcSandboxBackend(SlotPool.from_state_dir(tmp_path), tmux="screen")
 
 
 async def test_artifact_errors_and_archive_to_a_file(backend: HpcSandboxBackend, tmp_path):

@@ -22,9 +22,12 @@ opens a file or keeps a slot: the pool and the slot agent do):
       bash                         agent `bash`
       bash_stateful                agent `bash` with `session` (default "main": one per slot,
                                    so one per trajectory)
-      tmux start/send_keys/capture/stop      agent `bash` in the session "tmux-NAME" (idle_timeout
-                                   and `input` for send_keys; output kept here until capture),
-                                   `session` close for stop
+      tmux start/send_keys/capture/stop      real tmux in the slot when it has one (`tmux -S` on a
+                                   socket of its own, driven by agent `bash` calls: a terminal,
+                                   capture returns the pane); else (or with tmux="session") agent
+                                   `bash` in the session "tmux-NAME" (idle_timeout and `input`
+                                   for send_keys; output kept here until capture), `session`
+                                   close for stop
       read_file, write_file, ...   the agent's tool of that name, arguments as they are
     read_artifact                  agent `read_file` with `sha256` and `limit`
     list_artifacts                 agent `list_files`
@@ -49,6 +52,7 @@ import logging
 import os
 import posixpath
 import re
+import shlex
 import tarfile
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -66,6 +70,16 @@ DEFAULT_TIMEOUT = 30.0  # seconds per call of a batch, when execute_batch is giv
 STATEFUL_SESSION = "main"  # the session bash_stateful uses (one slot per trajectory: one per trajectory)
 TMUX_PREFIX = "tmux-"  # tmux session NAME is the agent session tmux-NAME, apart from bash_stateful's
 TMUX_IDLE = 0.5  # send_keys/capture return after this much silence of the command they follow
+TMUX_MODES = ("auto", "session", "tmux")  # the constructor's `tmux`: see HpcSandboxBackend.__init__
+TMUX_WIDTH, TMUX_HEIGHT = 200, 50  # a real tmux pane's size: wide enough that most lines do not wrap
+# Lines of history above the visible pane that a real-tmux capture returns (its `scrollback`
+# argument overrides): a command's last couple of hundred lines beyond the 50 on screen,
+# without handing the model the whole session's history at every capture.
+TMUX_SCROLLBACK = 200
+TMUX_POLL = 0.1  # how often a real-tmux send_keys looks at the pane while it waits for quiet
+# send-keys -l text is sent in pieces: a tmux command travels in one message to its server,
+# which refuses messages over about 16 KiB (4 bytes a character at worst).
+TMUX_TEXT_PIECE = 2000
 DEFAULT_ARTIFACT_BYTES = 1 << 20
 DEFAULT_MAX_ENTRIES = 1000
 
@@ -74,6 +88,14 @@ _UNSAFE_SESSION = re.compile(r"[^A-Za-z0-9_.-]")
 _NAMED_KEYS = {"Enter": "\n", "C-m": "\n", "C-j": "\n", "KPEnter": "\n", "Tab": "\t", "C-i": "\t", "Space": " "}
 _INTERRUPT_KEYS = ("C-c", "^C")
 _EOF_KEYS = ("C-d", "^D")
+# What real tmux takes as a key name rather than text to type: a modified character
+# (C-c, M-x) or a named key with optional modifiers (Enter, S-Tab, C-Left, F5). Anything
+# else is typed literally (send-keys -l), so that text such as "Up to you" is never
+# read as keys.
+_TMUX_KEY = re.compile(r"(?:[CMS]-)+\S\Z|(?:[CMS]-)*(?:Enter|Escape|Tab|BTab|BSpace|Space|Up|Down|Left|Right|Home|"
+                       r"End|PageUp|PageDown|PgUp|PgDn|NPage|PPage|IC|DC|Insert|Delete|KPEnter|F(?:[1-9]|1[0-2]))\Z")
+_CARET_KEY = re.compile(r"\^([A-Za-z])\Z")  # ^C as C-c, as the fallback reads it
+_TMUX_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # tmux forbids '.' and ':' in session names (target syntax)
 
 
 def _new_execution_id() -> str:
@@ -283,6 +305,112 @@ def _key_segments(keys: object, enter: bool) -> list[tuple[str, str]]:
     return segments
 
 
+def _tmux_steps(keys: object, enter: bool) -> list[tuple[str, str]]:
+    """send_keys arguments as real tmux steps: ("keys", "C-c Enter") sent as key names,
+    ("text", s) typed literally (send-keys -l). Same argument shapes as the fallback's:
+    a string or a list of them, each a key name (Enter, C-c, ^C, Tab, Up, ...) or text;
+    `enter` presses Enter after text that does not already end with a newline."""
+    tokens = [keys] if isinstance(keys, str) else list(keys) if isinstance(keys, (list, tuple)) else [str(keys)]
+    steps: list[tuple[str, str]] = []
+    for token in map(str, tokens):
+        caret = _CARET_KEY.match(token)
+        if caret:
+            token = "C-" + caret.group(1).lower()
+        if not token:
+            continue
+        kind = "keys" if _TMUX_KEY.match(token) else "text"
+        if steps and steps[-1][0] == kind:  # one send-keys per run of keys or of text
+            steps[-1] = (kind, steps[-1][1] + (" " if kind == "keys" else "") + token)
+        else:
+            steps.append((kind, token))
+    if enter and steps and steps[-1][0] == "text" and not steps[-1][1].endswith("\n"):
+        steps.append(("keys", "Enter"))
+    return steps
+
+
+def _tmux_name(name: str) -> str:
+    """The tmux session name of an environment's session_name: letters, digits, '_', '-'
+    (tmux reads '.' and ':' in a target as window and pane), at most 64 characters. The
+    socket is the slot's own (see _tmux_script), so the name needs no trajectory in it."""
+    cleaned = _TMUX_UNSAFE.sub("_", name)
+    return (cleaned if cleaned[:1].isalnum() else "s" + cleaned)[:64]
+
+
+def _tmux_script(folder: str | None, name: str, body: str, create: bool) -> str:
+    """A bash script that drives the slot's tmux server through `t` (tmux -S SOCKET) for
+    session `T`, run by the slot's `bash` tool so it works in the slot's runtime.
+
+    The socket lives in a folder of this lease, made by mktemp -d under the slot's
+    $TMPDIR or /tmp (0700, a random name; its path goes first in stdout, the backend
+    keeps it). Not tmux's default /tmp/tmux-UID/default: under runtime none every slot of
+    a node shares /tmp and the uid, so their sessions and `kill-server` would meet. Not
+    a folder in the workspace either: list_artifacts and archive_artifacts would show
+    the socket, a wipe of the workspace is the reset's own business, and a deep
+    workspace path can pass the 107 bytes a socket path may have."""
+    lines = [f"d={shlex.quote(folder or '')}", f"T={shlex.quote(name)}"]
+    if create:
+        lines += ['if [ -z "$d" ] || [ ! -d "$d" ]; then',
+                  '  d=$(mktemp -d "${TMPDIR:-/tmp}/hpc-sandbox-tmux.XXXXXX") || exit 4',
+                  'fi',
+                  'printf "%s\\n" "$d"']
+    lines += ['t() { tmux -S "$d/sock" "$@"; }', body]
+    return "\n".join(lines)
+
+
+# Starts session $T on the slot's server (the server too, when it is the first). The
+# environment's defaults, not a user's: no ~/.tmux.conf or /etc/tmux.conf (-f /dev/null),
+# bash as the pane's shell when the slot has it (the slot's clean environment has no
+# SHELL, and tmux would fall back to the passwd entry's), and HISTFILE empty, so that the
+# pane's shell leaves no .bash_history in $HOME, which is the workspace. The server
+# inherits this environment, with the agent's tag of the call that started it: that tag
+# is how the slot's reset finds the server, which has left the call's process group.
+# Tried up to 5 times: a server whose last session was just killed is still exiting, and
+# a client that reaches it then fails ("server exited unexpectedly"); the next try starts
+# a fresh server. Then it waits (up to 5 s) for the shell's first prompt: keys sent before
+# it are typed ahead, but a pane still blank would look quiet to _tmux_settle, whose
+# send_keys would then return before the shell had even read them (a loaded node starts a
+# shell slowly).
+_TMUX_NEW = ('sh=$(command -v bash || command -v sh); n=0\n'
+             'until t has-session -t "=$T" 2>/dev/null || HISTFILE= SHELL="$sh" t -f /dev/null new-session -d '
+             f'-s "$T" -x {TMUX_WIDTH} -y {TMUX_HEIGHT} -c "$PWD"; do\n'
+             '  n=$((n + 1)); [ $n -ge 5 ] && exit 4; sleep 0.1\n'
+             'done\n'
+             'i=0; while [ $i -lt 50 ] && [ -z "$(t capture-pane -p -t "=$T:" 2>/dev/null)" ]; do '
+             'sleep 0.1; i=$((i + 1)); done')
+# Tells the backend what runs in the pane now (the shell, or the program it waits on).
+_TMUX_PANE_COMMAND = """t display-message -p -t "=$T:" '#{pane_current_command}' 2>/dev/null || echo"""
+
+
+def _tmux_settle(idle: float, most: float) -> str:
+    """Shell lines that wait until the pane has not changed for `idle` seconds, for at
+    most `most`, and print "quiet" or "busy". In the slot, one call: polling from here
+    would cost a round trip per look."""
+    need = max(1, round(idle / TMUX_POLL))
+    polls = max(need + 1, int(most / TMUX_POLL))
+    # Each look costs a tmux call on top of its sleep, so the count of looks alone would
+    # overrun `most` (and the call's timeout behind it) on a pane that never goes quiet:
+    # bash's SECONDS (whole seconds since the script began) bounds the wall time too.
+    return "\n".join([
+        "n=0; same=0; prev=; state=busy",
+        f"while [ $n -lt {polls} ] && [ $SECONDS -lt {max(1, int(most))} ]; do",
+        f"  sleep {TMUX_POLL}",
+        '  cur=$(t capture-pane -p -t "=$T:" 2>/dev/null) || { state=gone; break; }',
+        f'  if [ "$cur" = "$prev" ]; then same=$((same + 1)); [ $same -ge {need} ] && {{ state=quiet; break; }}',
+        '  else same=0; prev=$cur; fi',
+        "  n=$((n + 1))",
+        "done",
+        'echo "$state"'])
+
+
+def _pane_text(lines: Sequence[str]) -> str:
+    """The captured pane as text: each line without its trailing blanks (a pane row is
+    padded to its width) and without the empty rows below the last line written."""
+    rows = [line.rstrip() for line in lines]
+    while rows and not rows[-1]:
+        rows.pop()
+    return "".join(row + "\n" for row in rows)
+
+
 # --- the backend -------------------------------------------------------------------------
 
 
@@ -355,28 +483,33 @@ class HpcSandboxBackend:
                  config_file: str | Path | None = None, wait_timeout: float = 600.0,
                  acquire_timeout: float = 300.0, lease_ttl: float | None = None,
                  default_timeout: float = DEFAULT_TIMEOUT, stateful_session: str = STATEFUL_SESSION,
-                 tmux_idle: float = TMUX_IDLE, overflow: str | None = None,
+                 tmux_idle: float = TMUX_IDLE, tmux: str = "auto", overflow: str | None = None,
                  cloud_settings: Mapping[str, Any] | None = None, **job_overrides: Any) -> None:
         """`pool`: serve from it; else submit `profile` (the config's; "default") with
         `job_overrides` (SandboxSpec fields: scheduler, slots, array, state_dir, ...) at
         start(). `wait_timeout` bounds the wait for the job's first node server;
         `default_timeout` is execute_batch's timeout_s when none is given; `tmux_idle` is
-        how long send_keys/capture wait for more output of a command before returning."""
+        how long send_keys/capture wait for more output of a command before returning.
+        `tmux` says what serves the tmux tool: "auto" (real tmux in a slot that has it,
+        asked once per slot; else a session without a terminal), "session" (always the
+        session), "tmux" (real tmux; a slot without it answers error_kind "unavailable")."""
         if pool is not None and (job_overrides or overflow):
             raise ConfigError("give a SlotPool, or a profile with job overrides to submit, not both")
         entry = _Profile(profile or "default", config_profile=profile, overrides=dict(job_overrides), pool=pool)
         self._configure({entry.name: entry}, entry.name, config_file=config_file, wait_timeout=wait_timeout,
                         acquire_timeout=acquire_timeout, lease_ttl=lease_ttl, default_timeout=default_timeout,
-                        stateful_session=stateful_session, tmux_idle=tmux_idle, overflow=overflow,
+                        stateful_session=stateful_session, tmux_idle=tmux_idle, tmux=tmux, overflow=overflow,
                         cloud_settings=cloud_settings)
 
     def _configure(self, profiles: dict[str, _Profile], default: str, *, config_file: str | Path | None = None,
                    wait_timeout: float = 600.0, acquire_timeout: float = 300.0, lease_ttl: float | None = None,
                    default_timeout: float = DEFAULT_TIMEOUT, stateful_session: str = STATEFUL_SESSION,
-                   tmux_idle: float = TMUX_IDLE, overflow: str | None = None,
+                   tmux_idle: float = TMUX_IDLE, tmux: str = "auto", overflow: str | None = None,
                    cloud_settings: Mapping[str, Any] | None = None) -> None:
         if default not in profiles:
             raise ConfigError(f"default profile {default!r} is not one of {', '.join(profiles)}")
+        if tmux not in TMUX_MODES:
+            raise ConfigError(f"tmux must be one of {', '.join(TMUX_MODES)}; got {tmux!r}")
         self._profiles = profiles
         self.default_profile = default
         self.config_file = Path(config_file).expanduser() if config_file is not None else None
@@ -386,10 +519,15 @@ class HpcSandboxBackend:
         self.default_timeout = default_timeout
         self.stateful_session = _session_name(stateful_session)
         self.tmux_idle = tmux_idle
+        self.tmux = tmux
         self.overflow = overflow
         self.cloud_settings = dict(cloud_settings) if cloud_settings else None
         self._held: dict[str, BackendSlot] = {}
-        self._tmux: dict[tuple[str, str], _TmuxState] = {}
+        self._tmux: dict[tuple[str, str], _TmuxState] = {}  # the session fallback's, per (slot, session)
+        # Whether a slot has a tmux that runs, asked once per slot id (a slot's image does
+        # not change between leases); and the socket folder of the lease that holds it.
+        self._tmux_found: dict[str, bool] = {}
+        self._tmux_dirs: dict[str, str] = {}
         self._started = False
         self._lock = asyncio.Lock()
 
@@ -552,14 +690,27 @@ class HpcSandboxBackend:
 
     def _forget(self, slot: BackendSlot) -> None:
         self._held.pop(slot.slot_id, None)
+        self._tmux_dirs.pop(slot.slot_id, None)
         for key in [key for key in self._tmux if key[0] == slot.slot_id]:
             del self._tmux[key]
 
     async def release(self, slot: BackendSlot, reset_workspace: bool = False) -> None:
-        """Give the slot back (SlotPool.release): its sessions and processes end; its
+        """Give the slot back (SlotPool.release): its sessions and processes end (a real
+        tmux server too: the agent's reset finds it by the tag in its environment); its
         workspace is wiped when `reset_workspace`."""
+        folder = self._tmux_dirs.get(slot.slot_id)
         self._forget(slot)
-        await self._pool_of(slot).release(slot.slot, reset_workspace=reset_workspace)
+        pool = self._pool_of(slot)
+        if folder is not None:
+            # The socket folder is outside the workspace, so no wipe removes it, and under
+            # runtime none it would pile up in the node's /tmp, one per trajectory. Only the
+            # folder: the server itself is left to the reset below, which ends it (with what
+            # runs in its panes) even when nobody knows a folder, as after a lost lease.
+            cleared = await pool.execute(slot.slot, "bash", {"command": f"rm -rf -- {shlex.quote(folder)}"},
+                                         timeout=10)
+            if not cleared.success:
+                log.debug("slot %s: tmux folder %s not removed: %s", slot.slot_id, folder, cleared.error)
+        await pool.release(slot.slot, reset_workspace=reset_workspace)
 
     # --- tool calls -----------------------------------------------------------------------
 
@@ -661,11 +812,147 @@ class HpcSandboxBackend:
 
         await asyncio.gather(*(send(pool, batch) for pool, batch in by_pool.values()), *(run(p) for p in runs))
 
-    # --- tmux: a named session, its output kept here until captured --------------------------
+    # --- tmux: real tmux in the slot, or a named session as the fallback ---------------------
 
     async def _tmux_call(self, request: _Request) -> ExecutionResult:
         """tmux `action` start/send_keys/capture/stop on session `session_name` (default
-        "main"), served by the agent session "tmux-NAME" (no tmux binary needed).
+        "main"): real tmux where the slot has it (and the backend's `tmux` is not
+        "session"), else an agent session. metadata["mode"] says which ("tmux" or
+        "session"). See _real_tmux and _session_tmux for what each answers."""
+        args, slot = request.args, request.slot
+        action = args.get("action")
+        if action not in ("start", "send_keys", "capture", "stop"):
+            return _refused(slot, "tmux", "bad_request",
+                            f"tmux action must be start, send_keys, capture or stop; got {action!r}")
+        name = str(args.get("session_name") or args.get("session") or args.get("name") or "main")
+        where: dict[str, Any] = {"action": action, "session": name}
+        if self.tmux == "session":
+            return await self._session_tmux(request, action, name, {**where, "mode": "session"})
+        found = self._tmux_found.get(slot.slot_id)
+        if found is None:
+            # Asked once per slot: `tmux -V` rather than `command -v` alone, so that a tmux
+            # that cannot run (a broken image) means the fallback, not a failing start.
+            probe = await self._pool_of(slot).execute(slot.slot, "bash", {"command": "command -v tmux >/dev/null "
+                                                                          "&& tmux -V"}, timeout=request.timeout)
+            if probe.error_kind is not None:  # no answer about tmux (a lost lease, a timeout): asked again next time
+                return to_execution_result(probe, "tmux", request.timeout, output="", **where)
+            found = self._tmux_found[slot.slot_id] = probe.exit_code == 0
+        if found:
+            return await self._real_tmux(request, action, name, {**where, "mode": "tmux"})
+        if self.tmux == "tmux":
+            return _refused(slot, "tmux", "unavailable", f"slot {slot.slot_id} has no tmux on its PATH "
+                            "(the backend was made with tmux=\"tmux\"; \"auto\" falls back to a session)")
+        return await self._session_tmux(request, action, name, {**where, "mode": "session"})
+
+    async def _real_tmux(self, request: _Request, action: str, name: str, where: dict[str, Any]) -> ExecutionResult:
+        """tmux itself, on a server of the slot's own (socket: see _tmux_script), one
+        agent `bash` call per action, in the slot's runtime and workspace.
+
+        start: a fresh detached session NAME, 200x50, in the workspace (an old one of
+        that name is killed first). send_keys: `keys` as for the fallback (a string or a
+        list; key names such as Enter, C-c, C-d, Tab, Up, ^C are pressed, other text is
+        typed literally; `enter`, default true, presses Enter after the text); a session
+        not started yet (or whose shell exited) is started first. It then waits for the
+        pane to be quiet for `idle_timeout` (default tmux_idle; 0: no wait), at most
+        `max_wait` seconds or until just before the call's timeout; the program keeps
+        running either way (a terminal never interrupts on a timeout: send C-c). It
+        answers no output; metadata["settled"] says whether the pane went quiet,
+        ["pane_command"] what runs in it. capture: the pane as it is now (after waiting
+        for quiet when given `idle_timeout`): the visible 50 rows and up to `scrollback`
+        (default 200) lines above them, trailing blanks cut. Unlike the fallback, which returns what was
+        printed since the last capture, a terminal's capture is a screen: a prompt,
+        what was typed, a full-screen program's drawing, so every capture returns the
+        whole of it and the environment compares screens. stop: the session is killed,
+        and with the last one the server and its socket folder. metadata["socket"] is
+        the server's socket in the slot, ["tmux_session"] the session's tmux name."""
+        args, slot = request.args, request.slot
+        pool = self._pool_of(slot)
+        tmux_name = _tmux_name(name)
+        where["tmux_session"] = tmux_name
+        folder = self._tmux_dirs.get(slot.slot_id)
+        try:
+            idle = float(args.get("idle_timeout", self.tmux_idle if action == "send_keys" else 0) or 0)
+            depth = max(0, int(args.get("scrollback", TMUX_SCROLLBACK)))
+        except (TypeError, ValueError):
+            return _refused(slot, "tmux", "bad_request", "idle_timeout must be seconds and scrollback a line count")
+        # Up to just before the call's own timeout, which would kill the script (and a
+        # server it had just started, whose tag is the call's); `max_wait` may say less.
+        most = request.timeout - 1.0 if request.timeout > 2 else request.timeout / 2
+        if args.get("max_wait") is not None:
+            try:
+                most = min(most, max(0.0, float(args["max_wait"])))
+            except (TypeError, ValueError):
+                return _refused(slot, "tmux", "bad_request", "max_wait must be seconds")
+        most = max(idle, most)
+
+        if action in ("capture", "stop") and folder is None:  # nothing started under this lease
+            if action == "stop":
+                return ExecutionResult(success=True, metadata={**_no_call_metadata(slot, "tmux"), **where,
+                                                               "closed": False})
+            return _refused(slot, "tmux", "not_running", f"no tmux session {name!r} (start it first)")
+
+        if action == "start":
+            body = 't kill-session -t "=$T" 2>/dev/null\n' + _TMUX_NEW
+        elif action == "send_keys":
+            lines = ['t has-session -t "=$T" 2>/dev/null || {', _TMUX_NEW, "}"]
+            for kind, value in _tmux_steps(args.get("keys", args.get("text", "")), bool(args.get("enter", True))):
+                if kind == "keys":
+                    lines.append(f't send-keys -t "=$T:" {" ".join(map(shlex.quote, value.split()))} || exit 5')
+                else:
+                    for start in range(0, len(value), TMUX_TEXT_PIECE):
+                        piece = shlex.quote(value[start:start + TMUX_TEXT_PIECE])
+                        lines.append(f't send-keys -t "=$T:" -l -- {piece} || exit 5')
+            lines.append(_tmux_settle(idle, most) if idle > 0 else "echo -")
+            lines.append(_TMUX_PANE_COMMAND)
+            body = "\n".join(lines)
+        elif action == "capture":
+            body = "\n".join([
+                't has-session -t "=$T" 2>/dev/null || { echo "no tmux session $T" >&2; exit 3; }',
+                _tmux_settle(idle, most) if idle > 0 else "echo -",
+                _TMUX_PANE_COMMAND,
+                f't capture-pane -p -J -t "=$T:" -S -{depth}'])
+        else:  # stop
+            body = "\n".join([
+                't kill-session -t "=$T" 2>/dev/null && echo closed',
+                # The last session gone: the server (it would exit by itself, but a server
+                # between two sessions must not outlive the environment's stop) and the folder.
+                'if [ -z "$(t list-sessions -F x 2>/dev/null)" ]; then',
+                '  t kill-server 2>/dev/null; rm -rf -- "$d"; echo empty',
+                'fi'])
+        script = _tmux_script(folder, tmux_name, body, create=action in ("start", "send_keys"))
+        result = await pool.execute(slot.slot, "bash", {"command": script}, timeout=request.timeout)
+        lines = result.stdout.split("\n")
+        if action in ("start", "send_keys") and result.error_kind in (None, "timeout") and lines[0]:
+            # The folder made by this call (or the one already known): kept for the lease.
+            self._tmux_dirs[slot.slot_id] = lines.pop(0)
+        known = self._tmux_dirs.get(slot.slot_id) or folder
+        if known:  # where the server listens: for a look with `tmux -S` from a bash call
+            where["socket"] = posixpath.join(known, "sock")
+        if not result.success:
+            failed = to_execution_result(result, "tmux", request.timeout, output="", **where)
+            if result.error_kind is None:  # the script's failure: say tmux's own words
+                if result.exit_code == 3 and action == "capture":
+                    failed.metadata["error_kind"] = "not_running"
+                    failed.error = f"no tmux session {name!r} (start it first, or its shell exited)"
+                else:
+                    failed.error = f"tmux {action} failed: {result.stderr.strip() or failed.error}"
+            return failed
+        if action == "stop":
+            if "empty" in lines:
+                self._tmux_dirs.pop(slot.slot_id, None)
+            return to_execution_result(result, "tmux", request.timeout, output="", closed="closed" in lines, **where)
+        if action == "start":
+            return to_execution_result(result, "tmux", request.timeout, output="", **where)
+        state, command = (lines + ["", ""])[:2]
+        extra = {"pane_command": command}
+        if state != "-":
+            extra["settled"] = state == "quiet"
+        output = _pane_text(lines[2:]) if action == "capture" else ""
+        return to_execution_result(result, "tmux", request.timeout, output=output, **extra, **where)
+
+    async def _session_tmux(self, request: _Request, action: str, name: str,
+                            where: dict[str, Any]) -> ExecutionResult:
+        """The fallback: the agent session "tmux-NAME" (no tmux binary, no terminal).
 
         start: a fresh session (an old one of that name is closed). send_keys: `keys`
         (text, or a list with tmux key names: Enter, Tab, C-c interrupts, C-d ends the
@@ -674,16 +961,14 @@ class HpcSandboxBackend:
         Every call returns after `idle_timeout` (default tmux_idle) of silence or at the
         call's timeout (a command that prints all along is then interrupted, as any
         timed-out call). send_keys answers no output: what was printed is kept here and
-        capture returns it (after following a waiting command for more), once.
+        capture returns it (after following a waiting command for more), once: with no
+        screen to show, capture is what was printed since the last capture.
         stop: the session is closed."""
         args, slot = request.args, request.slot
-        action = args.get("action")
-        name = str(args.get("session_name") or args.get("session") or args.get("name") or "main")
         agent_name = _session_name(TMUX_PREFIX + name)
         key = (slot.slot_id, agent_name)
         pool = self._pool_of(slot)
         idle = args.get("idle_timeout", self.tmux_idle)
-        where = {"action": action, "session": name}
 
         async def bash(**extra: Any) -> ToolResult:
             return await pool.execute(slot.slot, "bash", {"session": agent_name, "idle_timeout": idle, **extra},
@@ -701,9 +986,6 @@ class HpcSandboxBackend:
             closed = await pool.execute(slot.slot, "session", {"action": "close", "name": agent_name})
             self._tmux.pop(key, None)
             return to_execution_result(closed, "tmux", request.timeout, output="", **where)
-        if action not in ("send_keys", "capture"):
-            return _refused(slot, "tmux", "bad_request",
-                            f"tmux action must be start, send_keys, capture or stop; got {action!r}")
         state = self._tmux.setdefault(key, _TmuxState())
         last: ToolResult | None = None
         if action == "capture":
