@@ -15,6 +15,20 @@ from slurm_fixtures import slurm_cluster  # noqa: E402,F401  (the real single-no
 
 
 @pytest.fixture
+def no_user_config(tmp_path: Path, monkeypatch) -> None:
+    """Read no site or user config file and no HPC_SANDBOX_* variable of whoever runs the tests."""
+    home = tmp_path / "home"
+    home.mkdir()
+    site = tmp_path / "site.yaml"
+    site.write_text("")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HPC_SANDBOX_SITE_CONFIG", str(site))
+    for name in list(os.environ):
+        if name.startswith("HPC_SANDBOX_") and name != "HPC_SANDBOX_SITE_CONFIG":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()

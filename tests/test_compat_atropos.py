@@ -15,7 +15,6 @@ import shutil
 import tarfile
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -30,19 +29,6 @@ requires_tmux = pytest.mark.skipif(shutil.which("tmux") is None,
                                    reason="tmux is not installed (`apt-get install tmux`); the real-tmux "
                                           "path is untested")
 
-
-@pytest.fixture
-def no_user_config(tmp_path: Path, monkeypatch) -> None:
-    """Read no site or user config file and no HPC_SANDBOX_* variable of whoever runs the tests."""
-    home = tmp_path / "home"
-    home.mkdir()
-    site = tmp_path / "site.yaml"
-    site.write_text("")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("HPC_SANDBOX_SITE_CONFIG", str(site))
-    for name in list(os.environ):
-        if name.startswith("HPC_SANDBOX_") and name != "HPC_SANDBOX_SITE_CONFIG":
-            monkeypatch.delenv(name)
 
 
 def members(archive: bytes) -> dict[str, bytes | None]:

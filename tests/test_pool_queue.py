@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -441,19 +440,6 @@ async def test_two_pools_in_two_processes_never_hold_the_same_slot_at_once(state
 
 # --- launch: the pool's own job ------------------------------------------------------
 
-
-@pytest.fixture
-def no_user_config(tmp_path: Path, monkeypatch) -> None:
-    """Read no site or user config file and no HPC_SANDBOX_* variable of whoever runs the tests."""
-    home = tmp_path / "home"
-    home.mkdir()
-    site = tmp_path / "site.yaml"
-    site.write_text("")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("HPC_SANDBOX_SITE_CONFIG", str(site))
-    for name in list(os.environ):
-        if name.startswith("HPC_SANDBOX_") and name != "HPC_SANDBOX_SITE_CONFIG":
-            monkeypatch.delenv(name)
 
 
 def _launch(state_dir: Path):
