@@ -116,14 +116,21 @@ async def test_release_keeping_the_workspace_still_ends_the_slots_processes(stat
             writer = f"nohup sh -c 'while :; do date >> log; sleep 0.2; done' {marker} >/dev/null 2>&1 &"
             assert (await client.execute(first.slot, first.lease, "bash", {"command": writer})).ok
             assert await asyncio.to_thread(wait_until, lambda: bool(pids_matching(marker)), 5)
+
+            async def log_size(grant=None) -> int:
+                grant = grant or second
+                listing = await client.execute(grant.slot, grant.lease, "list_files", {})
+                return {entry["path"]: entry["size"] for entry in listing.result["entries"]}.get("log", 0)
+
+            # The writer has written (on a loaded machine its first `date` can come after a
+            # release that follows at once, and an empty log proves nothing).
+            deadline = time.monotonic() + 10
+            while await log_size(first) == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             await client.release(first.slot, first.lease, reset_workspace=False)
 
             second = await client.acquire("B")
             assert second.slot == first.slot
-
-            async def log_size() -> int:
-                listing = await client.execute(second.slot, second.lease, "list_files", {})
-                return {entry["path"]: entry["size"] for entry in listing.result["entries"]}["log"]
 
             assert await asyncio.to_thread(wait_until, lambda: not pids_matching(marker), 5), \
                 "holder A's background writer survived the release"
