@@ -473,9 +473,15 @@ class _Spawned:
                 self._close_stream(pipe)
 
 
+# The children the agent spawned and waits for itself (see _watch_exit). Any other child
+# is a process the agent adopted as the slot's subreaper, which it reaps (_reap_adopted).
+_OWN_CHILDREN = set()
+
+
 def _watch_exit(loop, proc, on_exit) -> None:
     """Call on_exit(returncode) on `loop` when `proc` ends: from a pidfd where python
     and the kernel have them, else from a thread blocked in wait()."""
+    _OWN_CHILDREN.add(proc.pid)
     pidfd_open = getattr(os, "pidfd_open", None)
     if pidfd_open is not None:
         try:
@@ -486,13 +492,16 @@ def _watch_exit(loop, proc, on_exit) -> None:
             def ready():
                 loop.remove_reader(pidfd)
                 os.close(pidfd)
-                on_exit(proc.wait())
+                code = proc.wait()
+                _OWN_CHILDREN.discard(proc.pid)
+                on_exit(code)
 
             loop.add_reader(pidfd, ready)
             return
 
     def wait_in_thread():
         code = proc.wait()
+        _OWN_CHILDREN.discard(proc.pid)
         try:
             loop.call_soon_threadsafe(on_exit, code)
         except RuntimeError:  # the loop closed meanwhile (the agent is exiting)
@@ -581,35 +590,185 @@ def _kill_tagged(tag: str, exact: bool) -> int:
     return killed
 
 
+def _process_table() -> dict:
+    """pid -> (parent pid, state letter) of every process this one can see.
+
+    /proc/PID/stat is readable whoever owns the process and whatever it hides: a
+    process that makes itself non-dumpable closes its environ to its own user, not this."""
+    table = {}
+    for pid in _pids():
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            table[pid] = (int(fields[1]), fields[0])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return table
+
+
 def _ancestors() -> frozenset:
     """This process and every process above it (in its pid namespace)."""
+    table = _process_table()
     found = set()
     pid = os.getpid()
     while pid > 0 and pid not in found:
         found.add(pid)
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as handle:
-                pid = int(handle.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
+        pid = table.get(pid, (0, b""))[0]
     return frozenset(found)
+
+
+def _descendants(root: int, table: dict) -> list:
+    """The live (not zombie) processes below `root` in `table`."""
+    children = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if table[pid][1] != b"Z":
+            found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _kill_pids(pids) -> int:
+    killed = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    return killed
 
 
 def _kill_all_but(spared) -> int:
     """SIGKILL every process in /proc but `spared` (zombies are already dead)."""
-    killed = 0
-    for pid in _pids():
-        if pid in spared:
+    return _kill_pids(pid for pid, (_, state) in _process_table().items() if pid not in spared and state != b"Z")
+
+
+def _kill_descendants() -> int:
+    """SIGKILL every live process below this one. The agent is the slot's subreaper
+    (see _become_subreaper), so a process that daemonised (double fork, setsid) is
+    still below it: it cannot leave the tree the way it can leave a group or a session."""
+    return _kill_pids(_descendants(os.getpid(), _process_table()))
+
+
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
+
+
+def _become_subreaper() -> bool:
+    """Make the agent the reaper of its orphaned descendants (Linux >= 3.4): a command's
+    process whose parent exits is re-parented to the agent, not to the node's init, so
+    it stays in the slot's process tree where reset, release and the node server's
+    watchdog find it, whatever it does to its environment or session."""
+    try:
+        import ctypes  # the standard library's; only here, at start
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children() -> list:
+    """This process's children (all its threads'), from /proc."""
+    found = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        tasks = []
+    for task in tasks:
+        try:
+            with open("/proc/self/task/%s/children" % task, "rb") as handle:
+                found.extend(int(pid) for pid in handle.read().split())
+        except (OSError, ValueError):  # a kernel without CONFIG_PROC_CHILDREN: scan
+            me = os.getpid()
+            return [pid for pid, (ppid, _) in _process_table().items() if ppid == me]
+    return found
+
+
+def _reap_adopted() -> None:
+    """Reap the adopted children that ended (never one the agent waits for itself)."""
+    for pid in _children():
+        if pid in _OWN_CHILDREN:
             continue
         try:
-            with open("/proc/%d/stat" % pid, "rb") as handle:
-                if handle.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-        except (OSError, IndexError):
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
             pass
-    return killed
+
+
+# --- scratch folders ----------------------------------------------------------------
+#
+# A slot's temporary folders outside its workspace (/tmp and /dev/shm in a container,
+# a folder of the slot's own named by TMPDIR under runtime none) are the runtime's to
+# name (--scratch). A reset empties them once every process of the slot has ended, so
+# the next holder finds nothing of the last one's there. Nothing runs in the slot while
+# they are emptied, so no entry can be swapped under the walk; a folder the last holder
+# locked (chmod 000) is opened up first. A tree too deep to walk, or anything that will
+# not go, leaves the slot unclean: the node server then replaces its agent (and with it
+# a container's tmpfs).
+
+MAX_SCRUB_DEPTH = 256
+SYSV_IPC = ("/proc/sysvipc/shm", "/proc/sysvipc/sem", "/proc/sysvipc/msg")
+
+
+def empty_folder(path: str) -> None:
+    """Remove everything inside `path`; raise OSError on what will not go."""
+    try:
+        top = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        os.makedirs(path, 0o700, exist_ok=True)
+        return
+    if os.fstatvfs(top).f_flag & os.ST_RDONLY:  # nothing the slot could have written
+        os.close(top)
+        return
+    stack = [(top, None, [])]  # (folder fd, its name in the folder above, subfolders left)
+
+    def enter(fd, subfolders):
+        for name, st in _scan(fd):
+            if stat.S_ISDIR(st.st_mode):
+                subfolders.append(name)
+            else:
+                os.unlink(name, dir_fd=fd)
+
+    try:
+        enter(top, stack[0][2])
+        while stack:
+            fd, name, subfolders = stack[-1]
+            if subfolders:
+                child = subfolders.pop()
+                if len(stack) >= MAX_SCRUB_DEPTH:
+                    raise OSError(errno.ELOOP, "folders nested deeper than %d" % MAX_SCRUB_DEPTH, child)
+                try:
+                    os.chmod(child, 0o700, dir_fd=fd)  # a real folder, and nothing can swap it now
+                except OSError:
+                    pass
+                child_fd = os.open(child, _DIR_FLAGS, dir_fd=fd)
+                stack.append((child_fd, child, []))
+                enter(child_fd, stack[-1][2])
+                continue
+            stack.pop()
+            os.close(fd)
+            if stack:
+                os.rmdir(name, dir_fd=stack[-1][0])
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def _sysv_ipc_left() -> bool:
+    """Whether any SysV shared memory, semaphore or message queue exists in this IPC
+    namespace (a contained slot's own: they outlive the processes that made them)."""
+    for table in SYSV_IPC:
+        try:
+            with open(table, "rb") as handle:
+                if len(handle.read().splitlines()) > 1:  # a header line, then one per object
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 # --- sessions -----------------------------------------------------------------------
@@ -1174,8 +1333,9 @@ def _signal_number(value) -> int:
 
 
 class Agent:
-    def __init__(self, workspace: str, output_cap: int, own_pid_namespace: bool = False) -> None:
+    def __init__(self, workspace: str, output_cap: int, own_pid_namespace: bool = False, scratch=()) -> None:
         self.own_pid_namespace = own_pid_namespace
+        self.scratch = tuple(scratch)  # the slot's temporary folders, emptied at reset
         self.ancestors = _ancestors() if own_pid_namespace else frozenset()
         self.workspace = os.path.realpath(workspace)
         self.roots = workspace_roots(workspace)
@@ -1246,12 +1406,13 @@ class Agent:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         # stdin closed: the server is gone or is stopping us. Leave nothing behind.
-        self.kill_all()
+        try:
+            await self.end_processes()
+        except ToolError:
+            pass  # what still runs is the server's to kill (it kills the agent's whole tree)
         self.forget_all()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=KILL_GRACE_SECONDS + 1)
-        if self._private is not None:
-            shutil.rmtree(self._private, ignore_errors=True)
 
     def kill_all(self) -> int:
         """SIGKILL every process of this slot's commands; how many were signalled."""
@@ -1262,19 +1423,18 @@ class Agent:
             _kill_group(pgid, signal.SIGKILL)
         # Counted by the scans only, which pass over zombies (a killed process that its
         # parent has not reaped yet is dead already; a group of them still "exists").
-        killed = _kill_tagged(self.tag + ".", exact=False)
         if self.own_pid_namespace:
             # Everything this agent can see is the slot's, but itself and the processes
             # above it (the runtime's init): even a process that left its group and
             # cleared its environment.
-            killed += _kill_all_but(self.ancestors)
-        return killed
+            return _kill_all_but(self.ancestors)
+        # No namespace of its own: every process below the agent, its subreaper (what
+        # daemonised too), and what carries its tag (a kernel that had no subreaper).
+        return _kill_descendants() + _kill_tagged(self.tag + ".", exact=False)
 
-    async def tool_reset(self, request_id, args, timeout):
-        """End every process of the slot's commands, so that the slot can change hands
-        without a new agent (the node server then wipes the workspace). Repeated until
-        nothing is left; a slot that keeps spawning past that is the server's to
-        restart (kind reset_failed)."""
+    async def end_processes(self) -> int:
+        """Kill the slot's processes until none is left (what they fork meanwhile too);
+        how many were killed. ToolError reset_failed if they keep reappearing."""
         deadline = time.monotonic() + RESET_SECONDS
         killed = 0
         while True:
@@ -1285,8 +1445,26 @@ class Agent:
             if time.monotonic() > deadline:
                 raise ToolError("reset_failed", "the slot's processes kept reappearing for %.0fs" % RESET_SECONDS)
             await asyncio.sleep(0.01)
+        _reap_adopted()
+        return killed
+
+    async def tool_reset(self, request_id, args, timeout):
+        """End every process of the slot's commands and empty its scratch folders, so
+        that the slot can change hands without a new agent (the node server then wipes
+        the workspace). Killing is repeated until nothing is left; a slot that keeps
+        spawning past that, or whose scratch folders will not empty, is the server's to
+        restart (kind reset_failed)."""
+        killed = await self.end_processes()
         self.lingering.clear()
         self.forget_all()
+        self._private = None  # inside a scratch folder (or gone with forget_all): made anew on use
+        for folder in self.scratch:
+            try:
+                empty_folder(folder)
+            except OSError as exc:
+                raise ToolError("reset_failed", "cannot empty the slot's %s: %s" % (folder, exc.strerror or exc))
+        if self.own_pid_namespace and _sysv_ipc_left():
+            raise ToolError("reset_failed", "SysV IPC objects of the last holder are left in the slot")
         return {"killed": killed}
 
     def forget_all(self) -> None:
@@ -1298,6 +1476,9 @@ class Agent:
         for process in list(self.background.values()):
             process.close(kill=False)
         self.background.clear()
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
 
     async def handle_line(self, line: bytes) -> None:
         request_id = None
@@ -2047,14 +2228,29 @@ def main(argv=None) -> int:
     parser.add_argument("--workspace", required=True, help="the slot's workspace directory")
     parser.add_argument("--output-cap", type=int, default=DEFAULT_OUTPUT_CAP, help="bytes kept per output stream")
     parser.add_argument("--own-pid-namespace", action="store_true",
-                        help="the slot has a pid namespace of its own: every other process in it is the slot's")
+                        help="the slot has pid and IPC namespaces of its own: every other process in it is the "
+                             "slot's")
+    parser.add_argument("--scratch", action="append", default=[], metavar="DIR",
+                        help="a temporary folder private to the slot (made if missing), emptied at every reset")
+    parser.add_argument("--max-tasks", type=int, default=None, metavar="N",
+                        help="RLIMIT_NPROC for the slot: only where the slot has a user namespace of its own, "
+                             "in which the kernel counts its tasks apart from the user's others")
     options = parser.parse_args(argv)
     if not os.path.isdir(options.workspace):
         sys.stderr.write("hpc-sandbox agent: workspace %s is not a directory\n" % options.workspace)
         return 2
-    agent = Agent(options.workspace, options.output_cap, options.own_pid_namespace)
+    for folder in options.scratch:
+        os.makedirs(folder, 0o700, exist_ok=True)
+    if options.max_tasks:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NPROC, (options.max_tasks, options.max_tasks))
+    _become_subreaper()
+    agent = Agent(options.workspace, options.output_cap, options.own_pid_namespace, options.scratch)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    # Adopted orphans (the agent is the slot's subreaper) are reaped as they end.
+    loop.add_signal_handler(signal.SIGCHLD, _reap_adopted)
     # A batch scheduler's cancel or walltime signal reaches every process of the job,
     # us included. The node server is the one to stop us (it closes our stdin), so
     # that a running call can still be answered with what happened. A handler, not

@@ -270,3 +270,50 @@ def test_bwrap_slots_from_a_venv_under_tmp(env):
     make_venv(env, TMP_VENV)
     env["user"].ok(f"pip install {SRC}", venv=TMP_VENV, env=env["pip_env"], timeout=300)
     bwrap_slot_checks(env, TMP_VENV)
+
+
+# A foreground command that hides its environment (PR_SET_DUMPABLE 0: its /proc folder
+# then belongs to root, and its environ is closed to the user) and holds 400 MiB; and the
+# same as a daemon that leaves the agent's tree (double fork, setsid).
+_HIDDEN_HOG = ("python3 -c 'import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); b = bytearray(400 << 20); "
+               "b[::4096] = bytes([1]) * len(b[::4096]); time.sleep(60)' {marker}")
+
+
+def test_a_released_slot_is_clean_for_an_ordinary_user(env):
+    """Issue 17's probes as an ordinary user (where /proc hides more than from root):
+    runtime none: a non-dumpable command is still counted by slot_memory, and a
+    non-dumpable daemon ends with the release; bwrap: the next holder finds nothing of
+    the last one's in /tmp, /dev/shm or a folder it locked in the workspace, and the
+    kernel fences the slot's tasks."""
+    user, venv = env["user"], env["home_venv"]
+    if not (venv / "bin" / "hpc-sandbox").exists():  # run alone (-k)
+        user.ok(f"pip install {SRC}", venv=venv, env=env["pip_env"], timeout=300)
+    config = user.home / "limits.yaml"
+    user.ok(f"printf 'profiles:\\n  none:\\n    runtime: none\\n    slot_memory: 256M\\n"
+            f"  bwrap:\\n    runtime: bwrap\\n    slot_memory: 256M\\n    slot_procs: 64\\n' > {config}", timeout=30)
+    marker = f"hpcsbx-as-user-{os.getpid()}"
+    try:
+        job = job_of(user.ok(f"hpc-sandbox submit --config {config} --profile none --slots 1 --wait",
+                             venv=venv, timeout=180).stdout)
+        hog = _HIDDEN_HOG.format(marker=marker + "-fg")
+        script = f"hpc-sandbox exec --job {job} -- {shlex.quote(hog)}"
+        result = user.run(script, venv=venv, timeout=120)
+        assert result.returncode != 0 and "memory limit: the slot used" in result.stderr, explain(result, script)
+        daemon = f"({_HIDDEN_HOG.format(marker=marker + '-bg')} >/dev/null 2>&1 &)"
+        user.ok(f"hpc-sandbox exec --job {job} -- {shlex.quote('setsid bash -c ' + shlex.quote(daemon))}",
+                venv=venv, timeout=120)
+        assert wait_until(lambda: not pids_matching(marker), timeout=15), \
+            f"a non-dumpable daemon outlived its lease: {pids_matching(marker)}"
+        user.ok(f"hpc-sandbox cancel {job}", venv=venv, timeout=60)
+
+        job = job_of(user.ok(f"hpc-sandbox submit --config {config} --profile bwrap --slots 1 --wait",
+                             venv=venv, timeout=180).stdout)
+        plant = "echo secret > /tmp/x; echo secret > /dev/shm/y; mkdir -p d/e; echo secret > d/e/f; chmod 000 d"
+        user.ok(f"hpc-sandbox exec --job {job} -- {shlex.quote(plant)}", venv=venv, timeout=120)
+        script = f"hpc-sandbox exec --job {job} -- 'ls -A /tmp /dev/shm . | grep -v :; ulimit -u'"
+        result = user.ok(script, venv=venv, timeout=120)
+        assert [line for line in result.stdout.splitlines() if line] == ["128"], explain(result, script)
+    finally:
+        user.cancel_all_jobs(venv)
+        for pid in pids_matching(marker):
+            os.kill(pid, signal.SIGKILL)

@@ -69,9 +69,6 @@ class AgentProcess:
         self.exited = asyncio.Event()
         self.stderr_tail: list[str] = []
         self._tasks: list[asyncio.Task] = []
-        # From the ready line: the prefix of the HPC_SANDBOX_CALL tag of its commands,
-        # which finds them when they leave its process tree.
-        self.tag: str | None = None
         # The agent's and the runtime's own processes, when a limit watchdog wants them.
         self.infra: frozenset[int] | None = None
         self.stuck: str | None = None  # why it was given up on
@@ -100,8 +97,6 @@ class AgentProcess:
         except asyncio.TimeoutError:
             await self.stop()
             raise AgentDied(f"{self.name}: agent did not start within {timeout:.0f}s{self._stderr_hint()}") from None
-        tag = (answer.get("result") or {}).get("tag")
-        self.tag = tag if isinstance(tag, str) and tag else None
 
     def _stderr_hint(self) -> str:
         return f" (its stderr: {' | '.join(self.stderr_tail[-3:])})" if self.stderr_tail else ""
@@ -269,7 +264,7 @@ class AgentProcess:
             # It did not end its commands: nobody else will. They sit in sessions of
             # their own, some perhaps (runtime none) outside its tree.
             if self.proc.returncode is None:
-                await asyncio.to_thread(kill_tree, self.proc.pid, self.tag)
+                await asyncio.to_thread(kill_tree, self.proc.pid)
             self._kill()
             await self.exited.wait()
         for task in self._tasks:

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import secrets
-import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
@@ -27,7 +26,8 @@ from typing import Any
 
 from ..errors import BadRequest, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
 from ..protocol import TOOLS, AcquireRequest, Call, CallAnswer, Grant
-from ..runtime import SlotRuntime
+from ..agent import empty_folder
+from ..runtime import SlotRuntime, host_scratch
 from .agent_process import STUCK_GRACE_SECONDS, AgentDied, AgentError, AgentProcess, AgentStuck, OutputSink
 from .limits import DISK_EVERY, LIMIT_EXCEEDED, WATCH_INTERVAL, SlotLimits, SlotView, Watchdog
 
@@ -333,6 +333,8 @@ class SlotTable:
             kept = await self._reset_in_place(slot)
             if not kept and slot.agent:
                 await slot.agent.stop()
+            if not kept and host_scratch(slot.workspace).is_dir():  # runtime none's: a folder here
+                await asyncio.to_thread(_wipe, host_scratch(slot.workspace))
             if wipe:
                 await asyncio.to_thread(_wipe, slot.workspace)
             if not kept and not await self._restart_agent(slot, "reset" if wipe else "restart"):
@@ -499,7 +501,7 @@ class SlotTable:
                 measure = disk_limit and (busy or slot.measured_at != slot.last_used)
                 if not scan and not (measure and disk_round):
                     continue  # nothing has run in it since a round found it empty (and measured it)
-                views.append(SlotView(slot.index, agent.pid or 0, agent.tag, agent.infra, slot.workspace,
+                views.append(SlotView(slot.index, agent.pid or 0, agent.infra, slot.workspace,
                                       measure_disk=measure))
                 marks.append((slot, agent, busy, slot.last_used))
             if not views:
@@ -558,14 +560,12 @@ async def _wait_briefly(event: asyncio.Event, seconds: float) -> bool:
         return False
 
 
-def _wipe(workspace: Path) -> None:
-    """Empty a workspace (not following symlinks out of it)."""
-    if workspace.is_symlink() or not workspace.exists():
-        workspace.unlink(missing_ok=True)
-        workspace.mkdir(parents=True)
-        return
-    for child in workspace.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
+def _wipe(folder: Path) -> None:
+    """Empty a workspace or a scratch folder, as the agent empties its own (never
+    following a symlink out of it, opening up what the last holder locked)."""
+    if folder.is_symlink():
+        folder.unlink()
+    try:
+        empty_folder(str(folder))
+    except OSError as exc:
+        log.error("cannot empty %s: %s", folder, exc)
