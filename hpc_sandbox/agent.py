@@ -2,7 +2,19 @@
 """The slot agent: one long-lived process inside a slot's container.
 
 It is bind-mounted as this single file into any image, so it uses the standard
-library only, runs on any python3 >= 3.8, and imports nothing from hpc_sandbox.
+library only, runs on any python3 >= 3.8, and imports nothing from hpc_sandbox. That is
+why it stays one file; its sections, in order:
+
+  the slot contract   what the node server and the agent agree on (the server imports it)
+  paths               the workspace walk: one component at a time, O_NOFOLLOW, from an fd
+  output capture      capped buffers, streamed chunks, spawning `bash -c` children
+  processes           finding and killing the slot's processes (groups, tags, tree, pid ns)
+  scratch folders     emptying the slot's /tmp (and the like) at reset
+  sessions            persistent shells fed one command per call
+  background          processes that outlive their call, with capped logs
+  the agent           the Agent class: I/O, reset, and one method per tool
+  archives            tar.gz of workspace paths
+  tools and main      the tool table, argument parsing, the ready line, the event loop
 
 Protocol (newline-framed JSON, json.dumps never emits a raw newline; but for the raw
 bytes of streamed output, see "Streaming" below):
@@ -47,12 +59,45 @@ import tempfile
 import threading
 import time
 
+# --- the slot contract ---------------------------------------------------------------
+#
+# What the node server (hpc_sandbox/server/) and this agent must agree on, defined here
+# once and imported by the server; tests/test_slot_contract.py pins it.
+
+SLOT_WORKSPACE = "/workspace"  # where a contained slot sees its workspace
+# Every command runs with CALL_ENV=<agent tag>.<call> in its environment: the agent's
+# per-call kills find what left a call's process group by it.
+CALL_ENV = "HPC_SANDBOX_CALL"
+# How long a reset keeps killing a slot's processes that keep reappearing (a fork bomb),
+# and how long the node server waits for the reset's answer before replacing the agent.
+RESET_SECONDS = 2.0
+RESET_TIMEOUT = RESET_SECONDS + 1.0
+# A streaming call's output goes out in chunks of about this much raw output, at most
+# this long after the first byte of it was read: a chatty command must not cost a
+# header per read, and a quiet one must still show its output at once. A chunk is never
+# larger than MAX_CHUNK_BYTES (the server refuses a header announcing more).
+STREAM_FLUSH_BYTES = 64 << 10
+STREAM_FLUSH_SECONDS = 0.05
+MAX_CHUNK_BYTES = 8 << 20
+# The tools a client may call through the node server; the agent's others (cancel,
+# ping, reset) are the server's own.
+CLIENT_TOOLS = ("bash", "session", "process", "read_file", "write_file", "list_files", "archive")
+
+
+def ready_message(pid: int, tag: str) -> dict:
+    """The line the agent sends once it runs: the server knows then that the runtime
+    started the agent (not just the container tool)."""
+    return {"id": None, "ok": True, "result": {"ready": True, "pid": pid, "tag": tag}}
+
+
+def is_ready(answer: dict) -> bool:
+    return answer.get("id") is None and bool(answer.get("ok")) and bool((answer.get("result") or {}).get("ready"))
+
+
 DEFAULT_OUTPUT_CAP = 1 << 20  # per stream, bytes
 DEFAULT_READ_LIMIT = 8 << 20
 DEFAULT_ARCHIVE_CAP = 64 << 20
 KILL_GRACE_SECONDS = 1.0
-# How long a reset keeps killing a slot's processes that keep reappearing (a fork bomb).
-RESET_SECONDS = 2.0
 # After the command's own process exits, background children may still hold its
 # pipes open (`server &`); we stop waiting for their output after this long.
 PIPE_DRAIN_SECONDS = 0.2
@@ -96,8 +141,7 @@ class ToolError(Exception):
 # `..` is refused outright, and nothing but a regular file is ever opened for data
 # (a FIFO would block the open, a device could do anything).
 
-SLOT_WORKSPACE = "/workspace"  # where a contained slot sees its workspace
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 NOT_FOLLOWED = "symlinks are not followed"
 # Folders a walk (list_files, archive) holds open at once, one per level: deeper
@@ -170,10 +214,10 @@ def _lstat_child(dir_fd: int, name: str, path: str):
         raise _refusal(dir_fd, name, path, exc)
 
 
-def _open_child_dir(dir_fd: int, name: str, path: str, create: bool = False) -> int:
+def open_child_dir(dir_fd: int, name: str, path: str, create: bool = False) -> int:
     """Open the folder `name` in `dir_fd` without following a symlink; mkdir it if asked."""
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError as exc:
         if not create:
             raise _refusal(dir_fd, name, path, exc)
@@ -186,12 +230,12 @@ def _open_child_dir(dir_fd: int, name: str, path: str, create: bool = False) -> 
     except OSError as exc:
         raise ToolError("io", "%s: cannot create %s (%s)" % (path, name, exc.strerror or exc))
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         raise _refusal(dir_fd, name, path, exc)
 
 
-def _open_child_file(dir_fd: int, name: str, path: str) -> int:
+def open_child_file(dir_fd: int, name: str, path: str) -> int:
     """Open the regular file `name` in `dir_fd` for reading; anything else is refused unopened."""
     _check_regular(_lstat_child(dir_fd, name, path), path, name)
     try:
@@ -223,13 +267,14 @@ def _scan(dir_fd: int) -> list:
     return found
 
 
-def _walk(top_fd: int, top: str, recursive: bool, cut: list):
+def walk_folder(top_fd: int, top: str, recursive: bool, cut: list, unreadable=None):
     """Yield (dir_fd, path, name, lstat) for everything under the folder `top_fd`.
 
     In os.walk's order (a folder's entries, then each subfolder's in turn), entering
     subfolders through descriptors with O_NOFOLLOW, so a symlink is reported, never
     followed. `top_fd` stays the caller's; every folder opened here is closed here.
-    Appends to `cut` the folders not entered for being too deep.
+    Appends to `cut` the folders not entered for being too deep, and to `unreadable`
+    (when given) those not entered for want of permission.
     """
     frames = []  # (fd, path, subfolder names still to enter)
     fd, folder = top_fd, top
@@ -256,10 +301,12 @@ def _walk(top_fd: int, top: str, recursive: bool, cut: list):
                 cut.append(_join(parent, name))
                 continue
             try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+                fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
             except OSError as exc:
                 # Replaced by a symlink or a file, removed, or unreadable: listed, not entered.
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
+                    if exc.errno == errno.EACCES and unreadable is not None:
+                        unreadable.append(_join(parent, name))
                     continue
                 raise ToolError("io", "%s: %s" % (_join(parent, name), exc.strerror or exc))
             folder = _join(parent, name)
@@ -328,11 +375,6 @@ class CappedBuffer:
         return bytes(self.head + self.tail).decode("utf-8", "replace")
 
 
-# A streaming call's output goes out in lines of at most this much raw output, at
-# most this long after the first byte of it was read: a chatty command must not cost
-# a JSON line per read, and a quiet one must still show its output at once.
-STREAM_FLUSH_BYTES = 64 << 10
-STREAM_FLUSH_SECONDS = 0.05
 
 
 class _Streamer:
@@ -535,6 +577,13 @@ async def _done_within(loop, future, seconds):
     return future.done()
 
 
+# --- processes ----------------------------------------------------------------------
+#
+# Finding and killing the slot's processes from inside it: by process group, by call
+# tag, by the agent's process tree (it is the slot's subreaper), or everything in the
+# slot's pid namespace. The node server has its own, on the host (server/procfs.py).
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -548,9 +597,6 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-CALL_ENV = "HPC_SANDBOX_CALL"
 
 
 def _pids() -> list:
@@ -717,7 +763,7 @@ SYSV_IPC = ("/proc/sysvipc/shm", "/proc/sysvipc/sem", "/proc/sysvipc/msg")
 def empty_folder(path: str) -> None:
     """Remove everything inside `path`; raise OSError on what will not go."""
     try:
-        top = os.open(path, _DIR_FLAGS)
+        top = os.open(path, DIR_FLAGS)
     except FileNotFoundError:
         os.makedirs(path, 0o700, exist_ok=True)
         return
@@ -745,7 +791,7 @@ def empty_folder(path: str) -> None:
                     os.chmod(child, 0o700, dir_fd=fd)  # a real folder, and nothing can swap it now
                 except OSError:
                     pass
-                child_fd = os.open(child, _DIR_FLAGS, dir_fd=fd)
+                child_fd = os.open(child, DIR_FLAGS, dir_fd=fd)
                 stack.append((child_fd, child, []))
                 enter(child_fd, stack[-1][2])
                 continue
@@ -1340,7 +1386,7 @@ class Agent:
         self.workspace = os.path.realpath(workspace)
         self.roots = workspace_roots(workspace)
         # Every path a tool takes is walked from this descriptor (see "paths" above).
-        self.root_fd = os.open(self.workspace, _DIR_FLAGS)
+        self.root_fd = os.open(self.workspace, DIR_FLAGS)
         # A `cwd` is handed to a command as the path of a descriptor we opened, which
         # the kernel resolves to that very folder; without /proc, by fchdir around the spawn.
         self.fd_paths = os.path.isdir("/proc/self/fd")
@@ -1903,7 +1949,7 @@ class Agent:
         fd = os.dup(self.root_fd)
         try:
             for name in parts:
-                next_fd = _open_child_dir(fd, name, path, create)
+                next_fd = open_child_dir(fd, name, path, create)
                 os.close(fd)
                 fd = next_fd
             return fd
@@ -1931,7 +1977,7 @@ class Agent:
             raise ToolError("is_directory", "%s: is a directory (the workspace)" % path)
         parent = self._open_dir(parts[:-1], path)
         try:
-            fd = _open_child_file(parent, parts[-1], path)
+            fd = open_child_file(parent, parts[-1], path)
         finally:
             os.close(parent)
         with os.fdopen(fd, "rb") as handle:
@@ -2038,7 +2084,7 @@ class Agent:
         entries = []
         truncated = False
         cut = []
-        walk = _walk(top_fd, "/".join(parts), recursive, cut)
+        walk = walk_folder(top_fd, "/".join(parts), recursive, cut)
         try:
             for _, entry_path, _, st in walk:
                 if len(entries) >= max_entries:
@@ -2066,9 +2112,9 @@ class Agent:
             parent = self._open_dir(parts[:-1], path)
             try:
                 if stat.S_ISDIR(_lstat_child(parent, top, path).st_mode):
-                    top_fd = _open_child_dir(parent, top, path)
+                    top_fd = open_child_dir(parent, top, path)
                 else:
-                    file_fd = _open_child_file(parent, top, path)
+                    file_fd = open_child_file(parent, top, path)
             finally:
                 os.close(parent)
         else:
@@ -2081,7 +2127,7 @@ class Agent:
                     _tar_file(tar, file_fd, top)
                 else:
                     tar.addfile(_tar_info(top, os.fstat(top_fd), tarfile.DIRTYPE))
-                    walk = _walk(top_fd, top, True, cut)
+                    walk = walk_folder(top_fd, top, True, cut)
                     try:
                         for dir_fd, member, name, st in walk:
                             _tar_entry(tar, dir_fd, member, name, st)
@@ -2129,6 +2175,9 @@ class Agent:
         return {"pid": os.getpid(), "workspace": self.workspace, "python": sys.version.split()[0]}
 
 
+# --- archives -----------------------------------------------------------------------
+
+
 class _TooLarge(Exception):
     pass
 
@@ -2156,7 +2205,7 @@ def _tar_entry(tar, dir_fd: int, member: str, name: str, st) -> None:
         tar.addfile(info)
     elif stat.S_ISREG(st.st_mode):
         try:
-            fd = _open_child_file(dir_fd, name, member)
+            fd = open_child_file(dir_fd, name, member)
         except ToolError as exc:
             if exc.kind in ("not_found", "path", "not_a_file", "is_directory"):  # changed meanwhile
                 return
@@ -2209,6 +2258,8 @@ class _CappedBytesIO(io.BytesIO):
         return super().write(data)
 
 
+# --- tools and main -----------------------------------------------------------------
+
 TOOLS = {
     "bash": Agent.tool_bash,
     "session": Agent.tool_session,
@@ -2257,7 +2308,7 @@ def main(argv=None) -> int:
     # SIG_IGN: commands we start must still die of SIGTERM.
     loop.add_signal_handler(signal.SIGTERM, lambda: None)
     # The ready line lets the server know the runtime started us (not just the container tool).
-    agent.send({"id": None, "ok": True, "result": {"ready": True, "pid": os.getpid(), "tag": agent.tag}})
+    agent.send(ready_message(os.getpid(), agent.tag))
     try:
         loop.run_until_complete(agent.serve())
     finally:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from .agent import CLIENT_TOOLS
 from .errors import (AuthError, BadRequest, ClientError, LeaseLost, LimitExceeded, NoFreeSlot, NotFound)
 
 # --- routes and headers ---------------------------------------------------------------
@@ -81,8 +82,9 @@ def parse_slot_index(raw: str) -> int:
 # --- tools and defaults ---------------------------------------------------------------
 
 # bash (plain, in a named session, or in the background), session (list, close), process
-# (list, output, signal, wait of background processes), and the file tools.
-TOOLS = ("bash", "session", "process", "read_file", "write_file", "list_files", "archive")
+# (list, output, signal, wait of background processes), and the file tools: the agent's
+# (it owns the slot contract).
+TOOLS = CLIENT_TOOLS
 # An acquire may wait on the server for a slot to free up, at most this long (a client
 # that wants longer asks again: proxies and NATs drop idle connections).
 MAX_ACQUIRE_WAIT = 60.0

@@ -272,35 +272,53 @@ def test_bwrap_slots_from_a_venv_under_tmp(env):
     bwrap_slot_checks(env, TMP_VENV)
 
 
-# A foreground command that hides its environment (PR_SET_DUMPABLE 0: its /proc folder
-# then belongs to root, and its environ is closed to the user) and holds 400 MiB; and the
-# same as a daemon that leaves the agent's tree (double fork, setsid).
-_HIDDEN_HOG = ("python3 -c 'import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); b = bytearray(400 << 20); "
-               "b[::4096] = bytes([1]) * len(b[::4096]); time.sleep(60)' {marker}")
+# A process that hides its environment (PR_SET_DUMPABLE 0: its environ is then closed to
+# its own user), holds MiB of memory, says it is ready in a file, and sleeps.
+_HIDDEN_HOG = """import ctypes, sys, time
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
+held = bytearray(int(sys.argv[1]) << 20)
+held[::4096] = bytes([1]) * len(held[::4096])
+open(sys.argv[2], "w").close()
+time.sleep(60)
+"""
+
+
+def _daemon(hog: Path, mib: int, marker: str) -> str:
+    """A slot command: start the hog as a daemon that left the agent's tree (setsid, its
+    parent gone) and wait until it has hidden itself (or was killed first)."""
+    ready = f"ready-{marker}"
+    return (f"(setsid python3 {hog} {mib} $PWD/{ready} {marker} >/dev/null 2>&1 &); sleep 0.2; "
+            f"for i in $(seq 200); do [ -e {ready} ] && break; {_alive(marker)} || break; sleep 0.1; done")
+
+
+def _alive(marker: str) -> str:
+    """A slot command that succeeds while a process named by `marker` runs (a pattern
+    that does not match itself: the command's own shell has the marker in its line)."""
+    return f"pgrep -f '[{marker[0]}]{marker[1:]}' >/dev/null"
 
 
 def test_a_released_slot_is_clean_for_an_ordinary_user(env):
-    """Issue 17's probes as an ordinary user (where /proc hides more than from root):
-    runtime none: a non-dumpable command is still counted by slot_memory, and a
-    non-dumpable daemon ends with the release; bwrap: the next holder finds nothing of
-    the last one's in /tmp, /dev/shm or a folder it locked in the workspace, and the
-    kernel fences the slot's tasks."""
+    """Issue 17's probes as an ordinary user (whose /proc hides a non-dumpable process's
+    environment): runtime none: a non-dumpable daemon is still counted by slot_memory and
+    ends with the release; bwrap: the next holder finds nothing of the last one's in /tmp,
+    /dev/shm or a folder it locked in the workspace, and the kernel fences the slot's tasks."""
     user, venv = env["user"], env["home_venv"]
     if not (venv / "bin" / "hpc-sandbox").exists():  # run alone (-k)
         user.ok(f"pip install {SRC}", venv=venv, env=env["pip_env"], timeout=300)
-    config = user.home / "limits.yaml"
+    config, hog = user.home / "limits.yaml", user.home / "hog.py"
     user.ok(f"printf 'profiles:\\n  none:\\n    runtime: none\\n    slot_memory: 256M\\n"
-            f"  bwrap:\\n    runtime: bwrap\\n    slot_memory: 256M\\n    slot_procs: 64\\n' > {config}", timeout=30)
+            f"  bwrap:\\n    runtime: bwrap\\n    slot_memory: 256M\\n    slot_procs: 64\\n' > {config}; "
+            f"printf %s {shlex.quote(_HIDDEN_HOG)} > {hog}", timeout=30)
     marker = f"hpcsbx-as-user-{os.getpid()}"
     try:
         job = job_of(user.ok(f"hpc-sandbox submit --config {config} --profile none --slots 1 --wait",
                              venv=venv, timeout=180).stdout)
-        hog = _HIDDEN_HOG.format(marker=marker + "-fg")
-        script = f"hpc-sandbox exec --job {job} -- {shlex.quote(hog)}"
-        result = user.run(script, venv=venv, timeout=120)
-        assert result.returncode != 0 and "memory limit: the slot used" in result.stderr, explain(result, script)
-        daemon = f"({_HIDDEN_HOG.format(marker=marker + '-bg')} >/dev/null 2>&1 &)"
-        user.ok(f"hpc-sandbox exec --job {job} -- {shlex.quote('setsid bash -c ' + shlex.quote(daemon))}",
+        watched = (f"{_daemon(hog, 400, marker + '-big')}; for i in $(seq 100); do "
+                   f"{_alive(marker + '-big')} || {{ echo killed; exit 0; }}; sleep 0.2; done; echo survived")
+        script = f"hpc-sandbox exec --job {job} -- {shlex.quote(watched)}"
+        result = user.ok(script, venv=venv, timeout=120)
+        assert result.stdout.strip() == "killed", explain(result, script)
+        user.ok(f"hpc-sandbox exec --job {job} -- {shlex.quote(_daemon(hog, 8, marker + '-small'))}",
                 venv=venv, timeout=120)
         assert wait_until(lambda: not pids_matching(marker), timeout=15), \
             f"a non-dumpable daemon outlived its lease: {pids_matching(marker)}"

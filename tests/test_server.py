@@ -194,6 +194,20 @@ async def test_files_stream_in_and_out(client, tmp_path):
     assert dest.read_bytes() == source.read_bytes()
 
 
+async def test_concurrent_uploads_into_a_new_folder_all_land(client, tmp_path):
+    """Eight uploads at once under folders none of them found: each makes what it needs,
+    and one that finds a folder made meanwhile by another goes on (it said 'File exists')."""
+    granted = await client.acquire("t")
+    source = tmp_path / "f"
+    source.write_bytes(b"x")
+    for round_ in range(20):
+        sizes = await asyncio.gather(*(client.upload(granted.slot, granted.lease, source,
+                                                     f"r{round_}/a/b/c/d/f{k}") for k in range(8)))
+        assert sizes == [1] * 8
+    listing = await client.execute(granted.slot, granted.lease, "bash", {"command": "ls r19/a/b/c/d | wc -l"})
+    assert listing.result["stdout"] == "8\n"
+
+
 async def test_file_transfer_never_follows_symlinks_or_dotdot(client, tmp_path):
     granted = await client.acquire("t")
     slot, lease = granted.slot, granted.lease

@@ -30,8 +30,8 @@ SHIM_PATH = {"PATH": f"{SHIMS}:{os.environ.get('PATH', '')}"}
 # A process that hides its environment (PR_SET_DUMPABLE 0), leaves its session and the
 # agent's tree (double fork), holds MIB MiB and sleeps; MARKER in its argv finds it.
 NON_DUMPABLE = ("(python3 -c 'import ctypes, os, sys, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); os.setsid(); "
-                "b = bytearray({mib} << 20); b[::4096] = bytes([1]) * len(b[::4096]); time.sleep(120)' {marker} "
-                ">/dev/null 2>&1 &)")
+                "b = bytearray({mib} << 20); b[::4096] = bytes([1]) * len(b[::4096]); open(\"ready\", \"w\").close(); "
+                "time.sleep(120)' {marker} >/dev/null 2>&1 &); for i in $(seq 100); do [ -e ready ] && break; sleep 0.1; done")
 
 
 def _server(state_dir: Path, runtime: str, job: str, *flags: str, slots: int = 1):
@@ -255,3 +255,27 @@ async def test_a_fork_bomb_is_contained_within_seconds_and_the_neighbour_keeps_w
     finally:
         server.stop()
         _kill_marked(marker)
+
+
+@pytest.mark.parametrize("hide", ["deep", "unreadable"])
+def test_a_workspace_cannot_hide_usage_in_deep_or_unreadable_folders(tmp_path, hide):
+    workspace = tmp_path / "ws"
+    folder = workspace
+    for level in range(200 if hide == "deep" else 1):
+        folder = folder / f"d{level}"
+    folder.mkdir(parents=True)
+    with open(folder / "big", "wb") as big:
+        big.write(os.urandom(3 << 20))
+    if hide == "unreadable":
+        folder.chmod(0)
+    watchdog = limits.Watchdog(limits.SlotLimits(disk_mb=2))
+    view = limits.SlotView(index=0, pid=os.getpid(), infra=frozenset({os.getpid()}), workspace=workspace,
+                           measure_disk=True)
+    try:
+        [finding] = watchdog.check([view], disk_round=True)
+    finally:
+        folder.chmod(0o700)
+    if hide == "unreadable" and os.geteuid() == 0:  # root reads it anyway: then it is counted
+        assert finding.breach and "holds 3 MiB" in finding.breach, finding
+    else:
+        assert finding.breach and ("nested deeper" in finding.breach or "cannot read" in finding.breach), finding

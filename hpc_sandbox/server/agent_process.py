@@ -11,8 +11,9 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from ..agent import MAX_CHUNK_BYTES, is_ready
 from ..errors import RuntimeUnavailable
-from .limits import kill_tree
+from .procfs import kill_tree
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,6 @@ STUCK_GRACE_SECONDS = 5.0
 # reader of the agent's stdout, so it must never wait: the agent's channel keeps
 # flowing whoever reads the stream.
 OutputSink = Callable[[str, bytes], None]
-# The agent sends chunks of 64 KiB and a little (agent.STREAM_FLUSH_BYTES plus one read):
-# a header announcing much more is a broken stream, not output.
-MAX_CHUNK = 8 << 20
 
 
 class AgentDied(RuntimeUnavailable):
@@ -125,7 +123,7 @@ class AgentProcess:
                 if "chunk" in answer:  # a streaming call's output, ahead of its answer
                     await self._chunk(answer)
                     continue
-                if request_id is None and answer.get("ok") and (answer.get("result") or {}).get("ready"):
+                if is_ready(answer):
                     request_id = "__ready__"
                 future = self.pending.pop(request_id, None) if request_id is not None else None
                 if future is not None and not future.done():
@@ -151,7 +149,7 @@ class AgentProcess:
         that cannot be followed: the channel is out of step for good."""
         assert self.proc and self.proc.stdout
         stream, size, request_id = header.get("chunk"), header.get("size"), header.get("id")
-        if stream not in ("stdout", "stderr") or not isinstance(size, int) or not 0 <= size <= MAX_CHUNK:
+        if stream not in ("stdout", "stderr") or not isinstance(size, int) or not 0 <= size <= MAX_CHUNK_BYTES:
             raise ValueError(f"malformed output chunk header {str(header)[:200]}")
         try:
             data = await self.proc.stdout.readexactly(size)

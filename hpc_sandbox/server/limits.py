@@ -26,7 +26,7 @@ RLIMITs are not used for memory: none is per slot.
 """
 from __future__ import annotations
 
-import errno
+import contextlib
 import logging
 import os
 import signal
@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from ..agent import DIR_FLAGS, MAX_WALK_DEPTH, ToolError, walk_folder
+from .procfs import Proc, children_of, kill_group, scan_processes, signal_pid, subtree
 
 log = logging.getLogger(__name__)
 
 LIMIT_EXCEEDED = "limit_exceeded"  # the error kind of a call a breach ended
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1 << 20
 
 WATCH_INTERVAL = 0.5  # seconds between process scans
@@ -52,7 +53,6 @@ DISK_EVERY = 4  # scans per workspace measurement (2 s)
 # measured whole in a later round (the first claim on the budget rotates).
 DISK_SLOT_ENTRIES = 1_000_000
 DISK_ROUND_ENTRIES = 1_000_000
-DISK_MAX_DEPTH = 64  # directory descriptors a walk holds open at once
 # While a workspace is over its limit, growing it by more than this kills the slot's
 # commands again; staying put (or shrinking it, say with rm) does not.
 DISK_GROWTH_SLACK = 1 * MIB
@@ -71,167 +71,46 @@ class SlotLimits:
         return any(value is not None for value in (self.memory_mb, self.max_procs, self.disk_mb))
 
 
-# --- /proc ----------------------------------------------------------------------------
-
-
-class Proc(NamedTuple):  # a tuple: made for every process twice a second
-    pid: int
-    ppid: int
-    pgid: int
-    rss: int  # bytes
-    start: int  # start time in clock ticks: (pid, start) names a process, pid alone may be reused
-
-
-def scan_processes() -> dict[int, Proc]:
-    """Every process of the node (in this pid namespace), from /proc/PID/stat.
-
-    Not only the server user's: a non-dumpable process's /proc folder belongs to root."""
-    procs: dict[int, Proc] = {}
-    try:
-        entries = os.scandir("/proc")
-    except OSError:
-        return procs
-    with entries:
-        for entry in entries:
-            name = entry.name
-            if not name.isdigit():
-                continue
-            try:
-                fd = os.open(f"/proc/{name}/stat", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    raw = os.read(fd, 4096)
-                finally:
-                    os.close(fd)
-            except OSError:  # gone meanwhile
-                continue
-            # comm may hold spaces and parentheses: the fields start after the last ')'.
-            fields = raw[raw.rfind(b")") + 2:].split(None, 22)
-            try:
-                procs[int(name)] = Proc(int(name), int(fields[1]), int(fields[2]), int(fields[21]) * PAGE,
-                                        int(fields[19]))
-            except (IndexError, ValueError):
-                continue
-    return procs
-
-
-def children_of(procs: dict[int, Proc]) -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for proc in procs.values():
-        children.setdefault(proc.ppid, []).append(proc.pid)
-    return children
-
-
-def subtree(root: int, children: dict[int, list[int]]) -> list[int]:
-    """`root` and its descendants."""
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, ()))
-    return found
-
-
-def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.kill(pid, sig)
-    except OSError:
-        pass
-
-
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def kill_tree(root: int) -> int:
-    """SIGKILL `root` and its descendants, with their process groups (what was forked
-    since the scan is mostly in those). For an agent that no longer answers: nobody
-    else will end its commands."""
-    procs = scan_processes()
-    doomed = set(subtree(root, children_of(procs))) if root in procs else {root}
-    groups = {procs[pid].pgid for pid in doomed if pid in procs}
-    for pid in doomed:
-        _kill(pid, signal.SIGSTOP)  # no more forks while the rest is being killed
-    for pgid in groups - {os.getpgrp()}:
-        if pgid > 1:
-            _killpg(pgid)
-    for pid in doomed:
-        _kill(pid)
-    return len(doomed)
-
-
 # --- workspace usage --------------------------------------------------------------------
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+class DiskUsage(NamedTuple):
+    bytes: int  # allocated under the workspace (hard links once)
+    entries: int  # entries walked
+    incomplete: str | None = None  # why the walk stopped short, when it did: then `bytes` is a part
 
 
-def disk_usage(path: Path, max_entries: int) -> tuple[int, int, bool]:
-    """(bytes allocated under `path`, entries seen, whether the walk stopped early).
-
-    Folders are entered through descriptors with O_NOFOLLOW, so a symlink swapped in by
-    the slot is never followed out of the workspace; hard links are counted once.
-    """
+def disk_usage(path: Path, max_entries: int) -> DiskUsage:
+    """What the workspace at `path` holds, walked with the agent's own walk
+    (agent.walk_folder): folders entered through descriptors with O_NOFOLLOW, so a
+    symlink swapped in by the slot is never followed out of the workspace."""
     try:
-        top = os.open(path, _DIR_FLAGS)
+        top = os.open(path, DIR_FLAGS)
     except OSError:
-        return 0, 0, False
+        return DiskUsage(0, 0)
     total = seen = 0
-    cut = False
     inodes: set[tuple[int, int]] = set()
-    stack: list[tuple[int, list[str]]] = []  # (folder fd, subfolders still to enter)
-    fd: int | None = top
+    too_deep: list[str] = []
+    unreadable: list[str] = []
     try:
-        while True:
-            if fd is not None:
-                subfolders: list[str] = []
-                try:
-                    with os.scandir(fd) as entries:
-                        for entry in entries:
-                            seen += 1
-                            if seen > max_entries:
-                                cut = True
-                                break
-                            try:
-                                st = entry.stat(follow_symlinks=False)
-                            except OSError:
-                                continue
-                            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                                if (st.st_dev, st.st_ino) in inodes:
-                                    continue
-                                inodes.add((st.st_dev, st.st_ino))
-                            total += st.st_blocks * 512
-                            if stat.S_ISDIR(st.st_mode):
-                                subfolders.append(entry.name)
-                except OSError:
-                    pass
-                stack.append((fd, subfolders))
-                fd = None
-                if cut:
-                    break
-            if not stack:
-                break
-            parent, pending = stack[-1]
-            if not pending:
-                os.close(stack.pop()[0])
-                continue
-            name = pending.pop()
-            if len(stack) >= DISK_MAX_DEPTH:
-                cut = True
-                continue
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
-                    log.debug("disk usage of %s: %s: %s", path, name, exc)
-                fd = None
+        with contextlib.closing(walk_folder(top, "", True, too_deep, unreadable)) as entries:
+            for _, _, _, st in entries:
+                seen += 1
+                if seen > max_entries:
+                    return DiskUsage(total, seen, f"holds more than {max_entries} entries")
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    if (st.st_dev, st.st_ino) in inodes:
+                        continue
+                    inodes.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    except ToolError as exc:
+        return DiskUsage(total, seen, f"could not be read whole ({exc.message})")
     finally:
-        if fd is not None:
-            os.close(fd)
-        for folder, _ in stack:
-            os.close(folder)
-    return total, seen, cut
+        os.close(top)
+    if unreadable:
+        return DiskUsage(total, seen, f"has a folder the node server cannot read ({unreadable[0]})")
+    if too_deep:
+        return DiskUsage(total, seen, f"has folders nested deeper than {MAX_WALK_DEPTH}")
+    return DiskUsage(total, seen)
 
 
 # --- the watchdog ----------------------------------------------------------------------
@@ -341,11 +220,13 @@ class Watchdog:
         limit = self.limits.disk_mb
         assert limit is not None
         cap = DISK_SLOT_ENTRIES
-        used, entries, cut = disk_usage(view.workspace, min(cap, budget))
-        if cut and budget < cap:
+        used, entries, incomplete = disk_usage(view.workspace, min(cap, budget))
+        if incomplete and entries > budget and budget < cap:
             return None, entries, False  # the round's budget ran out: measured whole in a later round
-        if cut:
-            why = f"holds more than {cap} entries, the most the disk limit counts"
+        if incomplete:
+            # A count cut short is never taken for the total: a slot must not hide its size
+            # behind many entries, deep folders or a folder it made unreadable.
+            why = f"{incomplete}, the most the disk limit counts" if entries > cap else incomplete
         elif used > limit * MIB:
             why = f"holds {used // MIB} MiB"
         else:
@@ -364,10 +245,10 @@ class Watchdog:
 
     def _kill_group(self, spared: set[int], proc: Proc) -> None:
         if proc.pgid in spared or proc.pgid <= 1:
-            _kill(proc.pid)
+            signal_pid(proc.pid)
         else:
-            _killpg(proc.pgid)
-            _kill(proc.pid)  # it may have left its group since the scan
+            kill_group(proc.pgid)
+            signal_pid(proc.pid)  # it may have left its group since the scan
 
     def _kill_all(self, view: SlotView, spared: set[int], mine: list[Proc]) -> None:
         """Kill every command of the slot, and again what they forked meanwhile (a fork
@@ -378,12 +259,12 @@ class Watchdog:
         while mine:
             killed.update(proc.pid for proc in mine)
             for proc in mine:
-                _kill(proc.pid, signal.SIGSTOP)  # a fork bomb stops forking while it is being killed
+                signal_pid(proc.pid, signal.SIGSTOP)  # a fork bomb stops forking while it is being killed
             for pgid in {proc.pgid for proc in mine} - spared:
                 if pgid > 1:
-                    _killpg(pgid)
+                    kill_group(pgid)
             for proc in mine:
-                _kill(proc.pid)
+                signal_pid(proc.pid)
             if time.monotonic() > deadline:
                 return
             procs = scan_processes()

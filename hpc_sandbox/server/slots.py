@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import BadRequest, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
 from ..protocol import TOOLS, AcquireRequest, Call, CallAnswer, Grant
-from ..agent import empty_folder
+from ..agent import RESET_TIMEOUT, empty_folder
 from ..runtime import SlotRuntime, host_scratch
 from .agent_process import STUCK_GRACE_SECONDS, AgentDied, AgentError, AgentProcess, AgentStuck, OutputSink
 from .limits import DISK_EVERY, LIMIT_EXCEEDED, WATCH_INTERVAL, SlotLimits, SlotView, Watchdog
@@ -34,7 +34,6 @@ from .limits import DISK_EVERY, LIMIT_EXCEEDED, WATCH_INTERVAL, SlotLimits, Slot
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = 600.0
-RESET_TIMEOUT = 3.0  # the agent's own reset gives up after agent.RESET_SECONDS (2 s)
 MAX_LEASE_TTL = 7 * 24 * 3600.0
 REMEMBERED_EXEC_IDS = 2048  # per slot
 
