@@ -273,28 +273,23 @@ def test_bwrap_slots_from_a_venv_under_tmp(env):
 
 
 # A process that hides its environment (PR_SET_DUMPABLE 0: its environ is then closed to
-# its own user), holds MiB of memory, says it is ready in a file, and sleeps.
-_HIDDEN_HOG = """import ctypes, sys, time
+# its own user), writes its pid to a file, then holds MiB of memory and sleeps.
+_HIDDEN_HOG = """import ctypes, os, sys, time
 ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
+with open(sys.argv[2] + ".tmp", "w") as pid:
+    pid.write(str(os.getpid()))
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
 held = bytearray(int(sys.argv[1]) << 20)
 held[::4096] = bytes([1]) * len(held[::4096])
-open(sys.argv[2], "w").close()
 time.sleep(60)
 """
 
 
 def _daemon(hog: Path, mib: int, marker: str) -> str:
     """A slot command: start the hog as a daemon that left the agent's tree (setsid, its
-    parent gone) and wait until it has hidden itself (or was killed first)."""
-    ready = f"ready-{marker}"
-    return (f"(setsid python3 {hog} {mib} $PWD/{ready} {marker} >/dev/null 2>&1 &); sleep 0.2; "
-            f"for i in $(seq 200); do [ -e {ready} ] && break; {_alive(marker)} || break; sleep 0.1; done")
-
-
-def _alive(marker: str) -> str:
-    """A slot command that succeeds while a process named by `marker` runs (a pattern
-    that does not match itself: the command's own shell has the marker in its line)."""
-    return f"pgrep -f '[{marker[0]}]{marker[1:]}' >/dev/null"
+    parent gone), wait for its pid in $PWD/MARKER.pid, and leave it in $pid."""
+    return (f"(setsid python3 {hog} {mib} $PWD/{marker}.pid {marker} >/dev/null 2>&1 &); "
+            f"for i in $(seq 200); do [ -s {marker}.pid ] && break; sleep 0.1; done; pid=$(cat {marker}.pid)")
 
 
 def test_a_released_slot_is_clean_for_an_ordinary_user(env):
@@ -314,11 +309,11 @@ def test_a_released_slot_is_clean_for_an_ordinary_user(env):
         job = job_of(user.ok(f"hpc-sandbox submit --config {config} --profile none --slots 1 --wait",
                              venv=venv, timeout=180).stdout)
         watched = (f"{_daemon(hog, 400, marker + '-big')}; for i in $(seq 100); do "
-                   f"{_alive(marker + '-big')} || {{ echo killed; exit 0; }}; sleep 0.2; done; echo survived")
+                   "kill -0 $pid 2>/dev/null || { echo killed; exit 0; }; sleep 0.2; done; echo survived")
         script = f"hpc-sandbox exec --job {job} -- {shlex.quote(watched)}"
         result = user.ok(script, venv=venv, timeout=120)
         assert result.stdout.strip() == "killed", explain(result, script)
-        user.ok(f"hpc-sandbox exec --job {job} -- {shlex.quote(_daemon(hog, 8, marker + '-small'))}",
+        user.ok(f"hpc-sandbox exec --job {job} -- {shlex.quote(_daemon(hog, 8, marker + '-small') + '; sleep 1')}",
                 venv=venv, timeout=120)
         assert wait_until(lambda: not pids_matching(marker), timeout=15), \
             f"a non-dumpable daemon outlived its lease: {pids_matching(marker)}"

@@ -279,3 +279,16 @@ def test_a_workspace_cannot_hide_usage_in_deep_or_unreadable_folders(tmp_path, h
         assert finding.breach and "holds 3 MiB" in finding.breach, finding
     else:
         assert finding.breach and ("nested deeper" in finding.breach or "cannot read" in finding.breach), finding
+
+
+async def test_under_runtime_none_the_disk_limit_counts_the_slots_tmpdir(state_dir):
+    server = _server(state_dir, "none", "tmpdisk", "--slot-disk", "20M")
+    try:
+        async with NodeClient(server.endpoint) as client:
+            granted = await client.acquire("t")
+            writer = 'for i in $(seq 50); do head -c 1048576 /dev/urandom >> "$TMPDIR/big"; sleep 0.1; done'
+            answer = await client.execute(granted.slot, granted.lease, "bash", {"command": writer}, timeout=60)
+            assert not answer.ok and answer.error_kind == "limit_exceeded", answer
+            assert answer.error_message.startswith("disk limit: the slot's workspace (with its TMPDIR) holds ")
+    finally:
+        assert server.stop() == 0

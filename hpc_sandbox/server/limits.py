@@ -125,6 +125,9 @@ class SlotView:
     infra: frozenset[int]  # the agent's and the runtime's own processes
     workspace: Path
     measure_disk: bool
+    # A TMPDIR of the slot's own on the node's disk (runtime none): slot_disk counts it
+    # with the workspace. A container's /tmp is its own tmpfs, capped apart.
+    tmpdir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,9 @@ class Watchdog:
         assert limit is not None
         cap = DISK_SLOT_ENTRIES
         used, entries, incomplete = disk_usage(view.workspace, min(cap, budget))
+        if view.tmpdir is not None and not incomplete:
+            extra = disk_usage(view.tmpdir, min(cap, budget) - entries)
+            used, entries, incomplete = used + extra.bytes, entries + extra.entries, extra.incomplete
         if incomplete and entries > budget and budget < cap:
             return None, entries, False  # the round's budget ran out: measured whole in a later round
         if incomplete:
@@ -241,7 +247,8 @@ class Watchdog:
         self._kill_all(view, spared, mine)
         # A burst of writes can end between two measurements: then there is nothing to kill.
         outcome = "its commands were killed" if mine else "nothing was running; commands that grow it are killed"
-        return f"disk limit: the slot's workspace {why}, its limit is {limit} MiB; {outcome}", entries, True
+        where = "workspace (with its TMPDIR)" if view.tmpdir is not None else "workspace"
+        return f"disk limit: the slot's {where} {why}, its limit is {limit} MiB; {outcome}", entries, True
 
     def _kill_group(self, spared: set[int], proc: Proc) -> None:
         if proc.pgid in spared or proc.pgid <= 1:

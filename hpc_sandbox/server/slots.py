@@ -501,7 +501,7 @@ class SlotTable:
                 if not scan and not (measure and disk_round):
                     continue  # nothing has run in it since a round found it empty (and measured it)
                 views.append(SlotView(slot.index, agent.pid or 0, agent.infra, slot.workspace,
-                                      measure_disk=measure))
+                                      measure_disk=measure, tmpdir=self._tmpdir(slot)))
                 marks.append((slot, agent, busy, slot.last_used))
             if not views:
                 continue
@@ -510,6 +510,11 @@ class SlotTable:
                 await asyncio.shield(self._round)
             except Exception as exc:  # a bad round must not end the watchdog
                 log.error("limit watchdog: %s: %s", type(exc).__name__, exc)
+
+    def _tmpdir(self, slot: Slot) -> Path | None:
+        """The slot's TMPDIR on the node's disk, when its runtime gives it one there."""
+        tmpdir = host_scratch(slot.workspace)
+        return tmpdir if str(tmpdir) in self.runtime.scratch(slot.workspace) else None
 
     async def _watch_round(self, views: list[SlotView], marks: list, disk_round: bool) -> None:
         assert self.watchdog is not None
