@@ -13,22 +13,18 @@
 The environments' names and shapes, and what each maps to (nothing here runs a command,
 opens a file or keeps a slot: the pool and the slot agent do):
 
-    start()                        submit the profile's job (jobs.submit, wait for its first node
-                                   server) and attach a SlotPool to it; or start the pool given
-    stop(purge=False)              stop the pools; purge=True also cancels the jobs start() submitted
+    start() / stop(purge=False)    compat.profiles: each profile's pool, given or over a job
+                                   submitted for it; purge=True cancels the jobs start() submitted
     acquire(trajectory_id, profile=None)     SlotPool.acquire -> BackendSlot (`slot_id`, `slot`)
     release(slot, reset_workspace=False)     SlotPool.release (sessions end either way)
     execute_batch(requests, timeout_s)       SlotPool.execute_batch, one round per call of a slot
       bash                         agent `bash`
       bash_stateful                agent `bash` with `session` (default "main": one per slot,
                                    so one per trajectory)
-      tmux start/send_keys/capture/stop      compat.tmux.Terminals: real tmux in the slot when it
-                                   has one, else an agent session "tmux-NAME" (see compat/tmux.py)
+      tmux start/send_keys/capture/stop      compat.tmux: real tmux in the slot when it has
+                                   one, else the agent session "tmux-NAME"
       read_file, write_file, ...   the agent's tool of that name, arguments as they are
-    read_artifact                  agent `read_file` with `sha256` and `limit`
-    list_artifacts                 agent `list_files`
-    archive_artifacts              agent `archive` of all the paths at once (`paths`), members
-                                   named relative to the workspace
+    read/list/archive_artifacts    compat.artifacts: agent `read_file`, `list_files`, `archive`
     get_status()                   SlotPool.report() of every profile's pool
 
 Results are `ExecutionResult`s: `success`, `output` (stdout, then "[stderr]" and stderr
@@ -39,35 +35,31 @@ and the tool's own fields), `execution_id` (new for every call).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hashlib
 import json
-import logging
-import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, HpcSandboxError, JobNotFound
+from ..errors import ConfigError, HpcSandboxError
 from ..models import Slot, ToolResult
 from ..pool import SlotPool, ToolCall
+from . import artifacts
+from .artifacts import DEFAULT_ARTIFACT_BYTES, DEFAULT_MAX_ENTRIES, ArtifactError, ArtifactListing
+from .profiles import Profile, ProfilePools, profiles_of
 from .tmux import TMUX_IDLE, TerminalCall, Terminals, TmuxMode, agent_session_name
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0  # seconds per call of a batch, when execute_batch is given none
 STATEFUL_SESSION = "main"  # the session bash_stateful uses (one slot per trajectory: one per trajectory)
 TMUX_MODES = tuple(mode.value for mode in TmuxMode)  # the constructor's `tmux`: see HpcSandboxBackend.__init__
-DEFAULT_ARTIFACT_BYTES = 1 << 20
-DEFAULT_MAX_ENTRIES = 1000
 
 
 def _new_execution_id() -> str:
     return uuid.uuid4().hex
 
+
+# --- shapes ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -112,21 +104,6 @@ class BackendSlot:
 
     def __str__(self) -> str:
         return self.slot_id
-
-
-class ArtifactListing(list):
-    """The entries of list_artifacts (dicts with path, is_dir, size, mtime, type): a
-    plain list, with `truncated` True when max_entries (or the depth limit) cut it."""
-
-    truncated: bool = False
-
-
-class ArtifactError(HpcSandboxError):
-    """An artifact helper failed: `kind` is the agent's (not_found, path, too_large, ...)."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 # --- result mapping ----------------------------------------------------------------------
@@ -197,40 +174,12 @@ def _refused(slot: BackendSlot, tool: str, kind: str, message: str) -> Execution
 
 
 @dataclass
-class _Profile:
-    """One profile: its own pool (given, or over the job start() submits)."""
-
-    name: str
-    config_profile: str | None = None  # the config profile its job is submitted from
-    overrides: dict[str, Any] = field(default_factory=dict)  # SandboxSpec fields over the profile
-    pool: SlotPool | None = None
-    own_pool: bool = False  # made by start(): stopped and dropped by stop()
-    job: Any = None  # the jobs.Job start() submitted, until cancelled
-
-
-
-@dataclass
 class _Request:
     slot: BackendSlot
     tool: str
     args: dict[str, Any]
     timeout: float
     invalid: str | None = None  # arguments that could not be read (bad JSON): answered, not sent
-
-
-
-
-def _cancel_job(job: Any) -> None:
-    """Cancel a job start() submitted: removed from Nomad at once (purge), cancelled elsewhere."""
-    from .. import jobs as job_api
-
-    if job.info.scheduler == "nomad":
-        try:
-            job_api.cancel(job.state_dir, job.id, purge=True)
-        except JobNotFound:
-            pass
-    else:
-        job.cancel()
 
 
 class HpcSandboxBackend:
@@ -259,33 +208,23 @@ class HpcSandboxBackend:
         session), "tmux" (real tmux; a slot without it answers error_kind "unavailable")."""
         if pool is not None and (job_overrides or overflow):
             raise ConfigError("give a SlotPool, or a profile with job overrides to submit, not both")
-        entry = _Profile(profile or "default", config_profile=profile, overrides=dict(job_overrides), pool=pool)
+        entry = Profile(profile or "default", config_profile=profile, overrides=dict(job_overrides), pool=pool)
         self._configure({entry.name: entry}, entry.name, config_file=config_file, wait_timeout=wait_timeout,
                         acquire_timeout=acquire_timeout, lease_ttl=lease_ttl, default_timeout=default_timeout,
                         stateful_session=stateful_session, tmux_idle=tmux_idle, tmux=tmux, overflow=overflow,
                         cloud_settings=cloud_settings)
 
-    def _configure(self, profiles: dict[str, _Profile], default: str, *, config_file: str | Path | None = None,
-                   wait_timeout: float = 600.0, acquire_timeout: float = 300.0, lease_ttl: float | None = None,
-                   default_timeout: float = DEFAULT_TIMEOUT, stateful_session: str = STATEFUL_SESSION,
-                   tmux_idle: float = TMUX_IDLE, tmux: str = "auto", overflow: str | None = None,
-                   cloud_settings: Mapping[str, Any] | None = None) -> None:
-        if default not in profiles:
-            raise ConfigError(f"default profile {default!r} is not one of {', '.join(profiles)}")
+    def _configure(self, profiles: dict[str, Profile], default: str, *, default_timeout: float = DEFAULT_TIMEOUT,
+                   stateful_session: str = STATEFUL_SESSION, tmux_idle: float = TMUX_IDLE, tmux: str = "auto",
+                   **pool_options: Any) -> None:
+        self._pools = ProfilePools(profiles, default, **pool_options)
         if tmux not in TMUX_MODES:
             raise ConfigError(f"tmux must be one of {', '.join(TMUX_MODES)}; got {tmux!r}")
-        self._profiles = profiles
         self.default_profile = default
-        self.config_file = Path(config_file).expanduser() if config_file is not None else None
-        self.wait_timeout = wait_timeout
-        self.acquire_timeout = acquire_timeout
-        self.lease_ttl = lease_ttl
         self.default_timeout = default_timeout
         self.stateful_session = agent_session_name(stateful_session)
         self.tmux_idle = tmux_idle
         self.tmux = tmux
-        self.overflow = overflow
-        self.cloud_settings = dict(cloud_settings) if cloud_settings else None
         self._held: dict[str, BackendSlot] = {}
         self._terminals = Terminals(TmuxMode(tmux), tmux_idle)
         self._started = False
@@ -294,43 +233,28 @@ class HpcSandboxBackend:
     @classmethod
     def with_profiles(cls, profiles: Mapping[str, SlotPool | Mapping[str, Any] | None], *,
                       default: str | None = None, **options: Any) -> "HpcSandboxBackend":
-        """Several profiles, one SlotPool each: `acquire(..., profile=NAME)` takes a slot
-        of that profile's pool.
-
-        A value is a SlotPool to serve from, or the job overrides to submit config
-        profile NAME with at start() (None: no overrides; a "profile" key names another
-        config profile). One pool per profile because a pool hands out any slot of its
-        jobs (its node servers do not tell profiles apart): a pool shared by two
-        profiles' jobs would give a GPU trajectory a CPU slot. `default` (else the
+        """Several profiles, one SlotPool each (see compat/profiles.py): `acquire(...,
+        profile=NAME)` takes a slot of that profile's pool. A value is a SlotPool to serve
+        from, or the job overrides to submit config profile NAME with at start() (None:
+        no overrides; a "profile" key names another config profile). `default` (else the
         first) serves acquire() without a profile; `options` are the constructor's."""
-        if not profiles:
-            raise ConfigError("with_profiles needs at least one profile")
-        entries: dict[str, _Profile] = {}
-        for name, value in profiles.items():
-            if isinstance(value, SlotPool):
-                entries[name] = _Profile(name, pool=value)
-            elif value is None or isinstance(value, Mapping):
-                overrides = dict(value or {})
-                entries[name] = _Profile(name, config_profile=overrides.pop("profile", name), overrides=overrides)
-            else:
-                raise ConfigError(f"profile {name!r}: expected a SlotPool or a mapping of job overrides, "
-                                  f"got {type(value).__name__}")
+        entries = profiles_of(profiles)
         backend = cls.__new__(cls)
         backend._configure(entries, default if default is not None else next(iter(entries)), **options)
         return backend
 
     def list_profiles(self) -> list[str]:
-        return list(self._profiles)
+        return list(self._pools.entries)
 
     @property
     def pools(self) -> dict[str, SlotPool | None]:
         """Each profile's pool (None before start() for a profile that submits)."""
-        return {name: entry.pool for name, entry in self._profiles.items()}
+        return self._pools.pools
 
     @property
     def jobs(self) -> list[Any]:
         """The jobs start() submitted and no stop(purge=True) has cancelled yet."""
-        return [entry.job for entry in self._profiles.values() if entry.job is not None]
+        return self._pools.jobs
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -342,45 +266,12 @@ class HpcSandboxBackend:
             if self._started:
                 return
             try:
-                outcomes = await asyncio.gather(*(self._start_profile(e) for e in self._profiles.values()),
-                                                return_exceptions=True)
-                failed = [o for o in outcomes if isinstance(o, BaseException)]
-                if failed:
-                    raise failed[0]
+                await self._pools.start()
             except BaseException:
                 # Nothing this start made outlives it: pools stopped, jobs submitted cancelled.
-                await asyncio.shield(self._teardown(purge=True, only=list(self._profiles.values())))
+                await asyncio.shield(self._teardown(purge=True))
                 raise
             self._started = True
-
-    async def _start_profile(self, entry: _Profile) -> None:
-        if entry.pool is not None:
-            await entry.pool.start()
-            return
-        from .. import jobs as job_api  # what `submit` and SlotPool.launch use
-        from ..config import load_spec
-        from ..pool.slotpool import cloud_source
-
-        spec = load_spec(profile=entry.config_profile, config_file=self.config_file, overrides=entry.overrides)
-        cloud = (cloud_source(self.overflow, spec.state_dir, entry.config_profile, self.config_file, spec.cloud,
-                              self.cloud_settings) if self.overflow is not None else None)
-        submitted = entry.job is None
-        if submitted:
-            entry.job = job_api.submit(spec)
-            log.info("profile %s: submitted job %s", entry.name, entry.job.id)
-        job = entry.job
-        try:
-            if cloud is None:  # with the cloud overflow, callers are served while the job queues
-                await job.wait_ready(self.wait_timeout, servers=1)
-            pool = SlotPool.from_state_dir(spec.state_dir, [job.id], acquire_timeout=self.acquire_timeout,
-                                           lease_ttl=self.lease_ttl, overflow=cloud)
-            await pool.start()
-        except BaseException:
-            if submitted:
-                entry.job = None
-                await asyncio.shield(asyncio.to_thread(_cancel_job, job))  # never outlives a failed start
-            raise
-        entry.pool, entry.own_pool = pool, True
 
     async def stop(self, purge: bool = False) -> None:
         """Stop the pools; slots still held are released first (reset), unless their
@@ -389,28 +280,15 @@ class HpcSandboxBackend:
         them again."""
         async with self._lock:
             self._started = False
-            await asyncio.shield(self._teardown(purge, only=list(self._profiles.values())))
+            await asyncio.shield(self._teardown(purge))
 
-    async def _teardown(self, purge: bool, only: Sequence[_Profile]) -> None:
-        # Slots still held go back (reset), but for those on a job about to be cancelled.
-        names = {entry.name for entry in only if not (purge and entry.job is not None) and entry.pool is not None}
-        held = [slot for slot in self._held.values() if slot.profile in names]
+    async def _teardown(self, purge: bool) -> None:
+        staying = self._pools.staying(purge)
+        held = [slot for slot in self._held.values() if slot.profile in staying]
         await asyncio.gather(*(self.release(slot, reset_workspace=True) for slot in held), return_exceptions=True)
-        for slot in [slot for slot in self._held.values() if slot.profile in {e.name for e in only}]:
+        for slot in list(self._held.values()):
             self._forget(slot)
-        for entry in only:
-            if entry.pool is not None:
-                await entry.pool.stop()
-                if entry.own_pool:
-                    entry.pool, entry.own_pool = None, False
-            if entry.job is not None:
-                if purge:
-                    job, entry.job = entry.job, None
-                    await asyncio.to_thread(_cancel_job, job)
-                    log.info("profile %s: job %s cancelled", entry.name, job.id)
-                else:
-                    log.warning("profile %s: job %s keeps running (stop(purge=True) or `hpc-sandbox cancel %s` "
-                                "ends it)", entry.name, entry.job.id, entry.job.id)
+        await self._pools.stop(purge)
 
     async def __aenter__(self) -> "HpcSandboxBackend":
         await self.start()
@@ -421,24 +299,14 @@ class HpcSandboxBackend:
 
     # --- slots ----------------------------------------------------------------------------
 
-    def _entry(self, profile: str | None) -> _Profile:
-        name = self.default_profile if profile is None else profile
-        entry = self._profiles.get(name)
-        if entry is None:
-            raise ConfigError(f"unknown profile {name!r}; this backend has: {', '.join(self._profiles)}")
-        return entry
-
     def _pool_of(self, slot: BackendSlot) -> SlotPool:
-        pool = self._entry(slot.profile).pool
-        if pool is None:
-            raise ConfigError(f"profile {slot.profile!r} has no pool: the backend is stopped (call start())")
-        return pool
+        return self._pools.pool_of(slot.profile)
 
     async def acquire(self, trajectory_id: str | None = None, profile: str | None = None,
                       timeout: float | None = None) -> BackendSlot:
         """A slot of `profile` (default: the default profile), as soon as one is free
         (SlotPool.acquire: first come, first served; NoCapacity after `timeout`)."""
-        entry = self._entry(profile)
+        entry = self._pools.entry(profile)
         if not self._started:
             await self.start()
         if entry.pool is None:
@@ -569,71 +437,26 @@ class HpcSandboxBackend:
             result.error = reply.error or reply.error_prefix + (result.error or "")
         return result
 
-    # --- artifacts ------------------------------------------------------------------------
-
-    async def _artifact_call(self, slot: BackendSlot, tool: str, args: dict[str, Any],
-                             timeout: float | None) -> ToolResult:
-        result = await self._pool_of(slot).execute(slot.slot, tool, args, timeout=timeout)
-        if not result.success:
-            raise ArtifactError(result.error_kind or "error", result.error or f"{tool} failed")
-        return result
+    # --- artifacts (compat/artifacts.py) ---------------------------------------------------
 
     async def read_artifact(self, slot: BackendSlot, path: str, max_bytes: int = DEFAULT_ARTIFACT_BYTES,
                             encoding: str = "text", timeout_s: float | None = None) -> dict[str, Any]:
-        """A workspace file (agent read_file with sha256): a dict with path (workspace
-        relative), content (the first max_bytes; text, or base64 with encoding="base64"),
-        encoding, size (the whole file's), sha256 (the whole file's), truncated,
-        bytes_read, lossy (binary read as text). Raises ArtifactError (not_found, path, ...)."""
-        result = await self._artifact_call(slot, "read_file", {"path": path, "limit": max_bytes, "sha256": True,
-                                                               "encoding": encoding}, timeout_s)
-        data = result.data
-        return {"path": data["path"], "content": data["content"], "encoding": data["encoding"],
-                "size": data["size"], "sha256": data.get("sha256"), "truncated": not data["eof"],
-                "bytes_read": data["bytes_read"], "lossy": bool(data.get("lossy"))}
+        """A workspace file as a dict (content, size, sha256, truncated, ...)."""
+        return await artifacts.read_artifact(self._pool_of(slot), slot.slot, path, max_bytes, encoding, timeout_s)
 
     async def list_artifacts(self, slot: BackendSlot, path: str = ".", recursive: bool = False,
                              max_entries: int = DEFAULT_MAX_ENTRIES,
                              timeout_s: float | None = None) -> ArtifactListing:
-        """The entries under `path` (agent list_files): dicts with path (workspace
-        relative), is_dir, size, mtime, type (file, dir, symlink, other); at most
-        max_entries of them (`.truncated` says whether there were more)."""
-        result = await self._artifact_call(slot, "list_files", {"path": path, "recursive": recursive,
-                                                                "max_entries": max_entries}, timeout_s)
-        listing = ArtifactListing({"path": entry["path"], "is_dir": entry["type"] == "dir", "size": entry["size"],
-                                   "mtime": entry["mtime"], "type": entry["type"]}
-                                  for entry in result.data["entries"])
-        listing.truncated = bool(result.data.get("truncated"))
-        return listing
+        """The entries under `path` (path, is_dir, size, mtime, type); `.truncated`."""
+        return await artifacts.list_artifacts(self._pool_of(slot), slot.slot, path, recursive, max_entries,
+                                              timeout_s)
 
     async def archive_artifacts(self, slot: BackendSlot, paths: str | Sequence[str] = ".",
                                 dest: str | Path | None = None, max_bytes: int | None = None,
                                 timeout_s: float | None = None) -> dict[str, Any]:
-        """A tar.gz of `paths` (files or folders, workspace relative; "." is the whole
-        workspace), member names relative to the workspace ("sub/a.txt"): one agent
-        `archive` of them all. Returns a dict: content (the bytes, or None when written to
-        `dest`), path (`dest`), size, sha256 (of the tar.gz), members. `max_bytes` caps
-        the archive; raises ArtifactError (too_large, not_found, path, ...)."""
-        args: dict[str, Any] = {"paths": [paths] if isinstance(paths, str) else list(paths)}
-        if max_bytes is not None:
-            args["max_bytes"] = max_bytes
-        data = (await self._artifact_call(slot, "archive", args, timeout_s)).data
-        try:
-            packed = base64.b64decode(data["content"], validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ArtifactError("corrupt", f"archive of {', '.join(args['paths'])}: not base64: {exc}") from None
-        digest = hashlib.sha256(packed).hexdigest()
-        if digest != data.get("sha256"):
-            raise ArtifactError("corrupt", f"archive of {', '.join(args['paths'])}: sha256 does not match what "
-                                "the slot sent")
-        written: str | None = None
-        if dest is not None:
-            target = Path(dest).expanduser()
-            partial = target.with_name(target.name + ".part")
-            await asyncio.to_thread(partial.write_bytes, packed)
-            os.replace(partial, target)
-            written = str(target)
-        return {"content": None if written else packed, "path": written, "size": len(packed), "sha256": digest,
-                "members": list(data.get("members", []))}
+        """One tar.gz of `paths`, members named relative to the workspace (content or
+        `dest`, size, sha256, members)."""
+        return await artifacts.archive_artifacts(self._pool_of(slot), slot.slot, paths, dest, max_bytes, timeout_s)
 
     # --- status ---------------------------------------------------------------------------
 
@@ -642,10 +465,7 @@ class HpcSandboxBackend:
         (servers, slots, free, busy, starting), callers waiting, cloud sandboxes alive,
         sandbox-seconds and estimated cost; plus the jobs and the slots held here."""
         profiles: dict[str, dict[str, Any]] = {}
-        places: dict[str, dict[str, int]] = {}
-        totals = {"waiting": 0, "sandboxes": 0, "sandbox_seconds": 0.0}
-        costs: list[float] = []
-        for entry in self._profiles.values():
+        for entry in self._pools.entries.values():
             jobs = [entry.job.id] if entry.job is not None else []
             if entry.pool is not None:
                 jobs += [job.id for job in entry.pool.jobs if job.id not in jobs]
@@ -654,21 +474,20 @@ class HpcSandboxBackend:
                                    "cloud_off": None}
             if entry.pool is not None and self._started:
                 report = await entry.pool.report()
-                for place in report.places:
-                    counts = {"servers": place.servers, "slots": place.slots, "free": place.free,
-                              "busy": place.slots - place.free, "starting": place.starting}
-                    row["slots"][place.place] = counts
-                    summed = places.setdefault(place.place, dict.fromkeys(counts, 0))
-                    for name, value in counts.items():
-                        summed[name] += value
+                row["slots"] = {place.place: {"servers": place.servers, "slots": place.slots, "free": place.free,
+                                              "busy": place.slots - place.free, "starting": place.starting}
+                                for place in report.places}
                 row.update(waiting=report.waiting, sandboxes=report.sandboxes_alive,
                            sandbox_seconds=report.sandbox_seconds, cost=report.cost, cloud_off=report.cloud_off)
-                totals["waiting"] += report.waiting
-                totals["sandboxes"] += report.sandboxes_alive
-                totals["sandbox_seconds"] += report.sandbox_seconds
-                if report.cost is not None:
-                    costs.append(report.cost)
             profiles[entry.name] = row
+        places: dict[str, dict[str, int]] = {}
+        for row in profiles.values():
+            for place, counts in row["slots"].items():
+                summed = places.setdefault(place, dict.fromkeys(counts, 0))
+                for name, value in counts.items():
+                    summed[name] += value
+        totals = {key: sum(row[key] for row in profiles.values()) for key in ("waiting", "sandboxes", "sandbox_seconds")}
+        costs = [row["cost"] for row in profiles.values() if row["cost"] is not None]
         return {"started": self._started, "default_profile": self.default_profile, "slots": places, **totals,
                 "cost": sum(costs) if costs else None, "held": len(self._held), "profiles": profiles}
 
