@@ -2103,52 +2103,92 @@ class Agent:
         return await self._in_thread(self._archive, args)
 
     def _archive(self, args):
-        path = args.get("path") or "."
-        parts = workspace_parts(path, self.roots)
-        cap = _bounded_int(args, "max_bytes", DEFAULT_ARCHIVE_CAP, MAX_ARCHIVE_CAP)
-        top = parts[-1] if parts else "."
-        file_fd = top_fd = None
-        if parts:
-            parent = self._open_dir(parts[:-1], path)
-            try:
-                if stat.S_ISDIR(_lstat_child(parent, top, path).st_mode):
-                    top_fd = open_child_dir(parent, top, path)
-                else:
-                    file_fd = open_child_file(parent, top, path)
-            finally:
-                os.close(parent)
+        """One tar.gz of `path`, or of several `paths` at once.
+
+        With `path` (as ever) members are named after the path's last part ("b/x" for
+        "a/b", "./x" for "."). With `paths` they are named relative to the workspace
+        ("a/b/x"; "." adds the workspace's contents, not an entry for itself), so a
+        caller who wants several paths asks once and unpacks nothing. A member met
+        twice (overlapping paths) is stored once. `members` lists the names stored.
+        """
+        paths = args.get("paths")
+        if paths is None:
+            path = args.get("path") or "."
+            parts = workspace_parts(path, self.roots)
+            tops = [(path, parts, parts[-1] if parts else ".")]
+            label = path
         else:
-            top_fd = os.dup(self.root_fd)
+            if args.get("path") is not None:
+                raise ToolError("bad_request", "give path or paths, not both")
+            if not isinstance(paths, list) or not 1 <= len(paths) <= MAX_ARCHIVE_PATHS:
+                raise ToolError("bad_request", "paths must be a list of 1 to %d paths" % MAX_ARCHIVE_PATHS)
+            # Every path is checked before anything is read: a bad one refuses the whole call.
+            tops = []
+            for path in paths:
+                parts = workspace_parts(path, self.roots)
+                tops.append((path, parts, "/".join(parts)))
+            label = ", ".join(paths)
+        cap = _bounded_int(args, "max_bytes", DEFAULT_ARCHIVE_CAP, MAX_ARCHIVE_CAP)
         sink = _CappedBytesIO(cap)
-        cut = []
+        members = []
         try:
             with tarfile.open(fileobj=sink, mode="w:gz") as tar:
-                if file_fd is not None:
-                    _tar_file(tar, file_fd, top)
-                else:
-                    tar.addfile(_tar_info(top, os.fstat(top_fd), tarfile.DIRTYPE))
-                    walk = walk_folder(top_fd, top, True, cut)
-                    try:
-                        for dir_fd, member, name, st in walk:
-                            _tar_entry(tar, dir_fd, member, name, st)
-                    finally:
-                        walk.close()
-                    if cut:
-                        raise ToolError("too_large", "%s: folders nested deeper than %d levels (%s)"
-                                        % (path, MAX_WALK_DEPTH, cut[0]))
+                seen = set()
+                for path, parts, top in tops:
+                    self._archive_path(tar, path, parts, top, seen, members)
         except _TooLarge:
-            raise ToolError("too_large", "archive of %s exceeds %d bytes" % (path, cap))
-        finally:
-            for fd in (file_fd, top_fd):
-                if fd is not None:
-                    os.close(fd)
+            raise ToolError("too_large", "archive of %s exceeds %d bytes" % (label, cap))
         data = sink.getvalue()
         return {
             "content": base64.b64encode(data).decode("ascii"),
             "encoding": "base64",
             "size": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
+            "members": members,
         }
+
+    def _archive_path(self, tar, path, parts, top, seen, members) -> None:
+        """Add the file or folder `parts` to `tar` as `top` ("" names the workspace
+        itself, which then gets no entry of its own), skipping members in `seen`."""
+        file_fd = top_fd = None
+        if parts:
+            parent = self._open_dir(parts[:-1], path)
+            try:
+                if stat.S_ISDIR(_lstat_child(parent, parts[-1], path).st_mode):
+                    top_fd = open_child_dir(parent, parts[-1], path)
+                else:
+                    file_fd = open_child_file(parent, parts[-1], path)
+            finally:
+                os.close(parent)
+        else:
+            top_fd = os.dup(self.root_fd)
+        cut = []
+        try:
+            if file_fd is not None:
+                if top not in seen:
+                    seen.add(top)
+                    members.append(top)
+                    _tar_file(tar, file_fd, top)
+                return
+            if top and top not in seen:
+                seen.add(top)
+                members.append(top)
+                tar.addfile(_tar_info(top, os.fstat(top_fd), tarfile.DIRTYPE))
+            walk = walk_folder(top_fd, top, True, cut)
+            try:
+                for dir_fd, member, name, st in walk:
+                    if member not in seen and _tar_entry(tar, dir_fd, member, name, st):
+                        seen.add(member)
+                        members.append(member)
+            finally:
+                walk.close()
+            if cut:
+                raise ToolError("too_large", "%s: folders nested deeper than %d levels (%s)"
+                                % (path, MAX_WALK_DEPTH, cut[0]))
+        finally:
+            for fd in (file_fd, top_fd):
+                if fd is not None:
+                    os.close(fd)
 
     async def tool_cancel(self, request_id, args, timeout):
         target = args.get("target")
@@ -2177,6 +2217,8 @@ class Agent:
 
 # --- archives -----------------------------------------------------------------------
 
+MAX_ARCHIVE_PATHS = 1000  # paths one archive call may name
+
 
 class _TooLarge(Exception):
     pass
@@ -2191,15 +2233,16 @@ def _tar_info(name: str, st, kind) -> tarfile.TarInfo:
     return info
 
 
-def _tar_entry(tar, dir_fd: int, member: str, name: str, st) -> None:
-    """Add one entry met by _walk: folders, files and symlinks (as links); nothing else."""
+def _tar_entry(tar, dir_fd: int, member: str, name: str, st) -> bool:
+    """Add one entry met by _walk: folders, files and symlinks (as links); nothing else.
+    Whether it was added."""
     if stat.S_ISDIR(st.st_mode):
         tar.addfile(_tar_info(member, st, tarfile.DIRTYPE))
     elif stat.S_ISLNK(st.st_mode):
         try:
             target = os.readlink(name, dir_fd=dir_fd)
         except OSError:  # gone or replaced meanwhile
-            return
+            return False
         info = _tar_info(member, st, tarfile.SYMTYPE)
         info.linkname = target
         tar.addfile(info)
@@ -2208,13 +2251,15 @@ def _tar_entry(tar, dir_fd: int, member: str, name: str, st) -> None:
             fd = open_child_file(dir_fd, name, member)
         except ToolError as exc:
             if exc.kind in ("not_found", "path", "not_a_file", "is_directory"):  # changed meanwhile
-                return
+                return False
             raise
         try:
             _tar_file(tar, fd, member)
         finally:
             os.close(fd)
-    # FIFOs, sockets and devices are left out: never opened, never recreated by an unpacker.
+    else:  # FIFOs, sockets and devices are left out: never opened, never recreated by an unpacker.
+        return False
+    return True
 
 
 def _tar_file(tar, fd: int, member: str) -> None:
