@@ -44,7 +44,7 @@ from ..models import Endpoint, Slot
 from ..pool.sources import Capacity, NodeServerSource, Outlook
 from .entry import SLOT_ENV_NAMES, TOKEN_ENV
 from .folder import CloudFolder, Owner, PoolState, SandboxEntry
-from .profile import CloudProfile
+from ..cloudprofile import CloudProfile
 
 log = logging.getLogger(__name__)
 
