@@ -123,7 +123,9 @@ class JobInfo:
 
     @property
     def location(self) -> str:
-        return "local" if self.scheduler == "local" else "cloud" if self.scheduler == "modal" else "cluster"
+        # A job's scheduler is one of spec.SCHEDULERS; cloud sandboxes are no job (their
+        # pool keeps a cloud folder, below), so a job is local or on a cluster.
+        return "local" if self.scheduler == "local" else "cluster"
 
 
 def write_json_atomic(path: Path, data: dict, mode: int = 0o644) -> None:
