@@ -52,7 +52,7 @@ def status(job: str | None, as_json: bool, state_dir: Path | None) -> None:
 
 
 def _cloud_pools(state: Path) -> list[dict]:
-    """Pools that burst to the cloud, from their pool.json (no call to Modal)."""
+    """Pools that burst to the cloud, from their state files (no call to Modal)."""
     now = time.time()
     out = []
     for folder in list_pools(state):
