@@ -45,7 +45,6 @@ from . import cloudprofile as cloud  # plain dataclasses beside spec.py; no clou
 from .errors import ConfigError, SpecError
 from .spec import FIELD_KINDS, SandboxSpec, parse_port_range
 
-
 log = logging.getLogger(__name__)
 
 SITE_CONFIG = Path("/etc/hpc-sandbox/config.yaml")
