@@ -19,6 +19,7 @@ import aiohttp
 
 from . import protocol
 from .errors import CallTimeout, ServerGone
+from .jobfolder import Credentials, ServerRecord
 from .models import Endpoint
 from .paths import workspace_relative
 from .tls import pinned_context, system_context
@@ -33,6 +34,13 @@ CONTROL_TIMEOUT = 30.0  # acquire, release, health...
 # connecting to it must fail fast, whatever the call's own timeout.
 CONNECT_TIMEOUT = 5.0
 RETRY_DELAYS = (0.1, 0.5, 1.5)
+
+
+def endpoint_of(record: ServerRecord, credentials: Credentials, location: str = "cluster") -> Endpoint:
+    """How a client reaches a job's node server: its ready record and the job's credentials
+    (here, not in models.py: the plain types do not know the job folder's records)."""
+    return Endpoint(url=record.url, token=credentials.token, job_id=record.job_id, name=record.name,
+                    location=location, slots=record.slots, cert=credentials.cert)
 
 
 def _timeout(total: float) -> aiohttp.ClientTimeout:

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import aiohttp
 
-from .client import NodeClient
+from .client import NodeClient, endpoint_of
 from .errors import ClientError, ConfigError, HpcSandboxError, JobNotFound
-from .models import Endpoint
 from .jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, jobs_root, list_jobs
 from .schedulers import JobState, JobStatus, Scheduler, get_scheduler
 from .schedulers.base import jittered
@@ -163,7 +162,7 @@ async def _probe(record: ServerRecord, credentials: Credentials, session: aiohtt
     if record.process_gone():
         return ServerState(record, False, error=f"stale record: its node server (pid {record.pid} on this host) "
                                                 "has exited")
-    endpoint = Endpoint.of(record, credentials)
+    endpoint = endpoint_of(record, credentials)
     try:
         answer = await NodeClient(endpoint, session=session).slots()
         return ServerState(record, True, answer.counts)

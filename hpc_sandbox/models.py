@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .jobfolder import Credentials, ServerRecord
 from .protocol import CallAnswer
 
 LOCATIONS = ("local", "cluster", "cloud")
@@ -28,12 +27,6 @@ class Endpoint:
     # The certificate an https server must present (pinned); None with https means the
     # system's CAs (a cloud tunnel's own certificate), and plain http has none.
     cert: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def of(cls, record: ServerRecord, credentials: Credentials, location: str = "cluster") -> "Endpoint":
-        """A job's node server, from its ready record and the job's credentials."""
-        return cls(url=record.url, token=credentials.token, job_id=record.job_id, name=record.name,
-                   location=location, slots=record.slots, cert=credentials.cert)
 
 
 @dataclass(frozen=True)

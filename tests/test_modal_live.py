@@ -26,7 +26,7 @@ pytestmark = [
 async def test_two_of_four_callers_burst_to_one_real_sandbox(state_dir):
     modal = pytest.importorskip("modal")
     from hpc_sandbox.burst.modal import ModalSource, list_sandboxes
-    from hpc_sandbox.burst.profile import CloudProfile
+    from hpc_sandbox.cloudprofile import CloudProfile
     from hpc_sandbox.pool import SlotPool
 
     profile = CloudProfile(name="live", app_name="hpc-sandbox-live-test", image="python:3.11-slim",

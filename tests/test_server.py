@@ -291,6 +291,20 @@ def test_sigterm_kills_running_work_removes_the_record_and_exits_0(state_dir):
     assert not workspace_root.exists()
 
 
+async def test_a_call_in_flight_at_sigterm_gets_its_answer_before_the_connections_close(state_dir):
+    """The running command is killed while the HTTP side still answers: the caller gets
+    `server_stopping`, not a dropped connection (and not only after the HTTP shutdown timeout)."""
+    server = start_server(state_dir, job_id="drain")
+    async with NodeClient(server.endpoint) as client:
+        granted = await client.acquire("t")
+        running = asyncio.ensure_future(client.execute(granted.slot, granted.lease, "bash", {"command": "sleep 60"}))
+        await asyncio.sleep(0.5)
+        stopped = asyncio.get_running_loop().run_in_executor(None, server.stop)
+        answer = await asyncio.wait_for(running, 10)
+        assert (answer.ok, answer.error_kind) == (False, "server_stopping")
+        assert await stopped == 0
+
+
 def test_token_file_readable_by_others_is_refused(state_dir):
     path = JobFolder(state_dir, "loose").create_token()
     path.chmod(0o644)
