@@ -693,11 +693,53 @@ def _kill_all_but(spared) -> int:
     return _kill_pids(pid for pid, (_, state) in _process_table().items() if pid not in spared and state != b"Z")
 
 
+def _children_of(pid: int):
+    """The children of `pid` (all its threads'), from /proc/PID/task/TID/children; None
+    when the kernel has no such file (CONFIG_PROC_CHILDREN) or the process is gone."""
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return None
+    found = []
+    for task in tasks:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task), "rb") as handle:
+                found.extend(int(child) for child in handle.read().split())
+        except FileNotFoundError:
+            if task == str(pid):
+                return None  # no children files at all (or gone)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _state(pid: int):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _kill_descendants() -> int:
     """SIGKILL every live process below this one. The agent is the slot's subreaper
     (see _become_subreaper), so a process that daemonised (double fork, setsid) is
-    still below it: it cannot leave the tree the way it can leave a group or a session."""
-    return _kill_pids(_descendants(os.getpid(), _process_table()))
+    still below it: it cannot leave the tree the way it can leave a group or a session.
+
+    The tree is read from the children files of the processes in it, so the cost is the
+    slot's processes, not the node's; a kernel without them has the whole /proc read."""
+    me = os.getpid()
+    if _children_of(me) is None:
+        return _kill_pids(_descendants(me, _process_table()))
+    killed, todo = 0, [me]
+    while todo:
+        kids = _children_of(todo.pop()) or []
+        for kid in kids:
+            state = _state(kid)
+            if state is not None and state != b"Z":
+                killed += _kill_pids((kid,))
+        todo.extend(kids)
+    return killed
 
 
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
@@ -717,32 +759,21 @@ def _become_subreaper() -> bool:
         return False
 
 
-def _children() -> list:
-    """This process's children (all its threads'), from /proc."""
-    found = []
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        tasks = []
-    for task in tasks:
-        try:
-            with open("/proc/self/task/%s/children" % task, "rb") as handle:
-                found.extend(int(pid) for pid in handle.read().split())
-        except (OSError, ValueError):  # a kernel without CONFIG_PROC_CHILDREN: scan
-            me = os.getpid()
-            return [pid for pid, (ppid, _) in _process_table().items() if ppid == me]
-    return found
-
-
 def _reap_adopted() -> None:
-    """Reap the adopted children that ended (never one the agent waits for itself)."""
-    for pid in _children():
+    """Reap the adopted children that ended (never one the agent waits for itself).
+
+    Run now and then and at every reset, not at every SIGCHLD: a fork bomb's thousands
+    of orphans must not cost the agent a look at all its children for each one's end."""
+    for pid in _children_of(os.getpid()) or ():
         if pid in _OWN_CHILDREN:
             continue
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
+
+
+REAP_SECONDS = 1.0
 
 
 # --- scratch folders ----------------------------------------------------------------
@@ -1382,6 +1413,7 @@ class Agent:
     def __init__(self, workspace: str, output_cap: int, own_pid_namespace: bool = False, scratch=()) -> None:
         self.own_pid_namespace = own_pid_namespace
         self.scratch = tuple(scratch)  # the slot's temporary folders, emptied at reset
+        self.subreaper = False  # whether orphans of its commands come back to it (main sets it)
         self.ancestors = _ancestors() if own_pid_namespace else frozenset()
         self.workspace = os.path.realpath(workspace)
         self.roots = workspace_roots(workspace)
@@ -1475,8 +1507,11 @@ class Agent:
             # cleared its environment.
             return _kill_all_but(self.ancestors)
         # No namespace of its own: every process below the agent, its subreaper (what
-        # daemonised too), and what carries its tag (a kernel that had no subreaper).
-        return _kill_descendants() + _kill_tagged(self.tag + ".", exact=False)
+        # daemonised too); on a kernel that refused a subreaper, what carries its tag.
+        killed = _kill_descendants()
+        if not self.subreaper:
+            killed += _kill_tagged(self.tag + ".", exact=False)
+        return killed
 
     async def end_processes(self) -> int:
         """Kill the slot's processes until none is left (what they fork meanwhile too);
@@ -2341,12 +2376,16 @@ def main(argv=None) -> int:
         import resource
 
         resource.setrlimit(resource.RLIMIT_NPROC, (options.max_tasks, options.max_tasks))
-    _become_subreaper()
     agent = Agent(options.workspace, options.output_cap, options.own_pid_namespace, options.scratch)
+    agent.subreaper = _become_subreaper()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    # Adopted orphans (the agent is the slot's subreaper) are reaped as they end.
-    loop.add_signal_handler(signal.SIGCHLD, _reap_adopted)
+
+    def reap_now_and_then():  # adopted orphans (the agent is the slot's subreaper) that ended
+        _reap_adopted()
+        loop.call_later(REAP_SECONDS, reap_now_and_then)
+
+    loop.call_later(REAP_SECONDS, reap_now_and_then)
     # A batch scheduler's cancel or walltime signal reaches every process of the job,
     # us included. The node server is the one to stop us (it closes our stdin), so
     # that a running call can still be answered with what happened. A handler, not
