@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 
 from .client import NodeClient, endpoint_of
-from .errors import ClientError, ConfigError, HpcSandboxError, JobNotFound
+from .errors import ClientError, ConfigError, ErrorKind, HpcSandboxError, JobNotFound
 from .jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, jobs_root, list_jobs
 from .schedulers import JobState, JobStatus, Scheduler, get_scheduler
 from .schedulers.base import jittered
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class JobFailed(HpcSandboxError):
-    kind = "job_failed"
+    kind = ErrorKind.JOB_FAILED
 
 
 @dataclass(frozen=True)
