@@ -180,10 +180,32 @@ def test_the_default_timeout_is_applied_in_one_place():
 
 # --- no bare kinds, no bare slot states --------------------------------------------------
 
-# Calls whose arguments include an error kind: a str literal among them that is a kind
-# is a kind spelled by hand.
-_KIND_TAKERS = {"failure", "error_response", "error_body", "error_for", "AgentError", "ArtifactError", "_refused"}
 _KIND_NAMES = {"kind", "error_kind"}
+
+
+def _kind_takers() -> dict[str, int]:
+    """Every function of the package (a class: its __init__) with a parameter named
+    kind or error_kind -> that parameter's position in a call: a str literal passed
+    there is a kind spelled by hand, whatever the function is called."""
+    takers: dict[str, int] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        owner = {id(item): node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                 for item in node.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            params = [a.arg for a in node.args.posonlyargs + node.args.args]
+            if params[:1] in (["self"], ["cls"]):
+                params = params[1:]
+            for position, param in enumerate(params):
+                if param in _KIND_NAMES:
+                    name = owner.get(id(node), node.name) if node.name == "__init__" else node.name
+                    takers[name] = position
+    return takers
+
+
+_KIND_TAKERS = _kind_takers()
 
 
 def _name(node: ast.AST) -> str | None:
@@ -211,9 +233,11 @@ def _strings(node: ast.AST) -> list[ast.Constant]:
     return []
 
 
-def _bare(tree: ast.AST, names: set[str], values: set[str], takers: set[str] = frozenset()) -> list[tuple[int, str]]:
+def _bare(tree: ast.AST, names: set[str], values: set[str],
+          takers: dict[str, int] | None = None) -> list[tuple[int, str]]:
     """Where a literal of `values` is assigned to, compared with or passed as one of
-    `names` (or given to one of `takers`)."""
+    `names` (as a keyword, or in the place a function of `takers` takes it)."""
+    takers = takers or {}
     found = []
     for node in ast.walk(tree):
         candidates: list[ast.Constant] = []
@@ -230,7 +254,8 @@ def _bare(tree: ast.AST, names: set[str], values: set[str], takers: set[str] = f
         elif isinstance(node, ast.keyword) and node.arg in names:
             candidates = _strings(node.value)
         elif isinstance(node, ast.Call) and _name(node.func) in takers:
-            candidates = [c for arg in node.args for c in _strings(arg)]
+            position = takers[_name(node.func)]  # type: ignore[index]
+            candidates = _strings(node.args[position]) if position < len(node.args) else []
         elif isinstance(node, ast.Call) and _name(node.func) == "get" and node.args \
                 and isinstance(node.args[0], ast.Constant) and node.args[0].value in names:
             candidates = [c for arg in node.args[1:] for c in _strings(arg)]
@@ -245,14 +270,9 @@ def _modules_but_the_agent() -> list[Path]:
     return [path for path in sorted(PACKAGE.rglob("*.py")) if path.name != "agent.py"]
 
 
-# compat/ (atropos.py, tmux.py, artifacts.py): its kinds move to ErrorKind in a commit
-# of their own, after this one.
-_PENDING = {"compat"}
-
-
 def test_no_module_but_the_agent_spells_a_kind_as_a_string():
     bare = {f"{path.relative_to(PACKAGE.parent)}:{line}": value
-            for path in _modules_but_the_agent() if path.name != "errors.py" and path.parent.name not in _PENDING
+            for path in _modules_but_the_agent() if path.name != "errors.py"
             for line, value in _bare(ast.parse(path.read_text()), _KIND_NAMES, KINDS, _KIND_TAKERS)}
     assert not bare, f"error kinds spelled as strings (use errors.ErrorKind): {bare}"
 
@@ -272,6 +292,7 @@ if result.error_kind == "server_stopping": pass
 if result.error_kind in (None, "waiting"): pass
 answer = CallAnswer.failure(call, "agent_died", "m")
 error_response("auth", "m", 401)
+return _refusal(slot, "unavailable", "no tmux")
 kind = str(error.get("kind") or "http")
 error.get("kind", "error")
 failed.metadata["error_kind"] = "not_running"
@@ -279,5 +300,7 @@ slot.state = "leased" if keep else "free"
 if slot.state in ("restarting", "resetting"): pass
 ''')
     kinds = {value for _, value in _bare(sample, _KIND_NAMES, KINDS, _KIND_TAKERS)}
-    assert kinds == {"timeout", "server_stopping", "waiting", "agent_died", "auth", "http", "error", "not_running"}
+    assert kinds == {"timeout", "server_stopping", "waiting", "agent_died", "auth", "http", "error", "not_running",
+                     "unavailable"}
+    assert {"failure", "error_response", "AgentError", "ArtifactError", "_refusal"} <= set(_KIND_TAKERS)
     assert {value for _, value in _bare(sample, {"state"}, STATES)} == {"leased", "free", "restarting", "resetting"}
