@@ -258,7 +258,10 @@ def _bare(tree: ast.AST, names: set[str], values: set[str],
             candidates = _strings(node.args[position]) if position < len(node.args) else []
         elif isinstance(node, ast.Call) and _name(node.func) == "get" and node.args \
                 and isinstance(node.args[0], ast.Constant) and node.args[0].value in names:
-            candidates = [c for arg in node.args[1:] for c in _strings(arg)]
+            candidates = [c for arg in node.args[1:] for c in _strings(arg)]  # error.get("kind", "error")
+        elif isinstance(node, ast.Call) and _name(node.func) == "get" and node.args \
+                and isinstance(node.func, ast.Attribute) and _name(node.func.value) in names:
+            candidates = _strings(node.args[0])  # counts.get("free", 0)
         elif isinstance(node, ast.Dict):
             candidates = [c for key, value in zip(node.keys, node.values)
                           if isinstance(key, ast.Constant) and key.value in names for c in _strings(value)]
@@ -280,7 +283,7 @@ def test_no_module_but_the_agent_spells_a_kind_as_a_string():
 def test_no_module_spells_a_slot_state_as_a_string():
     bare = {f"{path.relative_to(PACKAGE.parent)}:{line}": value
             for path in _modules_but_the_agent() if path.name != "protocol.py"
-            for line, value in _bare(ast.parse(path.read_text()), {"state"}, STATES)}
+            for line, value in _bare(ast.parse(path.read_text()), {"state", "counts"}, STATES)}
     assert not bare, f"slot states spelled as strings (use protocol.SlotState): {bare}"
 
 
@@ -298,6 +301,7 @@ error.get("kind", "error")
 failed.metadata["error_kind"] = "not_running"
 slot.state = "leased" if keep else "free"
 if slot.state in ("restarting", "resetting"): pass
+free = s.counts.get("free", 0)
 ''')
     kinds = {value for _, value in _bare(sample, _KIND_NAMES, KINDS, _KIND_TAKERS)}
     assert kinds == {"timeout", "server_stopping", "waiting", "agent_died", "auth", "http", "error", "not_running",
