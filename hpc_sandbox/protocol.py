@@ -40,7 +40,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 from .agent import CLIENT_TOOLS
@@ -99,6 +99,13 @@ DEFAULT_CONFIRM_WITHIN = 30.0
 # with none at all, a forgotten `sleep` would hold a slot and a client forever.
 DEFAULT_EXEC_TIMEOUT = 300.0
 MAX_EXEC_ID = 128
+# A streamed call: bytes of output events a node server holds per call for a reader
+# that is slower than the command (past that, chunks are dropped and counted: the
+# server's memory must not grow with a slow client), and the longest line a client
+# accepts (the result event holds two capped output streams, JSON-escaped).
+STREAM_BUFFER_BYTES = 2 << 20
+MAX_STREAM_LINE = 512 << 20
+STREAM_OUTPUTS = ("stdout", "stderr")
 
 
 def exec_timeout(asked: float | None) -> float:
@@ -108,13 +115,8 @@ def exec_timeout(asked: float | None) -> float:
     configured default (ServerLimits.default_timeout)."""
     return asked or DEFAULT_EXEC_TIMEOUT
 
-# A streamed call: bytes of output events a node server holds per call for a reader
-# that is slower than the command (past that, chunks are dropped and counted: the
-# server's memory must not grow with a slow client), and the longest line a client
-# accepts (the result event holds two capped output streams, JSON-escaped).
-STREAM_BUFFER_BYTES = 2 << 20
-MAX_STREAM_LINE = 512 << 20
-STREAM_OUTPUTS = ("stdout", "stderr")
+
+# --- slot states ----------------------------------------------------------------------
 
 
 class SlotState(str, Enum):
@@ -131,6 +133,7 @@ class SlotState(str, Enum):
     RESTARTING = "restarting"  # its agent died or got stuck and is being replaced
     RESETTING = "resetting"  # its processes are ending (and its workspace is wiped)
     BROKEN = "broken"  # its agent could not be restarted: see its last_error
+
 
 # --- errors ---------------------------------------------------------------------------
 
@@ -400,7 +403,7 @@ class BashResult:
     sends it: one shape for its three forms, a plain command, a call in a named
     session (the session fields set) and a background start (`background`, `handle`
     and `pid` set). The agent (standard library only) builds it as a dict;
-    tests/test_protocol.py pins that every key it sends is a field here.
+    tests/test_kinds.py pins that every key it sends is a field here.
 
     Read leniently, as before it had a type: a field that is missing takes its
     default, and the server forwards the agent's dict as it came, never a re-encoding.
@@ -424,8 +427,8 @@ class BashResult:
     pid: int | None = None
 
     # The fields a caller finds in ToolResult.data (the rest have fields of their own).
-    EXTRA = ("stdout_dropped", "stderr_dropped", "session", "session_started", "session_ended", "waiting",
-             "interrupted", "background", "handle", "pid")
+    EXTRA: ClassVar[tuple[str, ...]] = ("stdout_dropped", "stderr_dropped", "session", "session_started",
+                                         "session_ended", "waiting", "interrupted", "background", "handle", "pid")
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "BashResult":
