@@ -18,7 +18,8 @@ from pathlib import Path
 import aiohttp
 
 from .client import NodeClient, endpoint_of
-from .errors import ClientError, ConfigError, HpcSandboxError, JobNotFound
+from .errors import ClientError, ConfigError, ErrorKind, HpcSandboxError, JobNotFound
+from .protocol import SlotState
 from .jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, jobs_root, list_jobs
 from .schedulers import JobState, JobStatus, Scheduler, get_scheduler
 from .schedulers.base import jittered
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class JobFailed(HpcSandboxError):
-    kind = "job_failed"
+    kind = ErrorKind.JOB_FAILED
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,11 @@ class JobReport:
 
     @property
     def free(self) -> int:
-        return sum(s.counts.get("free", 0) for s in self.servers)
+        return sum(s.counts.get(SlotState.FREE, 0) for s in self.servers)
 
     @property
     def leased(self) -> int:
-        return sum(s.counts.get("leased", 0) for s in self.servers)
+        return sum(s.counts.get(SlotState.LEASED, 0) for s in self.servers)
 
 
 STATUS_INTERVAL = 2.0  # seconds between scheduler status calls while waiting

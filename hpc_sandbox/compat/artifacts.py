@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import HpcSandboxError
+from ..errors import ErrorKind, HpcSandboxError
 from ..models import Slot, ToolResult
 from ..pool import SlotPool
 
@@ -34,7 +34,7 @@ class ArtifactListing(list):
 class ArtifactError(HpcSandboxError):
     """An artifact helper failed: `kind` is the agent's (not_found, path, too_large, ...)."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: ErrorKind | str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -42,7 +42,7 @@ class ArtifactError(HpcSandboxError):
 async def _call(pool: SlotPool, slot: Slot, tool: str, args: dict[str, Any], timeout: float | None) -> ToolResult:
     result = await pool.execute(slot, tool, args, timeout=timeout)
     if not result.success:
-        raise ArtifactError(result.error_kind or "error", result.error or f"{tool} failed")
+        raise ArtifactError(result.error_kind or ErrorKind.ERROR, result.error or f"{tool} failed")
     return result
 
 
@@ -90,10 +90,11 @@ async def archive_artifacts(pool: SlotPool, slot: Slot, paths: str | Sequence[st
     try:
         packed = base64.b64decode(data["content"], validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ArtifactError("corrupt", f"archive of {', '.join(wanted)}: not base64: {exc}") from None
+        raise ArtifactError(ErrorKind.CORRUPT, f"archive of {', '.join(wanted)}: not base64: {exc}") from None
     digest = hashlib.sha256(packed).hexdigest()
     if digest != data.get("sha256"):
-        raise ArtifactError("corrupt", f"archive of {', '.join(wanted)}: sha256 does not match what the slot sent")
+        raise ArtifactError(ErrorKind.CORRUPT,
+                            f"archive of {', '.join(wanted)}: sha256 does not match what the slot sent")
     written: str | None = None
     if dest is not None:
         target = Path(dest).expanduser()

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, HpcSandboxError
+from ..errors import ConfigError, ErrorKind, HpcSandboxError
 from ..models import Slot, ToolResult
 from ..pool import SlotPool, ToolCall
 from . import artifacts
@@ -122,7 +122,7 @@ def _error(result: ToolResult, timeout: float) -> str | None:
         return f"command timed out after {timeout:g}s"
     if result.error_kind is None and result.exit_code not in (None, 0):
         return f"exit code {result.exit_code}"
-    if result.error_kind is None and result.signal:
+    if result.killed_by_signal:
         return f"killed by signal {result.signal}"
     return result.error or result.error_kind or "failed"
 
@@ -165,7 +165,7 @@ def to_execution_result(result: ToolResult, tool: str, timeout: float, *, output
                            error=_error(result, timeout), metadata=meta)
 
 
-def _refused(slot: BackendSlot, tool: str, kind: str, message: str) -> ExecutionResult:
+def _refused(slot: BackendSlot, tool: str, kind: ErrorKind | str, message: str) -> ExecutionResult:
     """An answer given without a call to the slot."""
     return to_execution_result(ToolResult.failure(tool, kind, message, slot.slot), tool, 0.0)
 
@@ -401,7 +401,7 @@ class HpcSandboxBackend:
         for position in positions:
             request = wanted[position]
             if request.invalid is not None:
-                results[position] = _refused(request.slot, request.tool, "bad_request", request.invalid)
+                results[position] = _refused(request.slot, request.tool, ErrorKind.BAD_REQUEST, request.invalid)
             elif request.tool == "tmux":
                 terminal.append(position)
             else:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
 
+from ..errors import ErrorKind
 from ..models import Slot, ToolResult
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def _answered(slot: Slot, **fields: Any) -> ToolResult:
     return ToolResult(success=True, tool="tmux", slot=slot.id, location=slot.location, data=fields)
 
 
-def _refusal(slot: Slot, kind: str, message: str) -> TerminalReply:
+def _refusal(slot: Slot, kind: ErrorKind, message: str) -> TerminalReply:
     return TerminalReply(ToolResult.failure("tmux", kind, message, slot))
 
 
@@ -171,10 +172,10 @@ class _Typed:
         command's exit code, a timeout or a wait for input: an error of the tool)."""
         self.buffer += [result.stdout, result.stderr]
         self.waiting = bool(result.data.get("waiting"))
-        if result.error_kind == "not_running":  # the command ended unseen (a reset): nothing to follow
+        if result.error_kind == ErrorKind.NOT_RUNNING:  # the command ended unseen (a reset): nothing to follow
             self.waiting = False
             return True
-        return result.error_kind in (None, "waiting", "timeout")
+        return result.error_kind in (None, ErrorKind.WAITING, ErrorKind.TIMEOUT)
 
 
 class SessionTerminal:
@@ -517,7 +518,7 @@ class RealTmux:
             idle = float(args.get("idle_timeout", self.idle if action == "send_keys" else 0) or 0)
             depth = max(0, int(args.get("scrollback", TMUX_SCROLLBACK)))
         except (TypeError, ValueError):
-            return _refusal(slot, "bad_request", "idle_timeout must be seconds and scrollback a line count")
+            return _refusal(slot, ErrorKind.BAD_REQUEST, "idle_timeout must be seconds and scrollback a line count")
         # Up to just before the call's own timeout, which would kill the script (and a
         # server it had just started, whose tag is the call's); `max_wait` may say less.
         most = call.timeout - 1.0 if call.timeout > 2 else call.timeout / 2
@@ -525,11 +526,11 @@ class RealTmux:
             try:
                 most = min(most, max(0.0, float(args["max_wait"])))
             except (TypeError, ValueError):
-                return _refusal(slot, "bad_request", "max_wait must be seconds")
+                return _refusal(slot, ErrorKind.BAD_REQUEST, "max_wait must be seconds")
         if action in ("capture", "stop") and folder is None:  # nothing started under this lease
             if action == "stop":
                 return TerminalReply(_answered(slot, **fields, closed=False))
-            return _refusal(slot, "not_running", f"no tmux session {call.session!r} (start it first)")
+            return _refusal(slot, ErrorKind.NOT_RUNNING, f"no tmux session {call.session!r} (start it first)")
 
         env = {"HPCSBX_TMUX_DIR": folder or "", "HPCSBX_TMUX_NAME": fields["tmux_session"],
                "HPCSBX_TMUX_DEPTH": str(depth), **_settle_env(idle, max(idle, most))}
@@ -538,7 +539,7 @@ class RealTmux:
         result = await call.pool.execute(slot, "bash", {"command": _FUNCTIONS + _SCRIPTS[action], "env": env},
                                          timeout=call.timeout)
         lines = result.stdout.split("\n")
-        if action in ("start", "send_keys") and result.error_kind in (None, "timeout") and lines[0]:
+        if action in ("start", "send_keys") and result.error_kind in (None, ErrorKind.TIMEOUT) and lines[0]:
             # The folder made by this call (or the one already known): kept for the lease.
             self._folders[slot.id] = lines.pop(0)
         known = self._folders.get(slot.id) or folder
@@ -549,7 +550,7 @@ class RealTmux:
             if result.error_kind is not None:
                 return TerminalReply(failed)
             if result.exit_code == 3 and action == "capture":  # the script's failure: say tmux's own words
-                return TerminalReply(replace(failed, error_kind="not_running"),
+                return TerminalReply(replace(failed, error_kind=ErrorKind.NOT_RUNNING),
                                      error=f"no tmux session {call.session!r} (start it first, or its shell exited)")
             stderr = result.stderr.strip()
             return TerminalReply(failed, error=f"tmux {action} failed: {stderr}" if stderr else None,
@@ -585,7 +586,7 @@ class Terminals:
 
     async def run(self, action: object, call: TerminalCall) -> TerminalReply:
         if action not in ACTIONS:
-            return _refusal(call.slot, "bad_request",
+            return _refusal(call.slot, ErrorKind.BAD_REQUEST,
                             f"tmux action must be start, send_keys, capture or stop; got {action!r}")
         where = {"action": action, "session": call.session}
         terminal: Terminal = self.session
@@ -599,7 +600,7 @@ class Terminals:
             if found:
                 terminal = self.real
             elif self.mode is TmuxMode.TMUX:
-                return _refusal(call.slot, "unavailable", f"slot {call.slot.id} has no tmux on its PATH (the "
+                return _refusal(call.slot, ErrorKind.UNAVAILABLE, f"slot {call.slot.id} has no tmux on its PATH (the "
                                 "backend was made with tmux=\"tmux\"; \"auto\" falls back to a session)")
         reply = await getattr(terminal, action)(call)
         mode = TmuxMode.TMUX if terminal is self.real else TmuxMode.SESSION

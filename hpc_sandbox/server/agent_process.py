@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..agent import MAX_CHUNK_BYTES, is_ready
-from ..errors import RuntimeUnavailable
+from ..errors import ErrorKind, RuntimeUnavailable
 from .procfs import kill_tree
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,17 @@ OutputSink = Callable[[str, bytes], None]
 
 
 class AgentDied(RuntimeUnavailable):
-    """The agent process ended (or could not start) while calls were in flight."""
+    """The agent process ended (or could not start) while calls were in flight. A
+    RuntimeUnavailable to whoever starts the server, but a call it ends is answered
+    with a kind of its own: the slot still works (its agent is restarted)."""
+
+    kind = ErrorKind.AGENT_DIED
 
 
 class AgentStuck(AgentDied):
     """The agent did not answer a call within the call's timeout and a grace."""
 
-    kind = "agent_stuck"
+    kind = ErrorKind.AGENT_STUCK
 
 
 class AgentError(Exception):
@@ -49,7 +53,7 @@ class AgentError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind
+        self.kind: ErrorKind | str = ErrorKind.read(kind)
         self.message = message
 
 
@@ -230,7 +234,7 @@ class AgentProcess:
         if answer.get("ok"):
             return answer.get("result") or {}
         error = answer.get("error") or {}
-        raise AgentError(error.get("kind", "error"), error.get("message", "unknown agent error"))
+        raise AgentError(error.get("kind", ErrorKind.ERROR), error.get("message", "unknown agent error"))
 
     def _give_up(self, request_id: str, timeout: float) -> None:
         future = self.pending.pop(request_id, None)

@@ -19,7 +19,7 @@ from ..paths import split_workspace_path
 
 def _refused(exc: ToolError) -> ClientError:
     """The agent's refusal of a path, as the file endpoints answer it."""
-    return NotFound(exc.message) if exc.kind == "not_found" else BadRequest(exc.message)
+    return NotFound(exc.message) if exc.kind == NotFound.kind else BadRequest(exc.message)
 
 
 def _open_parent(workspace: str, parts: list[str], path: str, create: bool) -> int:

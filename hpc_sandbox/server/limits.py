@@ -41,7 +41,6 @@ from .procfs import Proc, children_of, kill_group, scan_processes, signal_pid, s
 
 log = logging.getLogger(__name__)
 
-LIMIT_EXCEEDED = "limit_exceeded"  # the error kind of a call a breach ended
 MIB = 1 << 20
 
 WATCH_INTERVAL = 0.5  # seconds between process scans
