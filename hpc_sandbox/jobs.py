@@ -21,8 +21,8 @@ from .client import NodeClient
 from .errors import ClientError, ConfigError, HpcSandboxError, JobNotFound
 from .models import Endpoint
 from .jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, jobs_root, list_jobs
-from .schedulers import JobState, JobStatus, Scheduler, get_scheduler
-from .schedulers.base import jittered
+from .jobstate import JobState, JobStatus, jittered
+from .schedulers import Scheduler, get_scheduler
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from .client import NodeClient
 from .errors import ClientError, HpcSandboxError
 from .models import Endpoint, ToolResult
 from .jobfolder import JobFolder
+from .jobstate import jittered
 from .schedulers import get_scheduler
-from .schedulers.base import jittered
 from .spec import SandboxSpec
 
 

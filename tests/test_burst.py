@@ -24,7 +24,7 @@ from hpc_sandbox.burst.profile import CloudProfile
 from hpc_sandbox.errors import NoCapacity
 from hpc_sandbox.jobfolder import JobFolder, JobInfo
 from hpc_sandbox.pool import ClusterSource, SlotPool
-from hpc_sandbox.schedulers.base import JobState, JobStatus
+from hpc_sandbox.jobstate import JobState, JobStatus
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -21,7 +21,7 @@ from hpc_sandbox import jobs
 from hpc_sandbox.config import load_spec
 from hpc_sandbox.errors import SchedulerError
 from hpc_sandbox.pool import SlotPool
-from hpc_sandbox.schedulers.base import JobState
+from hpc_sandbox.jobstate import JobState
 from hpc_sandbox.schedulers.nomad import NomadConnection, NomadScheduler, placement_failure
 
 pytestmark = pytest.mark.timeout(120)

@@ -32,7 +32,8 @@ import pytest
 from hpc_sandbox import SlotPool
 from hpc_sandbox.errors import NoCapacity, SchedulerError
 from hpc_sandbox.jobfolder import JobFolder, JobInfo
-from hpc_sandbox.schedulers import JobState, get_scheduler
+from hpc_sandbox.jobstate import JobState
+from hpc_sandbox.schedulers import get_scheduler
 from hpc_sandbox.schedulers import pbs
 from hpc_sandbox.schedulers.pbs import (PbsScheduler, array_key, group_tasks, parse_qstat_json, parse_qstat_text,
                                         parse_qsub_output, pbs_state)

@@ -121,7 +121,7 @@ async def test_a_job_still_queued_is_named_as_capacity_to_come(state_dir):
     folder.write_info(JobInfo(job_id="queued", scheduler="slurm", submitted_at=time.time(), servers=3,
                               slots_per_server=2, runtime="none", scheduler_ids=("999999",)))
     from hpc_sandbox.pool import ClusterSource
-    from hpc_sandbox.schedulers.base import JobState, JobStatus
+    from hpc_sandbox.jobstate import JobState, JobStatus
 
     # What squeue says of a job waiting for nodes (a pool checks its jobs when it starts).
     def queued(infos):

@@ -28,8 +28,8 @@ import aiohttp
 from ..client import NodeClient
 from ..errors import ClientError, HpcSandboxError, NoFreeSlot
 from ..jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, list_jobs, users_state_dir
+from ..jobstate import JobState, JobStatus, jittered
 from ..models import Endpoint, Slot
-from ..schedulers.base import JobState, JobStatus, jittered
 from .waiters import WaitQueue
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ CAPACITY_CONCURRENCY = 32  # node servers asked at once by capacity()
 # A pump that has at most FEW requests to send looks at SAMPLE random servers first.
 FEW, SAMPLE = 4, 16
 
-# How a ClusterSource learns the state of jobs: one call for many jobs (jobs.job_states
-# binds it to the schedulers; the pool itself never imports them).
+# How a ClusterSource learns the state of jobs: one call for many jobs (connect binds it
+# to the schedulers through jobs.job_states; the pool itself never imports them).
 JobStates = Callable[[Sequence[JobInfo]], Mapping[str, JobStatus]]
 # How it finds the node servers of a job whose scheduler knows them (Nomad's API); None
 # for a job whose ready records in its folder are the truth.

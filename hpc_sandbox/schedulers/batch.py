@@ -20,7 +20,8 @@ from ..errors import SchedulerError
 from ..jobspec import RenderedJobspec, render
 from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
-from .base import JobState, JobStatus, Scheduler
+from ..jobstate import JobState, JobStatus
+from .base import Scheduler
 
 log = logging.getLogger(__name__)
 

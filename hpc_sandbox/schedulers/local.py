@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from ..jobspec import serve_argv
 from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
-from .base import JobState, JobStatus, Scheduler
+from ..jobstate import JobState, JobStatus
+from .base import Scheduler
 
 log = logging.getLogger(__name__)
 

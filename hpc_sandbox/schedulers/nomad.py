@@ -30,7 +30,8 @@ from ..errors import SchedulerError
 from ..jobfolder import JobFolder, JobInfo, ServerRecord
 from ..jobspec import NOMAD_SECRET_FILES, render
 from ..spec import SandboxSpec
-from .base import JobState, JobStatus, Scheduler
+from ..jobstate import JobState, JobStatus
+from .base import Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from ..errors import SchedulerError
 from ..jobspec import RenderedJobspec
 from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
-from .base import JobState
+from ..jobstate import JobState
 from .batch import BatchScheduler, Task, run_command
 
 log = logging.getLogger(__name__)
