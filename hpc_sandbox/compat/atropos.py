@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, HpcSandboxError, JobNotFound
+from ..errors import ConfigError, HpcSandboxError
 from ..models import Slot, ToolResult
 from ..pool import SlotPool, ToolCall
 
@@ -457,16 +457,8 @@ class _Plan:
 
 
 def _cancel_job(job: Any) -> None:
-    """Cancel a job start() submitted: removed from Nomad at once (purge), cancelled elsewhere."""
-    from .. import jobs as job_api
-
-    if job.info.scheduler == "nomad":
-        try:
-            job_api.cancel(job.state_dir, job.id, purge=True)
-        except JobNotFound:
-            pass
-    else:
-        job.cancel()
+    """Cancel a job start() submitted: purged where its scheduler keeps ended jobs (Nomad)."""
+    job.cancel(purge=True)
 
 
 class HpcSandboxBackend:

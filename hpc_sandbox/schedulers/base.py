@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 from pathlib import Path
 
 from ..jobfolder import JobFolder, JobInfo, ServerRecord
@@ -17,6 +18,10 @@ from ..spec import SandboxSpec
 
 class Scheduler(ABC):
     name: str = "base"
+    # Whether cancel(job, purge=True) does more than a cancel: removing the job from the
+    # scheduler's own records at once (Nomad keeps a stopped job until its garbage
+    # collection). Asked by `jobs.cancel`, so that no caller names a scheduler.
+    purges: ClassVar[bool] = False
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir).expanduser()
@@ -35,5 +40,7 @@ class Scheduler(ABC):
         return None
 
     @abstractmethod
-    def cancel(self, job: JobInfo) -> None:
-        """Stop the job's node servers (they remove their own records on SIGTERM)."""
+    def cancel(self, job: JobInfo, purge: bool = False) -> None:
+        """Stop the job's node servers (they remove their own records on SIGTERM).
+        `purge`: also remove the job from the scheduler's records at once, where it keeps
+        them (`purges`); every scheduler accepts it, the others ignore it."""

@@ -129,7 +129,7 @@ class BatchScheduler(Scheduler):
     def parse_job_id(self, stdout: str) -> str:
         return stdout.strip()
 
-    def cancel(self, job: JobInfo) -> None:
+    def cancel(self, job: JobInfo, purge: bool = False) -> None:
         self._cancel_ids(list(job.scheduler_ids))
 
     def _cancel_ids(self, ids: list[str]) -> None:

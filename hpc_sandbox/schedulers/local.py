@@ -100,7 +100,7 @@ class LocalScheduler(Scheduler):
                 statuses[job.job_id] = JobStatus(job.job_id, JobState.DONE, "all node server processes have exited")
         return statuses
 
-    def cancel(self, job: JobInfo) -> None:
+    def cancel(self, job: JobInfo, purge: bool = False) -> None:
         pids = [int(pid) for pid in job.scheduler_ids if _alive(int(pid), job)]
         for pid in pids:
             _signal(pid, signal.SIGTERM)

@@ -143,6 +143,7 @@ def placement_failure(evaluation: Mapping[str, Any]) -> str | None:
 
 class NomadScheduler(Scheduler):
     name = "nomad"
+    purges = True
 
     def __init__(self, state_dir, connection: NomadConnection | None = None) -> None:
         super().__init__(state_dir)
