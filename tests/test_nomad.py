@@ -20,7 +20,7 @@ from doubles.nomad_api import NomadDouble
 from hpc_sandbox import jobs
 from hpc_sandbox.config import load_spec
 from hpc_sandbox.errors import SchedulerError
-from hpc_sandbox.pool import SlotPool
+from hpc_sandbox import connect
 from hpc_sandbox.jobstate import JobState
 from hpc_sandbox.schedulers.nomad import NomadConnection, NomadScheduler, placement_failure
 
@@ -178,7 +178,7 @@ def test_the_pool_uses_a_nomad_job_as_it_uses_a_slurm_job(nomad_agent, state_dir
     port = free_port()
 
     async def scenario() -> None:
-        async with SlotPool.launch(scheduler="nomad", slots=2, port_range=f"{port}-{port}", state_dir=state_dir,
+        async with connect.launch(scheduler="nomad", slots=2, port_range=f"{port}-{port}", state_dir=state_dir,
                                    wait_timeout=60, acquire_timeout=30) as pool:
             [job] = pool.jobs
             async with pool.slot("t1") as slot:
@@ -217,7 +217,7 @@ def test_a_waiting_pool_asks_nomad_for_a_jobs_allocations_about_once_a_second(tm
         job = jobs.submit(spec_for(state_dir, port_range=f"{port}-{port}"))
 
         async def wait_three_seconds() -> None:
-            async with SlotPool.from_state_dir(state_dir, [job.id]) as pool:
+            async with connect.from_state_dir(state_dir, [job.id]) as pool:
                 with pytest.raises(NoCapacity):
                     await pool.acquire(timeout=3)
 

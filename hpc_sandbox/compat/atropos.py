@@ -1,7 +1,7 @@
 """A drop-in `ToolBackend` for Atropos-style RL environments, over SlotPool.
 
     backend = HpcSandboxBackend(profile="gpu", array=4)         # start() submits, stop(purge=True) cancels
-    backend = HpcSandboxBackend(SlotPool.from_config("default"))  # or over jobs that already run
+    backend = HpcSandboxBackend(connect.from_config("default"))  # or over jobs that already run
     await backend.start()
     slot = await backend.acquire("traj-1")
     results = await backend.execute_batch([(slot, "write_file", {"path": "a.py", "content": "print(1)"}),
@@ -589,23 +589,19 @@ class HpcSandboxBackend:
         if entry.pool is not None:
             await entry.pool.start()
             return
-        from .. import jobs as job_api  # what `submit` and SlotPool.launch use
-        from ..config import load_spec
-        from ..pool.slotpool import cloud_source
+        from .. import connect, jobs as job_api  # what `submit` and connect.launch use
 
-        spec = load_spec(profile=entry.config_profile, config_file=self.config_file, overrides=entry.overrides)
-        cloud = (cloud_source(self.overflow, spec.state_dir, entry.config_profile, self.config_file, spec.cloud,
-                              self.cloud_settings) if self.overflow is not None else None)
+        planned = connect.plan(entry.config_profile, config_file=self.config_file, overflow=self.overflow,
+                               cloud_settings=self.cloud_settings, overrides=entry.overrides)
         submitted = entry.job is None
         if submitted:
-            entry.job = job_api.submit(spec)
+            entry.job = job_api.submit(planned.spec)
             log.info("profile %s: submitted job %s", entry.name, entry.job.id)
         job = entry.job
         try:
-            if cloud is None:  # with the cloud overflow, callers are served while the job queues
-                await job.wait_ready(self.wait_timeout, servers=1)
-            pool = SlotPool.from_state_dir(spec.state_dir, [job.id], acquire_timeout=self.acquire_timeout,
-                                           lease_ttl=self.lease_ttl, overflow=cloud)
+            # With the cloud overflow, callers are served while the job queues.
+            pool = await connect.pool_for(job, planned.cloud, wait_timeout=self.wait_timeout,
+                                          acquire_timeout=self.acquire_timeout, lease_ttl=self.lease_ttl)
             await pool.start()
         except BaseException:
             if submitted:
