@@ -25,7 +25,8 @@ pytestmark = [
 
 async def test_two_of_four_callers_burst_to_one_real_sandbox(state_dir):
     modal = pytest.importorskip("modal")
-    from hpc_sandbox.burst.modal import ModalSource, list_sandboxes
+    from hpc_sandbox.burst.inventory import list_sandboxes
+    from hpc_sandbox.burst.modal import ModalSource
     from hpc_sandbox.burst.profile import CloudProfile
     from hpc_sandbox import connect
 
