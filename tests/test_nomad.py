@@ -173,6 +173,26 @@ def test_failed_and_lost_allocations_are_named_in_the_status(tmp_path, state_dir
         assert double.requests_to(f"/v1/job/{job.id}", "DELETE")[0].query.get("purge", "").lower() == "true"  # Go's ParseBool takes True
 
 
+def test_purge_is_asked_of_the_scheduler_not_of_its_name(state_dir):
+    # Scheduler.purges, not a scheduler's name, decides: --purge on a job of a scheduler
+    # that keeps no ended jobs is an error and cancels nothing; Job.cancel(purge=True) is
+    # a plain cancel there.
+    from hpc_sandbox.errors import ConfigError
+    from hpc_sandbox.jobfolder import JobFolder, JobInfo
+
+    folder = JobFolder(state_dir, "plain")
+    folder.create_credentials(tls=False)
+    info = JobInfo(job_id="plain", scheduler="local", submitted_at=time.time(), servers=1, slots_per_server=1,
+                   runtime="none", scheduler_ids=())
+    folder.write_info(info)
+    with pytest.raises(ConfigError, match="--purge is for Nomad jobs; plain is a local job"):
+        jobs.cancel(state_dir, "plain", purge=True)
+    assert folder.exists()
+    jobs.Job(state_dir, info).cancel(purge=True)
+    assert not folder.exists()
+    assert NomadScheduler.purges and not jobs.get_scheduler("local", state_dir).purges
+
+
 def test_the_pool_uses_a_nomad_job_as_it_uses_a_slurm_job(nomad_agent, state_dir, set_env):
     set_env(nomad_agent.env())
     port = free_port()
