@@ -92,7 +92,7 @@ else:
 import exec_bench  # noqa: E402  (its NodeServer starts a real node server)
 
 from hpc_sandbox.burst.modal import ModalSource  # noqa: E402
-from hpc_sandbox.burst.profile import CloudProfile  # noqa: E402
+from hpc_sandbox.cloudprofile import CloudProfile  # noqa: E402
 from hpc_sandbox import connect  # noqa: E402
 from hpc_sandbox.pool import SlotPool  # noqa: E402
 

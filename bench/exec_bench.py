@@ -55,6 +55,7 @@ from _common import Children, Measurement, Op, children_of, cpu_model, run_bench
 import _swerex  # noqa: E402
 
 from hpc_sandbox import Endpoint, NodeServerSource, SlotPool  # noqa: E402
+from hpc_sandbox.client import endpoint_of  # noqa: E402
 from hpc_sandbox.jobfolder import JobFolder  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -174,7 +175,7 @@ class NodeServer:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"node server not ready within {timeout:.0f}s:\n{Children.tail(self.log_file)}")
             time.sleep(0.1)
-        return Endpoint.of(records[0], folder.credentials(), "local")
+        return endpoint_of(records[0], folder.credentials(), "local")
 
     def stop(self) -> None:
         if self.proc is not None:

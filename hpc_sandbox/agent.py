@@ -2,7 +2,19 @@
 """The slot agent: one long-lived process inside a slot's container.
 
 It is bind-mounted as this single file into any image, so it uses the standard
-library only, runs on any python3 >= 3.8, and imports nothing from hpc_sandbox.
+library only, runs on any python3 >= 3.8, and imports nothing from hpc_sandbox. That is
+why it stays one file; its sections, in order:
+
+  the slot contract   what the node server and the agent agree on (the server imports it)
+  paths               the workspace walk: one component at a time, O_NOFOLLOW, from an fd
+  output capture      capped buffers, streamed chunks, spawning `bash -c` children
+  processes           finding and killing the slot's processes (groups, tags, tree, pid ns)
+  scratch folders     emptying the slot's /tmp (and the like) at reset
+  sessions            persistent shells fed one command per call
+  background          processes that outlive their call, with capped logs
+  the agent           the Agent class: I/O, reset, and one method per tool
+  archives            tar.gz of workspace paths
+  tools and main      the tool table, argument parsing, the ready line, the event loop
 
 Protocol (newline-framed JSON, json.dumps never emits a raw newline; but for the raw
 bytes of streamed output, see "Streaming" below):
@@ -47,12 +59,45 @@ import tempfile
 import threading
 import time
 
+# --- the slot contract ---------------------------------------------------------------
+#
+# What the node server (hpc_sandbox/server/) and this agent must agree on, defined here
+# once and imported by the server; tests/test_slot_contract.py pins it.
+
+SLOT_WORKSPACE = "/workspace"  # where a contained slot sees its workspace
+# Every command runs with CALL_ENV=<agent tag>.<call> in its environment: the agent's
+# per-call kills find what left a call's process group by it.
+CALL_ENV = "HPC_SANDBOX_CALL"
+# How long a reset keeps killing a slot's processes that keep reappearing (a fork bomb),
+# and how long the node server waits for the reset's answer before replacing the agent.
+RESET_SECONDS = 2.0
+RESET_TIMEOUT = RESET_SECONDS + 1.0
+# A streaming call's output goes out in chunks of about this much raw output, at most
+# this long after the first byte of it was read: a chatty command must not cost a
+# header per read, and a quiet one must still show its output at once. A chunk is never
+# larger than MAX_CHUNK_BYTES (the server refuses a header announcing more).
+STREAM_FLUSH_BYTES = 64 << 10
+STREAM_FLUSH_SECONDS = 0.05
+MAX_CHUNK_BYTES = 8 << 20
+# The tools a client may call through the node server; the agent's others (cancel,
+# ping, reset) are the server's own.
+CLIENT_TOOLS = ("bash", "session", "process", "read_file", "write_file", "list_files", "archive")
+
+
+def ready_message(pid: int, tag: str) -> dict:
+    """The line the agent sends once it runs: the server knows then that the runtime
+    started the agent (not just the container tool)."""
+    return {"id": None, "ok": True, "result": {"ready": True, "pid": pid, "tag": tag}}
+
+
+def is_ready(answer: dict) -> bool:
+    return answer.get("id") is None and bool(answer.get("ok")) and bool((answer.get("result") or {}).get("ready"))
+
+
 DEFAULT_OUTPUT_CAP = 1 << 20  # per stream, bytes
 DEFAULT_READ_LIMIT = 8 << 20
 DEFAULT_ARCHIVE_CAP = 64 << 20
 KILL_GRACE_SECONDS = 1.0
-# How long a reset keeps killing a slot's processes that keep reappearing (a fork bomb).
-RESET_SECONDS = 2.0
 # After the command's own process exits, background children may still hold its
 # pipes open (`server &`); we stop waiting for their output after this long.
 PIPE_DRAIN_SECONDS = 0.2
@@ -96,8 +141,7 @@ class ToolError(Exception):
 # `..` is refused outright, and nothing but a regular file is ever opened for data
 # (a FIFO would block the open, a device could do anything).
 
-SLOT_WORKSPACE = "/workspace"  # where a contained slot sees its workspace
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 NOT_FOLLOWED = "symlinks are not followed"
 # Folders a walk (list_files, archive) holds open at once, one per level: deeper
@@ -170,10 +214,10 @@ def _lstat_child(dir_fd: int, name: str, path: str):
         raise _refusal(dir_fd, name, path, exc)
 
 
-def _open_child_dir(dir_fd: int, name: str, path: str, create: bool = False) -> int:
+def open_child_dir(dir_fd: int, name: str, path: str, create: bool = False) -> int:
     """Open the folder `name` in `dir_fd` without following a symlink; mkdir it if asked."""
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError as exc:
         if not create:
             raise _refusal(dir_fd, name, path, exc)
@@ -186,12 +230,12 @@ def _open_child_dir(dir_fd: int, name: str, path: str, create: bool = False) -> 
     except OSError as exc:
         raise ToolError("io", "%s: cannot create %s (%s)" % (path, name, exc.strerror or exc))
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         raise _refusal(dir_fd, name, path, exc)
 
 
-def _open_child_file(dir_fd: int, name: str, path: str) -> int:
+def open_child_file(dir_fd: int, name: str, path: str) -> int:
     """Open the regular file `name` in `dir_fd` for reading; anything else is refused unopened."""
     _check_regular(_lstat_child(dir_fd, name, path), path, name)
     try:
@@ -223,13 +267,14 @@ def _scan(dir_fd: int) -> list:
     return found
 
 
-def _walk(top_fd: int, top: str, recursive: bool, cut: list):
+def walk_folder(top_fd: int, top: str, recursive: bool, cut: list, unreadable=None):
     """Yield (dir_fd, path, name, lstat) for everything under the folder `top_fd`.
 
     In os.walk's order (a folder's entries, then each subfolder's in turn), entering
     subfolders through descriptors with O_NOFOLLOW, so a symlink is reported, never
     followed. `top_fd` stays the caller's; every folder opened here is closed here.
-    Appends to `cut` the folders not entered for being too deep.
+    Appends to `cut` the folders not entered for being too deep, and to `unreadable`
+    (when given) those not entered for want of permission.
     """
     frames = []  # (fd, path, subfolder names still to enter)
     fd, folder = top_fd, top
@@ -256,10 +301,12 @@ def _walk(top_fd: int, top: str, recursive: bool, cut: list):
                 cut.append(_join(parent, name))
                 continue
             try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+                fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
             except OSError as exc:
                 # Replaced by a symlink or a file, removed, or unreadable: listed, not entered.
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
+                    if exc.errno == errno.EACCES and unreadable is not None:
+                        unreadable.append(_join(parent, name))
                     continue
                 raise ToolError("io", "%s: %s" % (_join(parent, name), exc.strerror or exc))
             folder = _join(parent, name)
@@ -328,11 +375,6 @@ class CappedBuffer:
         return bytes(self.head + self.tail).decode("utf-8", "replace")
 
 
-# A streaming call's output goes out in lines of at most this much raw output, at
-# most this long after the first byte of it was read: a chatty command must not cost
-# a JSON line per read, and a quiet one must still show its output at once.
-STREAM_FLUSH_BYTES = 64 << 10
-STREAM_FLUSH_SECONDS = 0.05
 
 
 class _Streamer:
@@ -473,9 +515,15 @@ class _Spawned:
                 self._close_stream(pipe)
 
 
+# The children the agent spawned and waits for itself (see _watch_exit). Any other child
+# is a process the agent adopted as the slot's subreaper, which it reaps (_reap_adopted).
+_OWN_CHILDREN = set()
+
+
 def _watch_exit(loop, proc, on_exit) -> None:
     """Call on_exit(returncode) on `loop` when `proc` ends: from a pidfd where python
     and the kernel have them, else from a thread blocked in wait()."""
+    _OWN_CHILDREN.add(proc.pid)
     pidfd_open = getattr(os, "pidfd_open", None)
     if pidfd_open is not None:
         try:
@@ -486,13 +534,16 @@ def _watch_exit(loop, proc, on_exit) -> None:
             def ready():
                 loop.remove_reader(pidfd)
                 os.close(pidfd)
-                on_exit(proc.wait())
+                code = proc.wait()
+                _OWN_CHILDREN.discard(proc.pid)
+                on_exit(code)
 
             loop.add_reader(pidfd, ready)
             return
 
     def wait_in_thread():
         code = proc.wait()
+        _OWN_CHILDREN.discard(proc.pid)
         try:
             loop.call_soon_threadsafe(on_exit, code)
         except RuntimeError:  # the loop closed meanwhile (the agent is exiting)
@@ -526,6 +577,13 @@ async def _done_within(loop, future, seconds):
     return future.done()
 
 
+# --- processes ----------------------------------------------------------------------
+#
+# Finding and killing the slot's processes from inside it: by process group, by call
+# tag, by the agent's process tree (it is the slot's subreaper), or everything in the
+# slot's pid namespace. The node server has its own, on the host (server/procfs.py).
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -539,9 +597,6 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-CALL_ENV = "HPC_SANDBOX_CALL"
 
 
 def _pids() -> list:
@@ -581,35 +636,216 @@ def _kill_tagged(tag: str, exact: bool) -> int:
     return killed
 
 
+def _process_table() -> dict:
+    """pid -> (parent pid, state letter) of every process this one can see.
+
+    /proc/PID/stat is readable whoever owns the process and whatever it hides: a
+    process that makes itself non-dumpable closes its environ to its own user, not this."""
+    table = {}
+    for pid in _pids():
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            table[pid] = (int(fields[1]), fields[0])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return table
+
+
 def _ancestors() -> frozenset:
     """This process and every process above it (in its pid namespace)."""
+    table = _process_table()
     found = set()
     pid = os.getpid()
     while pid > 0 and pid not in found:
         found.add(pid)
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as handle:
-                pid = int(handle.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
+        pid = table.get(pid, (0, b""))[0]
     return frozenset(found)
+
+
+def _descendants(root: int, table: dict) -> list:
+    """The live (not zombie) processes below `root` in `table`."""
+    children = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if table[pid][1] != b"Z":
+            found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _kill_pids(pids) -> int:
+    killed = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    return killed
 
 
 def _kill_all_but(spared) -> int:
     """SIGKILL every process in /proc but `spared` (zombies are already dead)."""
-    killed = 0
-    for pid in _pids():
-        if pid in spared:
+    return _kill_pids(pid for pid, (_, state) in _process_table().items() if pid not in spared and state != b"Z")
+
+
+def _children_of(pid: int):
+    """The children of `pid` (all its threads'), from /proc/PID/task/TID/children; None
+    when the kernel has no such file (CONFIG_PROC_CHILDREN) or the process is gone."""
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return None
+    found = []
+    for task in tasks:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task), "rb") as handle:
+                found.extend(int(child) for child in handle.read().split())
+        except FileNotFoundError:
+            if task == str(pid):
+                return None  # no children files at all (or gone)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _state(pid: int):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _kill_descendants() -> int:
+    """SIGKILL every live process below this one. The agent is the slot's subreaper
+    (see _become_subreaper), so a process that daemonised (double fork, setsid) is
+    still below it: it cannot leave the tree the way it can leave a group or a session.
+
+    The tree is read from the children files of the processes in it, so the cost is the
+    slot's processes, not the node's; a kernel without them has the whole /proc read."""
+    me = os.getpid()
+    if _children_of(me) is None:
+        return _kill_pids(_descendants(me, _process_table()))
+    killed, todo = 0, [me]
+    while todo:
+        kids = _children_of(todo.pop()) or []
+        for kid in kids:
+            state = _state(kid)
+            if state is not None and state != b"Z":
+                killed += _kill_pids((kid,))
+        todo.extend(kids)
+    return killed
+
+
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
+
+
+def _become_subreaper() -> bool:
+    """Make the agent the reaper of its orphaned descendants (Linux >= 3.4): a command's
+    process whose parent exits is re-parented to the agent, not to the node's init, so
+    it stays in the slot's process tree where reset, release and the node server's
+    watchdog find it, whatever it does to its environment or session."""
+    try:
+        import ctypes  # the standard library's; only here, at start
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_adopted() -> None:
+    """Reap the adopted children that ended (never one the agent waits for itself).
+
+    Run now and then and at every reset, not at every SIGCHLD: a fork bomb's thousands
+    of orphans must not cost the agent a look at all its children for each one's end."""
+    for pid in _children_of(os.getpid()) or ():
+        if pid in _OWN_CHILDREN:
             continue
         try:
-            with open("/proc/%d/stat" % pid, "rb") as handle:
-                if handle.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-        except (OSError, IndexError):
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
             pass
-    return killed
+
+
+REAP_SECONDS = 1.0
+
+
+# --- scratch folders ----------------------------------------------------------------
+#
+# A slot's temporary folders outside its workspace (/tmp and /dev/shm in a container,
+# a folder of the slot's own named by TMPDIR under runtime none) are the runtime's to
+# name (--scratch). A reset empties them once every process of the slot has ended, so
+# the next holder finds nothing of the last one's there. Nothing runs in the slot while
+# they are emptied, so no entry can be swapped under the walk; a folder the last holder
+# locked (chmod 000) is opened up first. A tree too deep to walk, or anything that will
+# not go, leaves the slot unclean: the node server then replaces its agent (and with it
+# a container's tmpfs).
+
+MAX_SCRUB_DEPTH = 256
+SYSV_IPC = ("/proc/sysvipc/shm", "/proc/sysvipc/sem", "/proc/sysvipc/msg")
+
+
+def empty_folder(path: str) -> None:
+    """Remove everything inside `path`; raise OSError on what will not go."""
+    try:
+        top = os.open(path, DIR_FLAGS)
+    except FileNotFoundError:
+        os.makedirs(path, 0o700, exist_ok=True)
+        return
+    if os.fstatvfs(top).f_flag & os.ST_RDONLY:  # nothing the slot could have written
+        os.close(top)
+        return
+    stack = [(top, None, [])]  # (folder fd, its name in the folder above, subfolders left)
+
+    def enter(fd, subfolders):
+        for name, st in _scan(fd):
+            if stat.S_ISDIR(st.st_mode):
+                subfolders.append(name)
+            else:
+                os.unlink(name, dir_fd=fd)
+
+    try:
+        enter(top, stack[0][2])
+        while stack:
+            fd, name, subfolders = stack[-1]
+            if subfolders:
+                child = subfolders.pop()
+                if len(stack) >= MAX_SCRUB_DEPTH:
+                    raise OSError(errno.ELOOP, "folders nested deeper than %d" % MAX_SCRUB_DEPTH, child)
+                try:
+                    os.chmod(child, 0o700, dir_fd=fd)  # a real folder, and nothing can swap it now
+                except OSError:
+                    pass
+                child_fd = os.open(child, DIR_FLAGS, dir_fd=fd)
+                stack.append((child_fd, child, []))
+                enter(child_fd, stack[-1][2])
+                continue
+            stack.pop()
+            os.close(fd)
+            if stack:
+                os.rmdir(name, dir_fd=stack[-1][0])
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def _sysv_ipc_left() -> bool:
+    """Whether any SysV shared memory, semaphore or message queue exists in this IPC
+    namespace (a contained slot's own: they outlive the processes that made them)."""
+    for table in SYSV_IPC:
+        try:
+            with open(table, "rb") as handle:
+                if len(handle.read().splitlines()) > 1:  # a header line, then one per object
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 # --- sessions -----------------------------------------------------------------------
@@ -1174,13 +1410,15 @@ def _signal_number(value) -> int:
 
 
 class Agent:
-    def __init__(self, workspace: str, output_cap: int, own_pid_namespace: bool = False) -> None:
+    def __init__(self, workspace: str, output_cap: int, own_pid_namespace: bool = False, scratch=()) -> None:
         self.own_pid_namespace = own_pid_namespace
+        self.scratch = tuple(scratch)  # the slot's temporary folders, emptied at reset
+        self.subreaper = False  # whether orphans of its commands come back to it (main sets it)
         self.ancestors = _ancestors() if own_pid_namespace else frozenset()
         self.workspace = os.path.realpath(workspace)
         self.roots = workspace_roots(workspace)
         # Every path a tool takes is walked from this descriptor (see "paths" above).
-        self.root_fd = os.open(self.workspace, _DIR_FLAGS)
+        self.root_fd = os.open(self.workspace, DIR_FLAGS)
         # A `cwd` is handed to a command as the path of a descriptor we opened, which
         # the kernel resolves to that very folder; without /proc, by fchdir around the spawn.
         self.fd_paths = os.path.isdir("/proc/self/fd")
@@ -1246,12 +1484,13 @@ class Agent:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         # stdin closed: the server is gone or is stopping us. Leave nothing behind.
-        self.kill_all()
+        try:
+            await self.end_processes()
+        except ToolError:
+            pass  # what still runs is the server's to kill (it kills the agent's whole tree)
         self.forget_all()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=KILL_GRACE_SECONDS + 1)
-        if self._private is not None:
-            shutil.rmtree(self._private, ignore_errors=True)
 
     def kill_all(self) -> int:
         """SIGKILL every process of this slot's commands; how many were signalled."""
@@ -1262,19 +1501,21 @@ class Agent:
             _kill_group(pgid, signal.SIGKILL)
         # Counted by the scans only, which pass over zombies (a killed process that its
         # parent has not reaped yet is dead already; a group of them still "exists").
-        killed = _kill_tagged(self.tag + ".", exact=False)
         if self.own_pid_namespace:
             # Everything this agent can see is the slot's, but itself and the processes
             # above it (the runtime's init): even a process that left its group and
             # cleared its environment.
-            killed += _kill_all_but(self.ancestors)
+            return _kill_all_but(self.ancestors)
+        # No namespace of its own: every process below the agent, its subreaper (what
+        # daemonised too); on a kernel that refused a subreaper, what carries its tag.
+        killed = _kill_descendants()
+        if not self.subreaper:
+            killed += _kill_tagged(self.tag + ".", exact=False)
         return killed
 
-    async def tool_reset(self, request_id, args, timeout):
-        """End every process of the slot's commands, so that the slot can change hands
-        without a new agent (the node server then wipes the workspace). Repeated until
-        nothing is left; a slot that keeps spawning past that is the server's to
-        restart (kind reset_failed)."""
+    async def end_processes(self) -> int:
+        """Kill the slot's processes until none is left (what they fork meanwhile too);
+        how many were killed. ToolError reset_failed if they keep reappearing."""
         deadline = time.monotonic() + RESET_SECONDS
         killed = 0
         while True:
@@ -1285,8 +1526,26 @@ class Agent:
             if time.monotonic() > deadline:
                 raise ToolError("reset_failed", "the slot's processes kept reappearing for %.0fs" % RESET_SECONDS)
             await asyncio.sleep(0.01)
+        _reap_adopted()
+        return killed
+
+    async def tool_reset(self, request_id, args, timeout):
+        """End every process of the slot's commands and empty its scratch folders, so
+        that the slot can change hands without a new agent (the node server then wipes
+        the workspace). Killing is repeated until nothing is left; a slot that keeps
+        spawning past that, or whose scratch folders will not empty, is the server's to
+        restart (kind reset_failed)."""
+        killed = await self.end_processes()
         self.lingering.clear()
         self.forget_all()
+        self._private = None  # inside a scratch folder (or gone with forget_all): made anew on use
+        for folder in self.scratch:
+            try:
+                empty_folder(folder)
+            except OSError as exc:
+                raise ToolError("reset_failed", "cannot empty the slot's %s: %s" % (folder, exc.strerror or exc))
+        if self.own_pid_namespace and _sysv_ipc_left():
+            raise ToolError("reset_failed", "SysV IPC objects of the last holder are left in the slot")
         return {"killed": killed}
 
     def forget_all(self) -> None:
@@ -1298,6 +1557,9 @@ class Agent:
         for process in list(self.background.values()):
             process.close(kill=False)
         self.background.clear()
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
 
     async def handle_line(self, line: bytes) -> None:
         request_id = None
@@ -1722,7 +1984,7 @@ class Agent:
         fd = os.dup(self.root_fd)
         try:
             for name in parts:
-                next_fd = _open_child_dir(fd, name, path, create)
+                next_fd = open_child_dir(fd, name, path, create)
                 os.close(fd)
                 fd = next_fd
             return fd
@@ -1750,7 +2012,7 @@ class Agent:
             raise ToolError("is_directory", "%s: is a directory (the workspace)" % path)
         parent = self._open_dir(parts[:-1], path)
         try:
-            fd = _open_child_file(parent, parts[-1], path)
+            fd = open_child_file(parent, parts[-1], path)
         finally:
             os.close(parent)
         with os.fdopen(fd, "rb") as handle:
@@ -1857,7 +2119,7 @@ class Agent:
         entries = []
         truncated = False
         cut = []
-        walk = _walk(top_fd, "/".join(parts), recursive, cut)
+        walk = walk_folder(top_fd, "/".join(parts), recursive, cut)
         try:
             for _, entry_path, _, st in walk:
                 if len(entries) >= max_entries:
@@ -1876,52 +2138,92 @@ class Agent:
         return await self._in_thread(self._archive, args)
 
     def _archive(self, args):
-        path = args.get("path") or "."
-        parts = workspace_parts(path, self.roots)
-        cap = _bounded_int(args, "max_bytes", DEFAULT_ARCHIVE_CAP, MAX_ARCHIVE_CAP)
-        top = parts[-1] if parts else "."
-        file_fd = top_fd = None
-        if parts:
-            parent = self._open_dir(parts[:-1], path)
-            try:
-                if stat.S_ISDIR(_lstat_child(parent, top, path).st_mode):
-                    top_fd = _open_child_dir(parent, top, path)
-                else:
-                    file_fd = _open_child_file(parent, top, path)
-            finally:
-                os.close(parent)
+        """One tar.gz of `path`, or of several `paths` at once.
+
+        With `path` (as ever) members are named after the path's last part ("b/x" for
+        "a/b", "./x" for "."). With `paths` they are named relative to the workspace
+        ("a/b/x"; "." adds the workspace's contents, not an entry for itself), so a
+        caller who wants several paths asks once and unpacks nothing. A member met
+        twice (overlapping paths) is stored once. `members` lists the names stored.
+        """
+        paths = args.get("paths")
+        if paths is None:
+            path = args.get("path") or "."
+            parts = workspace_parts(path, self.roots)
+            tops = [(path, parts, parts[-1] if parts else ".")]
+            label = path
         else:
-            top_fd = os.dup(self.root_fd)
+            if args.get("path") is not None:
+                raise ToolError("bad_request", "give path or paths, not both")
+            if not isinstance(paths, list) or not 1 <= len(paths) <= MAX_ARCHIVE_PATHS:
+                raise ToolError("bad_request", "paths must be a list of 1 to %d paths" % MAX_ARCHIVE_PATHS)
+            # Every path is checked before anything is read: a bad one refuses the whole call.
+            tops = []
+            for path in paths:
+                parts = workspace_parts(path, self.roots)
+                tops.append((path, parts, "/".join(parts)))
+            label = ", ".join(paths)
+        cap = _bounded_int(args, "max_bytes", DEFAULT_ARCHIVE_CAP, MAX_ARCHIVE_CAP)
         sink = _CappedBytesIO(cap)
-        cut = []
+        members = []
         try:
             with tarfile.open(fileobj=sink, mode="w:gz") as tar:
-                if file_fd is not None:
-                    _tar_file(tar, file_fd, top)
-                else:
-                    tar.addfile(_tar_info(top, os.fstat(top_fd), tarfile.DIRTYPE))
-                    walk = _walk(top_fd, top, True, cut)
-                    try:
-                        for dir_fd, member, name, st in walk:
-                            _tar_entry(tar, dir_fd, member, name, st)
-                    finally:
-                        walk.close()
-                    if cut:
-                        raise ToolError("too_large", "%s: folders nested deeper than %d levels (%s)"
-                                        % (path, MAX_WALK_DEPTH, cut[0]))
+                seen = set()
+                for path, parts, top in tops:
+                    self._archive_path(tar, path, parts, top, seen, members)
         except _TooLarge:
-            raise ToolError("too_large", "archive of %s exceeds %d bytes" % (path, cap))
-        finally:
-            for fd in (file_fd, top_fd):
-                if fd is not None:
-                    os.close(fd)
+            raise ToolError("too_large", "archive of %s exceeds %d bytes" % (label, cap))
         data = sink.getvalue()
         return {
             "content": base64.b64encode(data).decode("ascii"),
             "encoding": "base64",
             "size": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
+            "members": members,
         }
+
+    def _archive_path(self, tar, path, parts, top, seen, members) -> None:
+        """Add the file or folder `parts` to `tar` as `top` ("" names the workspace
+        itself, which then gets no entry of its own), skipping members in `seen`."""
+        file_fd = top_fd = None
+        if parts:
+            parent = self._open_dir(parts[:-1], path)
+            try:
+                if stat.S_ISDIR(_lstat_child(parent, parts[-1], path).st_mode):
+                    top_fd = open_child_dir(parent, parts[-1], path)
+                else:
+                    file_fd = open_child_file(parent, parts[-1], path)
+            finally:
+                os.close(parent)
+        else:
+            top_fd = os.dup(self.root_fd)
+        cut = []
+        try:
+            if file_fd is not None:
+                if top not in seen:
+                    seen.add(top)
+                    members.append(top)
+                    _tar_file(tar, file_fd, top)
+                return
+            if top and top not in seen:
+                seen.add(top)
+                members.append(top)
+                tar.addfile(_tar_info(top, os.fstat(top_fd), tarfile.DIRTYPE))
+            walk = walk_folder(top_fd, top, True, cut)
+            try:
+                for dir_fd, member, name, st in walk:
+                    if member not in seen and _tar_entry(tar, dir_fd, member, name, st):
+                        seen.add(member)
+                        members.append(member)
+            finally:
+                walk.close()
+            if cut:
+                raise ToolError("too_large", "%s: folders nested deeper than %d levels (%s)"
+                                % (path, MAX_WALK_DEPTH, cut[0]))
+        finally:
+            for fd in (file_fd, top_fd):
+                if fd is not None:
+                    os.close(fd)
 
     async def tool_cancel(self, request_id, args, timeout):
         target = args.get("target")
@@ -1948,6 +2250,11 @@ class Agent:
         return {"pid": os.getpid(), "workspace": self.workspace, "python": sys.version.split()[0]}
 
 
+# --- archives -----------------------------------------------------------------------
+
+MAX_ARCHIVE_PATHS = 1000  # paths one archive call may name
+
+
 class _TooLarge(Exception):
     pass
 
@@ -1961,30 +2268,33 @@ def _tar_info(name: str, st, kind) -> tarfile.TarInfo:
     return info
 
 
-def _tar_entry(tar, dir_fd: int, member: str, name: str, st) -> None:
-    """Add one entry met by _walk: folders, files and symlinks (as links); nothing else."""
+def _tar_entry(tar, dir_fd: int, member: str, name: str, st) -> bool:
+    """Add one entry met by _walk: folders, files and symlinks (as links); nothing else.
+    Whether it was added."""
     if stat.S_ISDIR(st.st_mode):
         tar.addfile(_tar_info(member, st, tarfile.DIRTYPE))
     elif stat.S_ISLNK(st.st_mode):
         try:
             target = os.readlink(name, dir_fd=dir_fd)
         except OSError:  # gone or replaced meanwhile
-            return
+            return False
         info = _tar_info(member, st, tarfile.SYMTYPE)
         info.linkname = target
         tar.addfile(info)
     elif stat.S_ISREG(st.st_mode):
         try:
-            fd = _open_child_file(dir_fd, name, member)
+            fd = open_child_file(dir_fd, name, member)
         except ToolError as exc:
             if exc.kind in ("not_found", "path", "not_a_file", "is_directory"):  # changed meanwhile
-                return
+                return False
             raise
         try:
             _tar_file(tar, fd, member)
         finally:
             os.close(fd)
-    # FIFOs, sockets and devices are left out: never opened, never recreated by an unpacker.
+    else:  # FIFOs, sockets and devices are left out: never opened, never recreated by an unpacker.
+        return False
+    return True
 
 
 def _tar_file(tar, fd: int, member: str) -> None:
@@ -2028,6 +2338,8 @@ class _CappedBytesIO(io.BytesIO):
         return super().write(data)
 
 
+# --- tools and main -----------------------------------------------------------------
+
 TOOLS = {
     "bash": Agent.tool_bash,
     "session": Agent.tool_session,
@@ -2047,21 +2359,40 @@ def main(argv=None) -> int:
     parser.add_argument("--workspace", required=True, help="the slot's workspace directory")
     parser.add_argument("--output-cap", type=int, default=DEFAULT_OUTPUT_CAP, help="bytes kept per output stream")
     parser.add_argument("--own-pid-namespace", action="store_true",
-                        help="the slot has a pid namespace of its own: every other process in it is the slot's")
+                        help="the slot has pid and IPC namespaces of its own: every other process in it is the "
+                             "slot's")
+    parser.add_argument("--scratch", action="append", default=[], metavar="DIR",
+                        help="a temporary folder private to the slot (made if missing), emptied at every reset")
+    parser.add_argument("--max-tasks", type=int, default=None, metavar="N",
+                        help="RLIMIT_NPROC for the slot: only where the slot has a user namespace of its own, "
+                             "in which the kernel counts its tasks apart from the user's others")
     options = parser.parse_args(argv)
     if not os.path.isdir(options.workspace):
         sys.stderr.write("hpc-sandbox agent: workspace %s is not a directory\n" % options.workspace)
         return 2
-    agent = Agent(options.workspace, options.output_cap, options.own_pid_namespace)
+    for folder in options.scratch:
+        os.makedirs(folder, 0o700, exist_ok=True)
+    if options.max_tasks:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NPROC, (options.max_tasks, options.max_tasks))
+    agent = Agent(options.workspace, options.output_cap, options.own_pid_namespace, options.scratch)
+    agent.subreaper = _become_subreaper()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+
+    def reap_now_and_then():  # adopted orphans (the agent is the slot's subreaper) that ended
+        _reap_adopted()
+        loop.call_later(REAP_SECONDS, reap_now_and_then)
+
+    loop.call_later(REAP_SECONDS, reap_now_and_then)
     # A batch scheduler's cancel or walltime signal reaches every process of the job,
     # us included. The node server is the one to stop us (it closes our stdin), so
     # that a running call can still be answered with what happened. A handler, not
     # SIG_IGN: commands we start must still die of SIGTERM.
     loop.add_signal_handler(signal.SIGTERM, lambda: None)
     # The ready line lets the server know the runtime started us (not just the container tool).
-    agent.send({"id": None, "ok": True, "result": {"ready": True, "pid": os.getpid(), "tag": agent.tag}})
+    agent.send(ready_message(os.getpid(), agent.tag))
     try:
         loop.run_until_complete(agent.serve())
     finally:

@@ -18,12 +18,13 @@ from typing import Any
 import aiohttp
 
 from . import protocol
-from .errors import CallTimeout, ServerGone
+from .errors import CallTimeout, ClientError, ErrorKind, ServerGone
+from .jobfolder import Credentials, ServerRecord
 from .models import Endpoint
 from .paths import workspace_relative
 from .tls import pinned_context, system_context
-from .protocol import (DEFAULT_EXEC_TIMEOUT, AcquireRequest, BadAnswer, Call, CallAnswer, Grant, Health,
-                       ReleaseRequest, SlotsAnswer, StreamEvent)
+from .protocol import (AcquireRequest, BadAnswer, Call, CallAnswer, Grant, Health, ReleaseRequest, SlotsAnswer,
+                       StreamEvent, exec_timeout)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,18 @@ CONTROL_TIMEOUT = 30.0  # acquire, release, health...
 # connecting to it must fail fast, whatever the call's own timeout.
 CONNECT_TIMEOUT = 5.0
 RETRY_DELAYS = (0.1, 0.5, 1.5)
+# What a request can fail with below HTTP: every one of them is read by _transport_error.
+TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+# No connection at all within CONNECT_TIMEOUT (aiohttp >= 3.10 tells it from a read
+# timeout; before, every ServerTimeoutError was taken for it).
+_NO_CONNECTION = getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ServerTimeoutError)
+
+
+def endpoint_of(record: ServerRecord, credentials: Credentials, location: str = "cluster") -> Endpoint:
+    """How a client reaches a job's node server: its ready record and the job's credentials
+    (here, not in models.py: the plain types do not know the job folder's records)."""
+    return Endpoint(url=record.url, token=credentials.token, job_id=record.job_id, name=record.name,
+                    location=location, slots=record.slots, cert=credentials.cert)
 
 
 def _timeout(total: float) -> aiohttp.ClientTimeout:
@@ -93,25 +106,33 @@ class NodeClient:
                 async with self.session.request(method, url, json=json, headers=headers, ssl=self._ssl,
                                                 timeout=_timeout(timeout)) as response:
                     return await self._decode(response)
-            except aiohttp.ClientSSLError as exc:  # before ClientConnectorError: it is one too
-                raise self._impostor(exc) from None
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectorError,
-                    aiohttp.ClientPayloadError) as exc:
-                # A broken or refused connection: the request may not have arrived (or
-                # its answer was lost). Safe to repeat: exec ids make it idempotent.
-                if attempt + 1 >= attempts:
-                    raise ServerGone(f"node server {self.endpoint.name} ({self.endpoint.url}) is unreachable: "
-                                     f"{exc.__class__.__name__}: {exc}") from None
+            except TRANSPORT_ERRORS as exc:
+                # Safe to repeat where the mapping allows: exec ids make a call idempotent.
+                error, repeatable = self._transport_error(
+                    exc, broke=f"node server {self.endpoint.name} ({self.endpoint.url}) is unreachable",
+                    late=f"node server {self.endpoint.name} did not answer {method} {path} within {timeout:.0f}s")
+                if not repeatable or attempt + 1 >= attempts:
+                    raise error from None
                 await asyncio.sleep(RETRY_DELAYS[attempt])
-            except aiohttp.ServerTimeoutError as exc:  # before TimeoutError: it is one too
-                # Only the connect timeout is set: the host does not answer at all (a dead
-                # node, a firewall). Not retried: it would only wait CONNECT_TIMEOUT again.
-                raise ServerGone(f"node server {self.endpoint.name} ({self.endpoint.url}) is unreachable: "
-                                 f"no connection within {CONNECT_TIMEOUT:.0f}s ({exc})") from None
-            except asyncio.TimeoutError:
-                raise CallTimeout(f"node server {self.endpoint.name} did not answer {method} {path} "
-                                  f"within {timeout:.0f}s") from None
         raise AssertionError("unreachable")
+
+    def _transport_error(self, exc: BaseException, *, broke: str, late: str) -> tuple[ClientError, bool]:
+        """What a failure below HTTP (one of TRANSPORT_ERRORS) is, the one reading of it
+        for every request: the error to raise, and whether repeating the request may
+        help. `broke` begins the message of a broken connection, `late` is that of a
+        request that ran out of time, each in the request's own words."""
+        if isinstance(exc, aiohttp.ClientSSLError):  # before the connection errors: it is one too
+            return self._impostor(exc), False
+        if isinstance(exc, _NO_CONNECTION):  # before TimeoutError: it is one too
+            # The host does not answer at all (a dead node, a firewall). Not repeated: it
+            # would only wait CONNECT_TIMEOUT again.
+            return ServerGone(f"node server {self.endpoint.name} ({self.endpoint.url}) is unreachable: "
+                              f"no connection within {CONNECT_TIMEOUT:.0f}s ({exc})"), False
+        if isinstance(exc, asyncio.TimeoutError):  # the request's own time, or a read that waited too long
+            return CallTimeout(late), False
+        # A broken or refused connection: the request may not have arrived (or its answer
+        # was lost), so repeating it may help.
+        return ServerGone(f"{broke}: {exc.__class__.__name__}: {exc}"), True
 
     async def _decode(self, response: aiohttp.ClientResponse) -> Any:
         if response.status < 400:
@@ -125,7 +146,7 @@ class NodeClient:
             error = {}
         if not isinstance(error, dict):
             error = {}
-        kind = str(error.get("kind") or "http")
+        kind = str(error.get("kind") or ErrorKind.HTTP)
         message = str(error.get("message") or f"HTTP {response.status}")
         raise protocol.error_for(kind, response.status, f"{self.endpoint.name}: {message}")
 
@@ -181,7 +202,7 @@ class NodeClient:
     async def execute(self, slot: int, lease: str, tool: str, args: dict[str, Any],
                       timeout: float | None = None, exec_id: str | None = None) -> CallAnswer:
         """One tool call; a repeated exec id gets the first run's answer."""
-        call = Call(slot, lease, exec_id or new_exec_id(), tool, args, timeout or DEFAULT_EXEC_TIMEOUT)
+        call = Call(slot, lease, exec_id or new_exec_id(), tool, args, exec_timeout(timeout))
         answer = await self._request("POST", protocol.slot_route(slot, "exec"), json=call.to_json(with_slot=False),
                                      lease=lease, timeout=call.timeout + TIMEOUT_MARGIN)
         return self._parse(CallAnswer.from_json, answer)
@@ -194,7 +215,7 @@ class NodeClient:
         that breaks off raises ServerGone, one that goes silent past the call's timeout
         plus a margin CallTimeout. Closing the iterator early hangs up: the call still
         runs to its end on the server, its answer kept under its exec id."""
-        call = Call(slot, lease, exec_id or new_exec_id(), tool, args, timeout or DEFAULT_EXEC_TIMEOUT, stream=True)
+        call = Call(slot, lease, exec_id or new_exec_id(), tool, args, exec_timeout(timeout), stream=True)
         headers = {**self._auth, protocol.LEASE_HEADER: lease, "Accept": protocol.STREAM_CONTENT_TYPE}
         # How long the stream lasts is the reader's pace as much as the command's: no
         # total timeout, but none of its reads may wait longer than the call could.
@@ -221,26 +242,17 @@ class NodeClient:
                             return
                     raise ServerGone(f"node server {self.endpoint.name}: the stream of call {call.exec_id} ended "
                                      "without its result")
-            except aiohttp.ClientSSLError as exc:
-                raise self._impostor(exc) from None
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectorError,
-                    aiohttp.ClientPayloadError) as exc:
-                # Before any event, as `_request` does (the exec id makes it safe); after
-                # one, a repeat would show output twice: the stream is over.
-                if started or attempt >= len(RETRY_DELAYS):
-                    raise ServerGone(f"node server {self.endpoint.name} ({self.endpoint.url}): stream "
-                                     f"{'broke off' if started else 'could not start'}: "
-                                     f"{exc.__class__.__name__}: {exc}") from None
+            except TRANSPORT_ERRORS as exc:
+                error, repeatable = self._transport_error(
+                    exc, broke=(f"node server {self.endpoint.name} ({self.endpoint.url}): stream "
+                                f"{'broke off' if started else 'could not start'}"),
+                    late=(f"node server {self.endpoint.name}: stream of call {call.exec_id} was silent "
+                          f"for {call.timeout + TIMEOUT_MARGIN:.0f}s"))
+                # Repeated before any event, as `_request` does (the exec id makes it safe);
+                # after one, a repeat would show output twice: the stream is over.
+                if not repeatable or started or attempt >= len(RETRY_DELAYS):
+                    raise error from None
                 await asyncio.sleep(RETRY_DELAYS[attempt])
-            except aiohttp.ServerTimeoutError as exc:
-                if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                    raise ServerGone(f"node server {self.endpoint.name} ({self.endpoint.url}) is unreachable: "
-                                     f"no connection within {CONNECT_TIMEOUT:.0f}s ({exc})") from None
-                raise CallTimeout(f"node server {self.endpoint.name}: stream of call {call.exec_id} was silent "
-                                  f"for {call.timeout + TIMEOUT_MARGIN:.0f}s") from None
-            except asyncio.TimeoutError:
-                raise CallTimeout(f"node server {self.endpoint.name}: stream of call {call.exec_id} was silent "
-                                  f"for {call.timeout + TIMEOUT_MARGIN:.0f}s") from None
 
     async def _events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[StreamEvent, None]:
         """The events of a streamed answer, one per line, as they arrive."""
@@ -295,10 +307,10 @@ class NodeClient:
                         size += len(chunk)
             partial.replace(dest)
             return size
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise ServerGone(f"node server {self.endpoint.name}: download broke off: {exc}") from None
-        except asyncio.TimeoutError:
-            raise CallTimeout(f"node server {self.endpoint.name}: download of {path} took over {timeout:.0f}s") from None
+        except TRANSPORT_ERRORS as exc:  # never repeated: the file may be half written
+            raise self._transport_error(
+                exc, broke=f"node server {self.endpoint.name}: download broke off",
+                late=f"node server {self.endpoint.name}: download of {path} took over {timeout:.0f}s")[0] from None
         finally:
             partial.unlink(missing_ok=True)
 
@@ -319,7 +331,7 @@ class NodeClient:
                 if not isinstance(answer, dict) or not isinstance(answer.get("size"), int):
                     raise self._nonsense(f"upload answered {answer!r}"[:200])
                 return answer["size"]
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise ServerGone(f"node server {self.endpoint.name}: upload broke off: {exc}") from None
-        except asyncio.TimeoutError:
-            raise CallTimeout(f"node server {self.endpoint.name}: upload to {path} took over {timeout:.0f}s") from None
+        except TRANSPORT_ERRORS as exc:  # never repeated: the body was a stream read once
+            raise self._transport_error(
+                exc, broke=f"node server {self.endpoint.name}: upload broke off",
+                late=f"node server {self.endpoint.name}: upload to {path} took over {timeout:.0f}s")[0] from None

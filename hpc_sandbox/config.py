@@ -35,21 +35,15 @@ import dataclasses
 import difflib
 import logging
 import os
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from . import cloudprofile as cloud  # plain dataclasses beside spec.py; no cloud SDK
 from .errors import ConfigError, SpecError
 from .spec import FIELD_KINDS, SandboxSpec, parse_port_range
-
-if typing.TYPE_CHECKING:
-    from .burst.profile import CloudProfile
-
-if typing.TYPE_CHECKING:
-    from .burst.profile import CloudProfile
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +219,6 @@ def read_profiles(path: Path) -> dict[str, dict[str, object]]:
 
 def read_cloud_profiles(path: Path) -> dict[str, dict[str, object]]:
     """The cloud profiles (`cloud:`) of one config file, validated key by key."""
-    from .burst import profile as cloud  # plain dataclasses; no cloud SDK is imported
-
     return {name: {key: cloud.coerce(str(key), value, f"{path} cloud profile {name!r}")
                    for key, value in settings.items()}
             for name, settings in _sections(path, _read_file(path), "cloud").items()}
@@ -337,11 +329,9 @@ def load_spec(profile: str | None = None, config_file: Path | None = None,
 
 def load_cloud_profile(name: str | None = None, *, cluster_profile: str | None = None,
                        config_file: Path | None = None, overrides: Mapping[str, object] | None = None,
-                       environ: Mapping[str, str] | None = None) -> CloudProfile:
+                       environ: Mapping[str, str] | None = None) -> cloud.CloudProfile:
     """The cloud profile `name`, else the one cluster profile `cluster_profile` names
-    (its `cloud` key), else "default"; layers as in burst/profile.py's docstring."""
-    from .burst import profile as cloud
-
+    (its `cloud` key), else "default"; layers as in cloudprofile.py's docstring."""
     environ = os.environ if environ is None else environ
     if name is None:
         name = load_spec(profile=cluster_profile, config_file=config_file, environ=environ).cloud or "default"

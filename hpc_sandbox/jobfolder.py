@@ -1,9 +1,10 @@
-"""The job folder: everything about one job, on disk, where a person can look.
+"""The state directory: every job's folder and every cloud pool's, on disk, where a
+person can look.
 
 This module is the one place that knows the layout. Every other module asks a
-`JobFolder` for a path; none spells one. Under the state directory (default
-`~/.hpc-sandbox`, which on a cluster must sit on a filesystem the login and compute
-nodes share):
+`JobFolder` or a `CloudFolder` for a path; none spells one. Under the state directory
+(default `~/.hpc-sandbox`, which on a cluster must sit on a filesystem the login and
+compute nodes share):
 
     STATE_DIR/jobs/JOB/                  the job folder (0700)
         token                            the job's bearer token (0600, made at submit)
@@ -16,12 +17,24 @@ nodes share):
                                          slurm-%A_%a.out; PBS: the scheduler's names)
         submit/                          the exact scripts handed to sbatch/qsub
         submit/scheduler-ids             the scheduler's own job ids, one per line
+        slot-env.json                    a cloud sandbox's node server only: the variables its
+                                         slots get, {NAME: VALUE} (0600; see burst/entry.py)
+    STATE_DIR/cloud/POOL/                one pool's cloud overflow (0700)
+        token                            the pool's token (0600; reaches its sandboxes as a
+                                         Modal Secret)
+        pool-HOST-PID-START.json         one per process running the pool: who, its cloud
+                                         profile, its sandboxes (id, url, slots, state,
+                                         created, ended) and what they have cost so far
 
 What lives elsewhere: slot workspaces are node-local scratch (`$TMPDIR/hpc-sandbox-UID/`,
 see `server/main.py`), never on the shared filesystem.
 
 A node server that is ready writes its record atomically (temp file + rename), so a
-reader never sees half a record; the pool and `hpc-sandbox status` read the folder.
+reader never sees half a record; the pool and `hpc-sandbox status` read the folder. A
+cloud pool rewrites its state file whenever a sandbox changes state and every few seconds
+while sandboxes run, so `hpc-sandbox status` shows cloud slots and cost without asking
+Modal. Two processes running the same pool (same user, host, state dir and cloud profile)
+each keep their own state file.
 """
 from __future__ import annotations
 
@@ -36,7 +49,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, JobNotFound
+from .errors import ConfigError, HpcSandboxError, JobNotFound
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,10 @@ def users_state_dir() -> Path:
 
 def jobs_root(state_dir: Path) -> Path:
     return Path(state_dir) / "jobs"
+
+
+def cloud_root(state_dir: Path) -> Path:
+    return Path(state_dir).expanduser() / "cloud"
 
 
 def list_jobs(state_dir: Path) -> list[str]:
@@ -123,7 +140,9 @@ class JobInfo:
 
     @property
     def location(self) -> str:
-        return "local" if self.scheduler == "local" else "cloud" if self.scheduler == "modal" else "cluster"
+        # A job's scheduler is one of spec.SCHEDULERS; cloud sandboxes are no job (their
+        # pool keeps a cloud folder, below), so a job is local or on a cluster.
+        return "local" if self.scheduler == "local" else "cluster"
 
 
 def write_json_atomic(path: Path, data: dict, mode: int = 0o644) -> None:
@@ -162,11 +181,33 @@ def read_private(path: Path, what: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create a file 0600 from the start (never readable by others, not even briefly)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
+    """Write a secret file (a token, a key): mode 0600 from its first byte, never through
+    a symlink, and never seen half-written where a reader could look.
+
+    By default the file must not exist yet (O_EXCL): a new job's token, key and
+    certificate are made before the job is submitted, so nobody reads them early, and a
+    job id that collides with an existing folder fails instead of taking that job's
+    token. With `replace`, the file is written under a temporary name beside it and
+    renamed over the old one: a reader sees the old file or the new, whole.
+    """
+    target = path
+    if replace:
+        target = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        if replace:
+            os.replace(target, path)
+    except BaseException:
+        if replace:
+            target.unlink(missing_ok=True)
+        raise
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
 
 
 def read_token(path: Path) -> str:
@@ -229,6 +270,11 @@ class JobFolder:
         """The log of a node server the local scheduler started."""
         return self.logs / f"server-{index}.log"
 
+    @property
+    def slot_env(self) -> Path:
+        """A cloud sandbox's variables for its slots (written by burst/entry.py)."""
+        return self.path / "slot-env.json"
+
     def record_path(self, hostname: str, port: int) -> Path:
         return self.servers / f"{hostname}-{port}.json"
 
@@ -237,11 +283,12 @@ class JobFolder:
 
     # --- the token and the certificate ---------------------------------------------
 
-    def create_token(self) -> Path:
-        """Make the folder (0700) and its token file (created 0600: never readable by others)."""
+    def create_token(self, token: str | None = None) -> Path:
+        """Make the folder (0700) and its token file (created 0600: never readable by
+        others): `token` (a cloud sandbox's node server is handed its pool's), else a new one."""
         self.path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
-        _write_private(self.token, (secrets.token_urlsafe(32) + "\n").encode())
+        write_private(self.token, ((token or new_token()) + "\n").encode())
         return self.token
 
     def create_credentials(self, tls: bool = True) -> None:
@@ -251,8 +298,8 @@ class JobFolder:
             from .tls import make_self_signed  # needs `cryptography`: only where jobs are submitted
 
             cert, key = make_self_signed(f"hpc-sandbox {self.job_id}")
-            _write_private(self.tls_key, key)
-            _write_private(self.tls_cert, cert)
+            write_private(self.tls_key, key)
+            write_private(self.tls_cert, cert)
 
     def read_token(self) -> str:
         if not self.exists():
@@ -325,3 +372,95 @@ class JobFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+# --- a cloud pool's folder ------------------------------------------------------------
+
+
+@dataclass
+class SandboxEntry:
+    """One cloud sandbox as its pool knows it (a state file's `sandboxes`)."""
+
+    id: str
+    name: str
+    slots: int
+    state: str  # creating, ready, dead, stopped
+    created: float  # Unix time
+    url: str | None = None
+    ended: float | None = None
+    reason: str | None = None
+
+    def seconds(self, now: float) -> float:
+        return max(0.0, (self.ended or now) - self.created)
+
+
+@dataclass
+class PoolState:
+    """What one process running a cloud pool writes to its state file."""
+
+    pool_id: str
+    profile: str
+    owner: str  # the process: burst.owner.Owner, as text
+    started: float
+    cost_per_hour: float | None = None
+    sandboxes: list[SandboxEntry] = field(default_factory=list)
+    runtime: str = "none"  # how the slots of one sandbox are kept apart
+    stopped: float | None = None  # when the pool stopped (and stopped its sandboxes)
+    updated: float = 0.0
+
+    def sandbox_seconds(self, now: float) -> float:
+        return sum(s.seconds(now) for s in self.sandboxes)
+
+    def cost(self, now: float) -> float | None:
+        return None if self.cost_per_hour is None else self.sandbox_seconds(now) / 3600 * self.cost_per_hour
+
+
+@dataclass(frozen=True)
+class CloudFolder:
+    """One cloud pool's folder: its token and its processes' state files."""
+
+    state_dir: Path
+    pool_id: str
+
+    @property
+    def path(self) -> Path:
+        return cloud_root(self.state_dir) / self.pool_id
+
+    @property
+    def token(self) -> Path:
+        return self.path / "token"
+
+    def state_file(self, owner: str) -> Path:
+        return self.path / f"pool-{owner.replace(':', '-').replace('/', '-')}.json"
+
+    def state_files(self) -> list[Path]:
+        return sorted(self.path.glob("pool-*.json"))
+
+    def make_token(self, reuse: bool) -> str:
+        """The pool's token: the one kept from an earlier run (to adopt its sandboxes),
+        or a new one, replacing it."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if reuse and self.token.exists():
+            return read_private(self.token, "pool token").strip()
+        token = new_token()
+        write_private(self.token, (token + "\n").encode(), replace=True)
+        return token
+
+    def write(self, state: PoolState) -> None:
+        write_json_atomic(self.state_file(state.owner), asdict(state))
+
+    def read(self, path: Path) -> PoolState:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data["sandboxes"] = [SandboxEntry(**entry) for entry in data.get("sandboxes", [])]
+            return PoolState(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise HpcSandboxError(f"cannot read {path}: {exc}") from None
+
+
+def list_pools(state_dir: Path) -> list[CloudFolder]:
+    """The cloud pools with a state file under the state dir."""
+    root = cloud_root(state_dir)
+    if not root.is_dir():
+        return []
+    return [CloudFolder(state_dir, p.name) for p in sorted(root.iterdir()) if any(p.glob("pool-*.json"))]

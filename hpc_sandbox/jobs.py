@@ -17,9 +17,9 @@ from pathlib import Path
 
 import aiohttp
 
-from .client import NodeClient
-from .errors import ClientError, ConfigError, HpcSandboxError, JobNotFound
-from .models import Endpoint
+from .client import NodeClient, endpoint_of
+from .errors import ClientError, ConfigError, ErrorKind, HpcSandboxError, JobNotFound
+from .protocol import SlotState
 from .jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, jobs_root, list_jobs
 from .jobstate import JobState, JobStatus, jittered
 from .schedulers import Scheduler, get_scheduler, scheduler_class
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class JobFailed(HpcSandboxError):
-    kind = "job_failed"
+    kind = ErrorKind.JOB_FAILED
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,11 @@ class JobReport:
 
     @property
     def free(self) -> int:
-        return sum(s.counts.get("free", 0) for s in self.servers)
+        return sum(s.counts.get(SlotState.FREE, 0) for s in self.servers)
 
     @property
     def leased(self) -> int:
-        return sum(s.counts.get("leased", 0) for s in self.servers)
+        return sum(s.counts.get(SlotState.LEASED, 0) for s in self.servers)
 
 
 STATUS_INTERVAL = 2.0  # seconds between scheduler status calls while waiting
@@ -165,7 +165,7 @@ async def _probe(record: ServerRecord, credentials: Credentials, session: aiohtt
     if record.process_gone():
         return ServerState(record, False, error=f"stale record: its node server (pid {record.pid} on this host) "
                                                 "has exited")
-    endpoint = Endpoint.of(record, credentials)
+    endpoint = endpoint_of(record, credentials)
     try:
         answer = await NodeClient(endpoint, session=session).slots()
         return ServerState(record, True, answer.counts)

@@ -4,15 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .jobfolder import Credentials, ServerRecord
-from .protocol import CallAnswer
+from .errors import ErrorKind
+from .protocol import BashResult, CallAnswer, killed_by_signal
 
 LOCATIONS = ("local", "cluster", "cloud")
-# The fields of a bash result kept in ToolResult.data: output sizes dropped, and those of a
-# session call (session, session_started, session_ended, waiting, interrupted) or of a
-# background start (background, handle, pid).
-_BASH_DATA = ("stdout_dropped", "stderr_dropped", "session", "session_started", "session_ended", "waiting",
-              "interrupted", "background", "handle", "pid")
 
 
 @dataclass(frozen=True)
@@ -28,12 +23,6 @@ class Endpoint:
     # The certificate an https server must present (pinned); None with https means the
     # system's CAs (a cloud tunnel's own certificate), and plain http has none.
     cert: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def of(cls, record: ServerRecord, credentials: Credentials, location: str = "cluster") -> "Endpoint":
-        """A job's node server, from its ready record and the job's credentials."""
-        return cls(url=record.url, token=credentials.token, job_id=record.job_id, name=record.name,
-                   location=location, slots=record.slots, cert=credentials.cert)
 
 
 @dataclass(frozen=True)
@@ -62,9 +51,12 @@ class ToolResult:
     """What one tool call came to. A failure is a result with an error, never a hang.
 
     `success` is True when the tool did what was asked: for `bash`, exit code 0 and no
-    timeout. `error_kind` names the failure for programs: a tool-level kind from the
-    agent (path, not_found, not_a_file, ...), or one of timeout, agent_died,
-    agent_stuck, limit_exceeded, lease_lost, server_gone, auth, limit, job_ended.
+    timeout. `error_kind` names the failure for programs (an ErrorKind, equal to its
+    string): a tool-level kind from the agent (path, not_found, not_a_file, ...), or
+    one of timeout, waiting, agent_died, agent_stuck, limit_exceeded, lease_lost,
+    server_gone, auth, limit, job_ended. A `bash` call's result is read as a
+    protocol.BashResult: its output, exit code, signal and timing are fields here, the
+    rest (session, handle, output bytes dropped...) is in `data`.
     """
 
     success: bool
@@ -79,7 +71,7 @@ class ToolResult:
     timed_out: bool = False
     truncated: bool = False
     error: str | None = None
-    error_kind: str | None = None
+    error_kind: ErrorKind | str | None = None
     data: dict[str, Any] = field(default_factory=dict)  # the tool's own fields (content, entries, sha256, ...)
 
     @classmethod
@@ -89,39 +81,42 @@ class ToolResult:
         where = {"slot": slot.id if slot else None, "location": slot.location if slot else None}
         if not answer.ok:
             return cls(success=False, tool=tool, error=answer.error_message or "unknown error",
-                       error_kind=answer.error_kind or "error", **where)
-        result = dict(answer.result)
+                       error_kind=answer.error_kind or ErrorKind.ERROR, **where)
         if tool == "bash":
-            timed_out = bool(result.get("timed_out"))
-            exit_code = result.get("exit_code")
+            bash = BashResult.from_json(answer.result)
             # A session call that returned on silence (`waiting`) has no exit code yet: not
             # a success, and said so; a background start succeeded when it has a handle.
-            waiting = bool(result.get("waiting"))
-            error, error_kind = None, None
-            if timed_out:
-                error, error_kind = "command timed out", "timeout"
-            elif waiting:
+            error: str | None = None
+            error_kind: ErrorKind | None = None
+            if bash.timed_out:
+                error, error_kind = "command timed out", ErrorKind.TIMEOUT
+            elif bash.waiting:
                 error, error_kind = ("the command is still running and printed nothing for idle_timeout "
-                                     "(waiting for input?): follow it with input or interrupt"), "waiting"
+                                     "(waiting for input?): follow it with input or interrupt"), ErrorKind.WAITING
             return cls(
-                success=(exit_code == 0 and not timed_out and not waiting) or bool(result.get("background")),
+                success=(bash.exit_code == 0 and not bash.timed_out and not bash.waiting) or bool(bash.background),
                 tool=tool,
-                stdout=result.get("stdout", ""),
-                stderr=result.get("stderr", ""),
-                exit_code=exit_code,
-                signal=result.get("signal"),
-                duration=float(result.get("duration") or 0.0),
-                timed_out=timed_out,
-                truncated=bool(result.get("stdout_dropped") or result.get("stderr_dropped")),
+                stdout=bash.stdout,
+                stderr=bash.stderr,
+                exit_code=bash.exit_code,
+                signal=bash.signal,
+                duration=bash.duration,
+                timed_out=bash.timed_out,
+                truncated=bash.truncated,
                 error=error,
                 error_kind=error_kind,
-                data={k: result[k] for k in _BASH_DATA if k in result},
+                data=bash.extra(),
                 **where,
             )
-        return cls(success=True, tool=tool, data=result, **where)
+        return cls(success=True, tool=tool, data=dict(answer.result), **where)
+
+    @property
+    def killed_by_signal(self) -> bool:
+        """A command that a signal ended, not its timeout (see protocol.killed_by_signal)."""
+        return killed_by_signal(self.signal, self.timed_out)
 
     @classmethod
-    def failure(cls, tool: str, kind: str, message: str, slot: Slot | None = None) -> "ToolResult":
+    def failure(cls, tool: str, kind: ErrorKind | str, message: str, slot: Slot | None = None) -> "ToolResult":
         return cls(success=False, tool=tool, error=message, error_kind=kind,
                    slot=slot.id if slot else None, location=slot.location if slot else None)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import aiohttp
 
 from . import jobs
-from .client import NodeClient
+from .client import NodeClient, endpoint_of
 from .errors import ClientError, HpcSandboxError
-from .models import Endpoint, ToolResult
+from .models import ToolResult
 from .jobfolder import JobFolder
 from .jobstate import jittered
 from .schedulers import get_scheduler
@@ -58,7 +58,7 @@ async def run_preflight(spec: SandboxSpec, timeout: float, report: Callable[[Ste
         record = await _wait_for_record(spec, info, timeout, step)
         if record is None:
             return steps
-        endpoint = Endpoint.of(record, JobFolder(state_dir, info.job_id).credentials())
+        endpoint = endpoint_of(record, JobFolder(state_dir, info.job_id).credentials())
         async with aiohttp.ClientSession() as session:
             client = NodeClient(endpoint, session=session)
             # A node server that a scheduler's API names (Nomad: a running allocation) may

@@ -1,5 +1,6 @@
 """The node server's wire protocol, written once: routes, headers, tool names, the
-typed shape of every request and answer, and the error kind <-> HTTP status table.
+typed shape of every request and answer (a `bash` result among them), and the
+error kind <-> HTTP status table (the kinds themselves are errors.ErrorKind).
 
 The server (`server/app.py`), the client (`client.py`), the pool and the preflight
 import these; none of them spells a route, a header or a dict shape of its own.
@@ -38,10 +39,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, ClassVar
 from urllib.parse import quote
 
-from .errors import (AuthError, BadRequest, ClientError, LeaseLost, LimitExceeded, NoFreeSlot, NotFound)
+from .agent import CLIENT_TOOLS
+from .errors import (AuthError, BadRequest, ClientError, ErrorKind, LeaseLost, LimitExceeded, NoFreeSlot,
+                     NotFound)
 
 # --- routes and headers ---------------------------------------------------------------
 
@@ -81,8 +85,9 @@ def parse_slot_index(raw: str) -> int:
 # --- tools and defaults ---------------------------------------------------------------
 
 # bash (plain, in a named session, or in the background), session (list, close), process
-# (list, output, signal, wait of background processes), and the file tools.
-TOOLS = ("bash", "session", "process", "read_file", "write_file", "list_files", "archive")
+# (list, output, signal, wait of background processes), and the file tools: the agent's
+# (it owns the slot contract).
+TOOLS = CLIENT_TOOLS
 # An acquire may wait on the server for a slot to free up, at most this long (a client
 # that wants longer asks again: proxies and NATs drop idle connections).
 MAX_ACQUIRE_WAIT = 60.0
@@ -102,19 +107,54 @@ STREAM_BUFFER_BYTES = 2 << 20
 MAX_STREAM_LINE = 512 << 20
 STREAM_OUTPUTS = ("stdout", "stderr")
 
+
+def exec_timeout(asked: float | None) -> float:
+    """The timeout a client's call runs with: the one asked for, else (None or 0) the
+    default. Every client-side call (single, streamed, batched) and what the CLI says
+    of a timeout take it from here; a node server gives a call that names none its own
+    configured default (ServerLimits.default_timeout)."""
+    return asked or DEFAULT_EXEC_TIMEOUT
+
+
+# --- slot states ----------------------------------------------------------------------
+
+
+class SlotState(str, Enum):
+    """A node server's slot, as GET /v1/slots describes it (its `state` and the keys of
+    its `counts`). A member is the string that goes on the wire."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    STARTING = "starting"  # its first agent is starting
+    FREE = "free"
+    LEASED = "leased"
+    EXPIRING = "expiring"  # its lease ran out (or its grant was never confirmed): being freed
+    RESTARTING = "restarting"  # its agent died or got stuck and is being replaced
+    RESETTING = "resetting"  # its processes are ending (and its workspace is wiped)
+    BROKEN = "broken"  # its agent could not be restarted: see its last_error
+
+
 # --- errors ---------------------------------------------------------------------------
 
-# kind -> (the class a client raises, the HTTP status a server answers with). Kinds
-# not listed here (a tool's own: path, not_found_file...) travel inside a CallAnswer.
-ERRORS: dict[str, tuple[type[ClientError], int]] = {
+# The kinds a node server refuses a request with: kind -> (the class a client raises,
+# the HTTP status a server answers with). Other kinds (a tool's own: path, busy...; a
+# call that failed: agent_died, limit_exceeded...) travel inside a CallAnswer with 200.
+ERRORS: dict[ErrorKind, tuple[type[ClientError], int]] = {
     AuthError.kind: (AuthError, 401),
     NotFound.kind: (NotFound, 404),
     LeaseLost.kind: (LeaseLost, 409),
     BadRequest.kind: (BadRequest, 400),
     NoFreeSlot.kind: (NoFreeSlot, 503),
     LimitExceeded.kind: (LimitExceeded, 429),
+    ErrorKind.IO: (ClientError, 500),  # the server's own disk (a full one, a permission)
 }
 BODY_TOO_LARGE = 413  # aiohttp's own answer to an oversized body: a `limit` error
+
+
+def status_of(kind: ErrorKind) -> int:
+    """The HTTP status a server refuses a request of this kind with."""
+    return ERRORS[kind][1]
 
 
 def status_for(exc: ClientError) -> int:
@@ -125,7 +165,7 @@ def error_for(kind: str, status: int, message: str) -> ClientError:
     """The exception a client raises for an error answer."""
     if status == BODY_TOO_LARGE:
         kind = LimitExceeded.kind
-    cls = ERRORS.get(kind, (ClientError, status))[0]
+    cls = ERRORS.get(ErrorKind.read(kind), (ClientError, status))[0]
     return cls(message)
 
 
@@ -322,7 +362,8 @@ class CallAnswer:
     tool: str
     ok: bool
     result: dict[str, Any] = field(default_factory=dict)
-    error_kind: str | None = None
+    # An ErrorKind; a kind this version does not know (a newer server's) stays a str.
+    error_kind: ErrorKind | str | None = None
     error_message: str | None = None
 
     @classmethod
@@ -330,7 +371,7 @@ class CallAnswer:
         return cls(call.slot, call.exec_id, call.tool, True, result)
 
     @classmethod
-    def failure(cls, call: Call, kind: str, message: str) -> "CallAnswer":
+    def failure(cls, call: Call, kind: ErrorKind | str, message: str) -> "CallAnswer":
         return cls(call.slot, call.exec_id, call.tool, False, error_kind=kind, error_message=message)
 
     def to_json(self) -> dict[str, Any]:
@@ -338,7 +379,7 @@ class CallAnswer:
         if self.ok:
             body["result"] = self.result
         else:
-            body.update(error_body(self.error_kind or "error", self.error_message or ""))
+            body.update(error_body(self.error_kind or ErrorKind.ERROR, self.error_message or ""))
         return body
 
     @classmethod
@@ -352,8 +393,68 @@ class CallAnswer:
             return cls(**base, result=_get(data, "result", lambda v: isinstance(v, dict), "call answer",
                                            "an object"))
         error = _get(data, "error", lambda v: isinstance(v, dict), "call answer", "an error object")
-        return cls(**base, error_kind=str(error.get("kind") or "error"),
+        return cls(**base, error_kind=ErrorKind.read(str(error.get("kind") or ErrorKind.ERROR)),
                    error_message=str(error.get("message") or "unknown error"))
+
+
+@dataclass(frozen=True)
+class BashResult:
+    """A `bash` call's result (CallAnswer.result of tool "bash"), as the slot agent
+    sends it: one shape for its three forms, a plain command, a call in a named
+    session (the session fields set) and a background start (`background`, `handle`
+    and `pid` set). The agent (standard library only) builds it as a dict;
+    tests/test_kinds.py pins that every key it sends is a field here.
+
+    Read leniently, as before it had a type: a field that is missing takes its
+    default, and the server forwards the agent's dict as it came, never a re-encoding.
+    The optional fields are None when the agent did not send them."""
+
+    exit_code: int | None = None
+    signal: int | None = None  # the signal that ended the command (a session's exit 137 is reported as 9)
+    timed_out: bool = False
+    duration: float = 0.0
+    stdout: str = ""
+    stderr: str = ""
+    stdout_dropped: int | None = None  # output bytes past the cap, not captured
+    stderr_dropped: int | None = None
+    session: str | None = None
+    session_started: bool | None = None
+    session_ended: bool | None = None
+    waiting: bool | None = None  # returned on silence: the command still runs
+    interrupted: bool | None = None
+    background: bool | None = None
+    handle: str | None = None
+    pid: int | None = None
+
+    # The fields a caller finds in ToolResult.data (the rest have fields of their own).
+    EXTRA: ClassVar[tuple[str, ...]] = ("stdout_dropped", "stderr_dropped", "session", "session_started",
+                                         "session_ended", "waiting", "interrupted", "background", "handle", "pid")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "BashResult":
+        return cls(exit_code=data.get("exit_code"), signal=data.get("signal"),
+                   timed_out=bool(data.get("timed_out")), duration=float(data.get("duration") or 0.0),
+                   stdout=data.get("stdout", ""), stderr=data.get("stderr", ""),
+                   **{key: data.get(key) for key in cls.EXTRA})
+
+    @property
+    def killed_by_signal(self) -> bool:
+        return killed_by_signal(self.signal, self.timed_out)
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.stdout_dropped or self.stderr_dropped)
+
+    def extra(self) -> dict[str, Any]:
+        """The fields of EXTRA the agent sent."""
+        return {key: value for key in self.EXTRA if (value := getattr(self, key)) is not None}
+
+
+def killed_by_signal(signal: int | None, timed_out: bool) -> bool:
+    """A command ended by a signal that its own timeout did not send: a slot limit's
+    watchdog, the job's SIGTERM reaching it, a kill by hand. The one place this is
+    decided; the node server then looks for a breach, the pool for its job's end."""
+    return bool(signal) and not timed_out
 
 
 @dataclass(frozen=True)
@@ -408,7 +509,7 @@ def batch_answers(data: object, calls: list[Call]) -> list[CallAnswer]:
     results = _get(data, "results", lambda v: isinstance(v, list), "batch", "a list")
     by_id = {answer.exec_id: answer for answer in map(CallAnswer.from_json, results)}
     return [by_id.get(call.exec_id) or CallAnswer.failure(
-                call, "server_gone", "the node server's answer to the batch holds no result for this call")
+                call, ErrorKind.SERVER_GONE, "the node server's answer to the batch holds no result for this call")
             for call in calls]
 
 
@@ -433,4 +534,4 @@ class SlotsAnswer:
 
     @property
     def free(self) -> int:
-        return self.counts.get("free", 0)
+        return self.counts.get(SlotState.FREE, 0)

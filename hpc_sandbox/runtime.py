@@ -54,15 +54,37 @@ class RuntimeOptions:
     # Variables every slot gets on top of its clean environment (serve --slot-env-file;
     # a cloud sandbox hands its profile's env and pass_env this way).
     extra_env: tuple[tuple[str, str], ...] = ()
+    # The slot's limits, where a runtime can have the kernel keep them: the size of a
+    # container's /tmp and /dev/shm (memory they hold is the node's), and the
+    # processes behind a per-slot task fence. None: no such limit.
+    slot_memory_mb: int | None = None
+    slot_procs: int | None = None
 
 
-def slot_env(workspace: str, slot_index: int, extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+def task_fence(procs: int) -> int:
+    """The kernel's per-slot fence (RLIMIT_NPROC in the slot's own user namespace) for a
+    limit of `procs` processes. It counts threads and the agent's own processes too, so
+    it sits well above the limit the watchdog keeps exactly: it is there to stop a fork
+    bomb short of the node's pid space while the watchdog kills it."""
+    return max(2 * procs, procs + 64)
+
+
+def slot_env(workspace: str, slot_index: int, extra: tuple[tuple[str, str], ...] = (),
+             tmpdir: str | None = None) -> dict[str, str]:
     env = {key: os.environ[key] for key in _PASSED_ENV if key in os.environ}
     env.update(extra)  # below the slot's own HOME, TERM and index, which no setting may change
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     env.setdefault("LANG", "C.UTF-8")
     env.update({"HOME": workspace, "TERM": "dumb", "HPC_SANDBOX_SLOT": str(slot_index), "PYTHONUNBUFFERED": "1"})
+    if tmpdir:
+        env["TMPDIR"] = tmpdir
     return env
+
+
+def host_scratch(workspace: Path) -> Path:
+    """The folder of a slot's own beside its workspace that runtime none gives the slot
+    as TMPDIR (a contained slot has a private /tmp instead)."""
+    return workspace.parent / "tmp"
 
 
 class SlotRuntime:
@@ -88,9 +110,25 @@ class SlotRuntime:
         """The argv and environment that start one slot's agent."""
         raise NotImplementedError
 
-    def _agent_args(self, python: str, agent: str, workspace: str) -> list[str]:
-        return [python, "-u", agent, "--workspace", workspace,
-                *(["--own-pid-namespace"] if self.own_pid_namespace else [])]
+    def scratch(self, workspace: Path) -> tuple[str, ...]:
+        """The slot's temporary folders outside its workspace, as its agent sees them:
+        the agent empties them at every reset, so the next holder finds them empty."""
+        raise NotImplementedError
+
+    def max_tasks(self) -> int | None:
+        """The agent's RLIMIT_NPROC, for a runtime whose slots have a user namespace of
+        their own (there the kernel counts a slot's tasks apart from the user's others)."""
+        return None
+
+    def _agent_args(self, python: str, agent: str, workspace: str, scratch: tuple[str, ...]) -> list[str]:
+        args = [python, "-u", agent, "--workspace", workspace]
+        if self.own_pid_namespace:
+            args.append("--own-pid-namespace")
+        for folder in scratch:
+            args += ["--scratch", folder]
+        if self.max_tasks():
+            args += ["--max-tasks", str(self.max_tasks())]
+        return args
 
 
 class NoneRuntime(SlotRuntime):
@@ -108,10 +146,15 @@ class NoneRuntime(SlotRuntime):
     def check(self) -> str:
         return "none: slots are plain local processes with no isolation (trusted local use only)"
 
+    def scratch(self, workspace: Path) -> tuple[str, ...]:
+        # Only what honours TMPDIR lands there: the node's /tmp and /dev/shm are shared.
+        return (str(host_scratch(workspace)),)
+
     def agent_command(self, workspace: Path, slot_index: int) -> tuple[list[str], dict[str, str]]:
         python = self.options.python or sys.executable
-        return (self._agent_args(python, str(AGENT_SOURCE), str(workspace)),
-                slot_env(str(workspace), slot_index, self.options.extra_env))
+        scratch = self.scratch(workspace)
+        return (self._agent_args(python, str(AGENT_SOURCE), str(workspace), scratch),
+                slot_env(str(workspace), slot_index, self.options.extra_env, tmpdir=scratch[0]))
 
 
 # Asked once of the interpreter that will run the agent: the binary to run (a venv's
@@ -127,7 +170,11 @@ class BwrapRuntime(SlotRuntime):
     none, net) namespaces, dies with the node server."""
 
     name = "bwrap"
-    own_pid_namespace = True  # --unshare-pid
+    own_pid_namespace = True  # --unshare-pid (and --unshare-ipc)
+    # A slot's writable places but its workspace: each a tmpfs of the slot's own
+    # (capped at the slot's memory limit), emptied by its agent at every reset. Every
+    # other mount, bwrap's own root and /dev included, is read-only.
+    SCRATCH = ("/tmp", "/dev/shm", "/dev/mqueue")
 
     def __init__(self, options: RuntimeOptions) -> None:
         super().__init__(options)
@@ -209,25 +256,48 @@ class BwrapRuntime(SlotRuntime):
                     args += ["--ro-bind", entry.path, entry.path]
         return args
 
+    def scratch(self, workspace: Path) -> tuple[str, ...]:
+        return self.SCRATCH
+
+    def max_tasks(self) -> int | None:
+        # Linux counts RLIMIT_NPROC per user namespace since 5.14 (ucounts); before, the
+        # count is the user's over the whole node, and a fence would hit every slot.
+        if self.options.slot_procs is None or _kernel_version() < (5, 14):
+            return None
+        return task_fence(self.options.slot_procs)
+
+    def _sized(self) -> list[str]:
+        """The size option of a scratch tmpfs: the slot's memory limit, if it has one."""
+        memory = self.options.slot_memory_mb
+        return ["--size", str(memory << 20)] if memory else []
+
     def agent_command(self, workspace: Path, slot_index: int) -> tuple[list[str], dict[str, str]]:
         python, needs = self.interpreter()
         argv = [self.binary(), "--die-with-parent", "--new-session", *self.namespace_args()]
         argv += self.root_binds()
-        argv += ["--dev", "/dev", "--proc", "/proc"]
-        argv += self.hiding_mounts(needs)
+        argv += ["--dev", "/dev", *self._sized(), "--tmpfs", "/dev/shm", "--mqueue", "/dev/mqueue",
+                 "--proc", "/proc"]
+        hiding = self.hiding_mounts(needs)
+        argv += hiding
         for bind in self.options.extra_binds:
             src, _, dst = bind.partition(":")
             argv += ["--ro-bind", src, dst or src]
         # bwrap resolves a bind's source on the host, so a workspace inside a hidden
         # folder (the per-user base of every server's workspaces) is still bound here.
         argv += ["--bind", str(workspace), SLOT_WORKSPACE,
-                 "--ro-bind", str(AGENT_SOURCE), SLOT_AGENT,
-                 "--chdir", SLOT_WORKSPACE]
+                 "--ro-bind", str(AGENT_SOURCE), SLOT_AGENT]
+        # Last, once every mount point exists: bwrap's own root, /dev and the tmpfs that
+        # hide host folders become read-only, so that nothing a holder writes outside
+        # its workspace and scratch can outlive its lease.
+        covers = [hiding[i + 1] for i, arg in enumerate(hiding) if arg == "--tmpfs" and hiding[i + 1] != "/tmp"]
+        for folder in ("/", "/dev", *covers):
+            argv += ["--remount-ro", folder]
+        argv += ["--chdir", SLOT_WORKSPACE]
         # bwrap itself runs with exactly the slot's environment (built clean, never the
         # server's), which its child inherits: no value is put on a command line, where
         # anyone on the node could read it in /proc/PID/cmdline.
         env = slot_env(SLOT_WORKSPACE, slot_index, self.options.extra_env)
-        argv += self._agent_args(python, SLOT_AGENT, SLOT_WORKSPACE)
+        argv += self._agent_args(python, SLOT_AGENT, SLOT_WORKSPACE, self.scratch(workspace))
         return argv, env
 
     def interpreter(self) -> tuple[str, frozenset[Path]]:
@@ -270,7 +340,7 @@ class BwrapRuntime(SlotRuntime):
         left out. Paths are resolved on the host first: bwrap cannot make a mount point
         through an absolute symlink (TMPDIR=/scratch/me with /scratch -> /local/scratch).
         """
-        covers: dict[Path, list[str]] = {Path("/tmp"): ["--tmpfs", "/tmp"]}
+        covers: dict[Path, list[str]] = {Path("/tmp"): [*self._sized(), "--tmpfs", "/tmp"]}
         home = _home()
         if home:
             covers[home] = ["--tmpfs", str(home)]
@@ -284,7 +354,7 @@ class BwrapRuntime(SlotRuntime):
                 shows.update(prefix / sub for sub in ("bin", "lib", "lib64") if (prefix / sub).is_dir())
             else:
                 shows.add(prefix)
-        hidden_dirs = {path for path, args in covers.items() if args[0] == "--tmpfs"}
+        hidden_dirs = {path for path, args in covers.items() if "--tmpfs" in args}
 
         def hidden_by_parent(path: Path) -> bool:
             parents = [p for p in (*hidden_dirs, *shows) if p != path and path.is_relative_to(p)]
@@ -294,6 +364,14 @@ class BwrapRuntime(SlotRuntime):
         mounts += [(len(path.parts), 0, str(path), ["--ro-bind", str(path), str(path)])
                    for path in shows if hidden_by_parent(path)]
         return [arg for *_, args in sorted(mounts, key=lambda mount: mount[:3]) for arg in args]
+
+
+def _kernel_version() -> tuple[int, int]:
+    try:
+        major, minor = os.uname().release.split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    except ValueError:
+        return (0, 0)
 
 
 def _home() -> Path | None:
@@ -326,7 +404,14 @@ class ApptainerRuntime(SlotRuntime):
 
     name = "apptainer"
     passes_gpus = True
-    own_pid_namespace = True  # --containall includes --pid
+    own_pid_namespace = True  # --containall includes --pid and --ipc
+    # --containall gives a container its own /tmp and /var/tmp (in its session
+    # directory: a tmpfs of `sessiondir max size`, 64 MiB by default) and a minimal
+    # /dev with its own /dev/shm; the agent empties them at every reset.
+    SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
+
+    def scratch(self, workspace: Path) -> tuple[str, ...]:
+        return self.SCRATCH
 
     def binary(self) -> str:
         exe = self.options.executable or shutil.which(self.name)
@@ -375,7 +460,7 @@ class ApptainerRuntime(SlotRuntime):
                 flags += ["--env", f"{key}={value}"]
         python = self.options.python or "python3"
         argv = [self.binary(), "exec", *flags, self.options.image,
-                *self._agent_args(python, SLOT_AGENT, SLOT_WORKSPACE)]
+                *self._agent_args(python, SLOT_AGENT, SLOT_WORKSPACE, self.scratch(workspace))]
         # The container tool itself only needs a PATH and a locale to run.
         return argv, {key: env[key] for key in ("PATH", "LANG") if key in env}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hpc_sandbox.client import endpoint_of
 from hpc_sandbox.models import Endpoint
 from hpc_sandbox.jobfolder import JobFolder, ServerRecord
 
@@ -50,7 +51,7 @@ class RunningServer:
 
     @property
     def endpoint(self) -> Endpoint:
-        return Endpoint.of(self.record, JobFolder(self.state_dir, self.job_id).credentials(), "local")
+        return endpoint_of(self.record, JobFolder(self.state_dir, self.job_id).credentials(), "local")
 
     @property
     def ssl(self):

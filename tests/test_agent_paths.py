@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import os
 import subprocess
@@ -205,3 +206,57 @@ async def test_walks_stop_at_their_depth_limit_and_say_so(agent, tmp_path):
     assert listing["truncated"] is True and len(listing["entries"]) == agent_module.MAX_WALK_DEPTH
     assert (await agent.call("archive"))["error"]["kind"] == "too_large"
     assert (await agent.call("list_files", path="/".join(["d"] * 10)))["result"]["entries"][0]["type"] == "dir"
+
+
+# --- archive of several paths -------------------------------------------------------------
+
+
+def _tar_members(result: dict) -> dict[str, bytes | None]:
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(result["content"]))) as tar:
+        return {m.name: (tar.extractfile(m).read() if m.isreg() else None) for m in tar}  # type: ignore[union-attr]
+
+
+async def test_archive_of_several_paths_names_members_from_the_workspace(agent, tmp_path):
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    (tmp_path / "sub" / "deep" / "data.txt").write_text("x")
+    (tmp_path / "sub" / "notes.txt").write_text("n")
+    (tmp_path / "run.py").write_text("print(1)")
+    result = (await agent.call("archive", paths=["sub/deep", "/workspace/run.py", "sub"]))["result"]
+    # Overlapping paths store a member once; the folders above a path get no entry.
+    assert result["members"] == ["sub/deep", "sub/deep/data.txt", "run.py", "sub", "sub/notes.txt"]
+    assert _tar_members(result) == {"sub/deep": None, "sub/deep/data.txt": b"x", "run.py": b"print(1)",
+                                    "sub": None, "sub/notes.txt": b"n"}
+    assert hashlib.sha256(base64.b64decode(result["content"])).hexdigest() == result["sha256"]
+    whole = (await agent.call("archive", paths=["."]))["result"]  # the contents, no "." entry
+    assert set(_tar_members(whole)) == {"run.py", "sub", "sub/deep", "sub/deep/data.txt", "sub/notes.txt"}
+    single = (await agent.call("archive", path="sub/deep"))["result"]  # `path` alone names as before
+    assert set(_tar_members(single)) == {"deep", "deep/data.txt"}
+
+
+@pytest.mark.parametrize("bad", ["../outside", "/etc/passwd", "link", "flink", "link/passwd", "missing"])
+async def test_archive_refuses_a_bad_path_among_several_as_it_refuses_it_alone(agent, tmp_path, bad):
+    (tmp_path / "ok.txt").write_text("ok")
+    (tmp_path / "link").symlink_to("/etc")
+    (tmp_path / "flink").symlink_to("/etc/passwd")
+    alone = await agent.call("archive", path=bad)
+    among = await agent.call("archive", paths=["ok.txt", bad])
+    assert alone["ok"] is False and among["ok"] is False, (alone, among)
+    assert among["error"] == alone["error"], (among, alone)
+    assert alone["error"]["kind"] == ("not_found" if bad == "missing" else "path")
+    if "link" in bad:
+        assert "symlinks are not followed" in among["error"]["message"]
+
+
+@pytest.mark.parametrize("args", [{"paths": []}, {"paths": "a"}, {"paths": [7]}, {"paths": ["a"], "path": "a"},
+                                  {"paths": ["a"] * (agent_module.MAX_ARCHIVE_PATHS + 1)}])
+async def test_archive_paths_must_be_a_short_list_of_strings(agent, tmp_path, args):
+    (tmp_path / "a").write_text("a")
+    assert (await agent.call("archive", **args))["error"]["kind"] == "bad_request"
+
+
+async def test_archive_of_several_paths_has_one_cap(agent, tmp_path):
+    (tmp_path / "one").write_bytes(os.urandom(40_000))
+    (tmp_path / "two").write_bytes(os.urandom(40_000))
+    assert (await agent.call("archive", paths=["one"], max_bytes=50_000))["ok"]
+    answer = await agent.call("archive", paths=["one", "two"], max_bytes=50_000)
+    assert answer["error"]["kind"] == "too_large" and "one, two" in answer["error"]["message"]

@@ -270,3 +270,63 @@ def test_bwrap_slots_from_a_venv_under_tmp(env):
     make_venv(env, TMP_VENV)
     env["user"].ok(f"pip install {SRC}", venv=TMP_VENV, env=env["pip_env"], timeout=300)
     bwrap_slot_checks(env, TMP_VENV)
+
+
+# A process that hides its environment (PR_SET_DUMPABLE 0: its environ is then closed to
+# its own user), writes its pid to a file, then holds MiB of memory and sleeps.
+_HIDDEN_HOG = """import ctypes, os, sys, time
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
+with open(sys.argv[2] + ".tmp", "w") as pid:
+    pid.write(str(os.getpid()))
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+held = bytearray(int(sys.argv[1]) << 20)
+held[::4096] = bytes([1]) * len(held[::4096])
+time.sleep(60)
+"""
+
+
+def _daemon(hog: Path, mib: int, marker: str) -> str:
+    """A slot command: start the hog as a daemon that left the agent's tree (setsid, its
+    parent gone), wait for its pid in $PWD/MARKER.pid, and leave it in $pid."""
+    return (f"(setsid python3 {hog} {mib} $PWD/{marker}.pid {marker} >/dev/null 2>&1 &); "
+            f"for i in $(seq 200); do [ -s {marker}.pid ] && break; sleep 0.1; done; pid=$(cat {marker}.pid)")
+
+
+def test_a_released_slot_is_clean_for_an_ordinary_user(env):
+    """Issue 17's probes as an ordinary user (whose /proc hides a non-dumpable process's
+    environment): runtime none: a non-dumpable daemon is still counted by slot_memory and
+    ends with the release; bwrap: the next holder finds nothing of the last one's in /tmp,
+    /dev/shm or a folder it locked in the workspace, and the kernel fences the slot's tasks."""
+    user, venv = env["user"], env["home_venv"]
+    if not (venv / "bin" / "hpc-sandbox").exists():  # run alone (-k)
+        user.ok(f"pip install {SRC}", venv=venv, env=env["pip_env"], timeout=300)
+    config, hog = user.home / "limits.yaml", user.home / "hog.py"
+    user.ok(f"printf 'profiles:\\n  none:\\n    runtime: none\\n    slot_memory: 256M\\n"
+            f"  bwrap:\\n    runtime: bwrap\\n    slot_memory: 256M\\n    slot_procs: 64\\n' > {config}; "
+            f"printf %s {shlex.quote(_HIDDEN_HOG)} > {hog}", timeout=30)
+    marker = f"hpcsbx-as-user-{os.getpid()}"
+    try:
+        job = job_of(user.ok(f"hpc-sandbox submit --config {config} --profile none --slots 1 --wait",
+                             venv=venv, timeout=180).stdout)
+        watched = (f"{_daemon(hog, 400, marker + '-big')}; for i in $(seq 100); do "
+                   "kill -0 $pid 2>/dev/null || { echo killed; exit 0; }; sleep 0.2; done; echo survived")
+        script = f"hpc-sandbox exec --job {job} -- {shlex.quote(watched)}"
+        result = user.ok(script, venv=venv, timeout=120)
+        assert result.stdout.strip() == "killed", explain(result, script)
+        user.ok(f"hpc-sandbox exec --job {job} -- {shlex.quote(_daemon(hog, 8, marker + '-small') + '; sleep 1')}",
+                venv=venv, timeout=120)
+        assert wait_until(lambda: not pids_matching(marker), timeout=15), \
+            f"a non-dumpable daemon outlived its lease: {pids_matching(marker)}"
+        user.ok(f"hpc-sandbox cancel {job}", venv=venv, timeout=60)
+
+        job = job_of(user.ok(f"hpc-sandbox submit --config {config} --profile bwrap --slots 1 --wait",
+                             venv=venv, timeout=180).stdout)
+        plant = "echo secret > /tmp/x; echo secret > /dev/shm/y; mkdir -p d/e; echo secret > d/e/f; chmod 000 d"
+        user.ok(f"hpc-sandbox exec --job {job} -- {shlex.quote(plant)}", venv=venv, timeout=120)
+        script = f"hpc-sandbox exec --job {job} -- 'ls -A /tmp /dev/shm . | grep -v :; ulimit -u'"
+        result = user.ok(script, venv=venv, timeout=120)
+        assert [line for line in result.stdout.splitlines() if line] == ["128"], explain(result, script)
+    finally:
+        user.cancel_all_jobs(venv)
+        for pid in pids_matching(marker):
+            os.kill(pid, signal.SIGKILL)

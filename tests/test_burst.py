@@ -21,7 +21,7 @@ from doubles.modal._double import install, subprocess_env
 from helpers import start_server, wait_until
 from hpc_sandbox import connect
 from hpc_sandbox.burst.modal import ModalSource
-from hpc_sandbox.burst.profile import CloudProfile
+from hpc_sandbox.cloudprofile import CloudProfile
 from hpc_sandbox.errors import NoCapacity
 from hpc_sandbox.jobfolder import JobFolder, JobInfo
 from hpc_sandbox.pool import ClusterSource, SlotPool
@@ -227,7 +227,7 @@ async def test_stopping_the_pool_leaves_no_sandbox_even_one_being_created(modal,
 POOL_SCRIPT = """
 import asyncio, sys
 from hpc_sandbox.burst.modal import ModalSource
-from hpc_sandbox.burst.profile import CloudProfile
+from hpc_sandbox.cloudprofile import CloudProfile
 from hpc_sandbox.pool import SlotPool
 
 async def main():

@@ -467,3 +467,35 @@ async def test_with_profiles_one_pool_each(state_dir, server_factory):
             await backend.acquire("x", profile="tpu")
         await backend.release(on_gpu)
         assert (await backend.get_status())["profiles"]["gpu"]["held"] == 0
+
+
+@requires_tmux
+async def test_real_tmux_keys_never_reach_the_driver_script(backend_with, tmp_path):
+    # What an environment types goes to the slot in the call's environment, never in the
+    # script the slot's bash runs: shell syntax in the keys is typed, not run by the driver.
+    backend = await backend_with()
+    [pool] = backend.pools.values()
+    execute, commands = pool.execute, []
+
+    async def recording(slot, tool, args=None, timeout=None):
+        if tool == "bash":
+            commands.append((args or {}).get("command", ""))
+        return await execute(slot, tool, args, timeout)
+
+    pool.execute = recording  # type: ignore[method-assign]
+    slot = await backend.acquire("t")
+    marker = tmp_path / "ran"
+    typed = f"echo \"$(touch {marker})\"'; touch {marker}; '"
+    sent = await backend.execute(slot, "tmux", {"action": "send_keys", "session_name": "x y:z", "keys": typed,
+                                                "enter": False})
+    assert sent.success and sent.metadata["mode"] == "tmux", sent.to_dict()
+    screen = await capture_until(backend, slot, "x y:z", lambda s: typed in s)
+    assert typed in screen.output and not marker.exists(), screen.output
+    assert commands and not any(str(marker) in command or "x y:z" in command for command in commands)
+    # Long text goes in pieces, each typed whole.
+    long = "".join(f"{n:05d}" for n in range(1000))  # 5,000 characters: three pieces
+    await backend.execute(slot, "tmux", {"action": "send_keys", "session_name": "long", "keys": ["C-c", long],
+                                         "enter": False})
+    screen = await capture_until(backend, slot, "long", lambda s: long[-20:] in s)
+    assert long in screen.output.replace("\n", ""), screen.output
+    await backend.release(slot, reset_workspace=True)

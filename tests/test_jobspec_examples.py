@@ -9,15 +9,18 @@ from pathlib import Path
 
 import hcl2
 import pytest
+from click.testing import CliRunner
 
+from hpc_sandbox.cli import main as cli
+from hpc_sandbox.cli.render import regenerate_examples
 from hpc_sandbox.config import load_spec, profile_names
-from hpc_sandbox.jobspec import SUFFIXES, regenerate, render
+from hpc_sandbox.jobspec import SUFFIXES, render
 from hpc_sandbox.spec import SandboxSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBSPECS = ROOT / "jobspecs"
 EXAMPLES = JOBSPECS / "examples.yaml"
-REGENERATE = "python -m hpc_sandbox.jobspec --regenerate jobspecs/"
+REGENERATE = "python -m hpc_sandbox render --examples jobspecs/"
 
 
 def rendered_files(folder: Path) -> dict[str, str]:
@@ -26,11 +29,22 @@ def rendered_files(folder: Path) -> dict[str, str]:
 
 def test_jobspecs_are_fresh(tmp_path: Path):
     shutil.copy(EXAMPLES, tmp_path / "examples.yaml")
-    regenerate(tmp_path)
+    regenerate_examples(tmp_path)
     expected = rendered_files(tmp_path)
     actual = rendered_files(JOBSPECS)
     stale = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
     assert not stale, f"jobspecs/ is stale ({', '.join(stale)}): run `{REGENERATE}`"
+
+
+def test_the_command_regenerates_and_removes_stale_examples(tmp_path: Path):
+    shutil.copy(EXAMPLES, tmp_path / "examples.yaml")
+    (tmp_path / "gone.sbatch").write_text("#!/bin/bash\n")
+    result = CliRunner().invoke(cli, ["render", "--examples", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "gone.sbatch").exists()
+    assert rendered_files(tmp_path) == rendered_files(JOBSPECS)
+    refused = CliRunner().invoke(cli, ["render", "--examples", str(tmp_path), "--nodes", "2"])
+    assert refused.exit_code == 2 and "--examples takes no other option" in refused.output
 
 
 def test_every_template_and_mode_has_an_example():

@@ -79,16 +79,6 @@ WALLS: dict[str, tuple[frozenset[str], str]] = {
              "through a function it is handed"),
 }
 
-# Arrows that another part of issue 18 (branch h18-house: cloudprofile.py, the examples
-# tool in cli/render.py, models without jobfolder) removes. Listed so that this branch is
-# green until that part lands; an entry whose arrow is gone fails the test, so that it is
-# struck from here then, and the list ends empty.
-PENDING = {
-    ("hpc_sandbox.config", "hpc_sandbox.burst.profile"),
-    ("hpc_sandbox.jobspec", "hpc_sandbox.config"),
-    ("hpc_sandbox.models", "hpc_sandbox.jobfolder"),
-}
-
 RANK = {unit: rank for rank, (_, units, _) in enumerate(LAYERS) for unit in units}
 LAYER_OF = {unit: name for name, units, _ in LAYERS for unit in units}
 
@@ -193,8 +183,8 @@ def wrong_way(arrow: Arrow) -> str | None:
 def test_every_module_has_a_place_in_the_layers():
     units = {unit(module_name(path)) for path in all_modules()} - {""}
     assert units - set(RANK) == set(), "place these in LAYERS (tests/test_layers.py), with the reason"
-    # In DESIGN's Layout, not in the tree yet: images.py (issue to come), cloudprofile.py (issue 18).
-    planned = {"images", "cloudprofile"}
+    # In DESIGN's Layout, not in the tree yet: images.py (an issue to come).
+    planned = {"images"}
     assert set(RANK) - units <= planned, "LAYERS names units the package does not have"
 
 
@@ -206,12 +196,10 @@ def test_the_package_door_imports_nothing_at_import_time():
 
 
 def test_no_import_runs_upward():
-    found = [(arrow, why) for path in all_modules() for arrow in arrows(path) if (why := wrong_way(arrow))]
-    wrong = [f"{arrow}: {why}" for arrow, why in found if (arrow.source, arrow.target) not in PENDING]
-    gone = PENDING - {(arrow.source, arrow.target) for arrow, _ in found}
+    wrong = [f"{arrow}: {why}" for path in all_modules() for arrow in arrows(path)
+             if (why := wrong_way(arrow)) is not None]
     if wrong:
         pytest.fail("imports against DESIGN.md's order:\n  " + "\n  ".join(wrong), pytrace=False)
-    assert not gone, f"no longer imported: strike them from PENDING: {sorted(gone)}"
 
 
 def test_the_agent_imports_nothing_of_the_package():

@@ -25,10 +25,10 @@ pytestmark = [
 
 async def test_two_of_four_callers_burst_to_one_real_sandbox(state_dir):
     modal = pytest.importorskip("modal")
+    from hpc_sandbox import connect
     from hpc_sandbox.burst.inventory import list_sandboxes
     from hpc_sandbox.burst.modal import ModalSource
-    from hpc_sandbox.burst.profile import CloudProfile
-    from hpc_sandbox import connect
+    from hpc_sandbox.cloudprofile import CloudProfile
 
     profile = CloudProfile(name="live", app_name="hpc-sandbox-live-test", image="python:3.11-slim",
                            slots_per_sandbox=2, max_cloud_slots=2, burst_after=5, timeout=900, idle_timeout=300)

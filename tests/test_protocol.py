@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import sys
 import time
+from types import SimpleNamespace
 
+import aiohttp
 import pytest
 from aiohttp import web
 
-from hpc_sandbox.client import NodeClient
+from hpc_sandbox.client import TRANSPORT_ERRORS, NodeClient
 from hpc_sandbox.errors import JobEnded, ServerGone
 from hpc_sandbox.jobfolder import JobFolder, ServerRecord
 from hpc_sandbox.models import Endpoint, Slot
@@ -139,3 +142,27 @@ async def test_file_transfers_and_reset_give_up_when_the_job_ends(tmp_path):
                  pool.reset(slot)):
         with pytest.raises(JobEnded, match="cancelled"):
             await asyncio.wait_for(call, 10)
+
+
+def _ssl_failure() -> Exception:
+    return aiohttp.ClientConnectorSSLError(SimpleNamespace(host="h", port=1, ssl=True), ssl.SSLError("bad cert"))
+
+
+@pytest.mark.parametrize("failure, kind, repeatable, says", [
+    (_ssl_failure, "server_gone", False, "does not hold the job's certificate"),
+    (lambda: aiohttp.ConnectionTimeoutError("connect"), "server_gone", False, "no connection within"),
+    (lambda: aiohttp.SocketTimeoutError("read"), "timeout", False, "LATE"),
+    (lambda: asyncio.TimeoutError(), "timeout", False, "LATE"),
+    (lambda: aiohttp.ServerDisconnectedError(), "server_gone", True, "BROKE: ServerDisconnectedError"),
+    (lambda: aiohttp.ClientOSError(104, "reset"), "server_gone", True, "BROKE: ClientOSError"),
+    # Not a ClientOSError: it escaped the client as a bare aiohttp error before there was one mapping.
+    (lambda: aiohttp.ClientConnectionResetError("Cannot write to closing transport"),
+     "server_gone", True, "BROKE: ClientConnectionResetError"),
+    (lambda: aiohttp.ClientPayloadError("cut"), "server_gone", True, "BROKE: ClientPayloadError"),
+])
+def test_every_transport_failure_is_read_in_one_place(failure, kind, repeatable, says):
+    exc = failure()
+    assert isinstance(exc, TRANSPORT_ERRORS)  # caught by every request's `except`
+    client = NodeClient(Endpoint(url="https://127.0.0.1:1", token="t" * 20, job_id="j", name="n"))
+    error, again = client._transport_error(exc, broke="BROKE", late="LATE")
+    assert (error.kind, again) == (kind, repeatable) and says in str(error), str(error)

@@ -48,7 +48,8 @@ def test_apptainer_argv_contains_everything_and_gpu_flag(tmp_path):
     assert argv[argv.index("--no-mount") + 1] == "bind-paths"
     assert f"{tmp_path / 'ws'}:/workspace" in argv
     assert argv[argv.index(str(image)) + 1:] == ["python3", "-u", "/opt/hpc-sandbox/agent.py", "--workspace", "/workspace",
-                                                   "--own-pid-namespace"]
+                                                   "--own-pid-namespace", "--scratch", "/tmp", "--scratch",
+                                                   "/var/tmp", "--scratch", "/dev/shm"]
     assert "HPC_SANDBOX_SLOT=3" in argv
     assert set(env) <= {"PATH", "LANG"}
 

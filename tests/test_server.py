@@ -194,6 +194,20 @@ async def test_files_stream_in_and_out(client, tmp_path):
     assert dest.read_bytes() == source.read_bytes()
 
 
+async def test_concurrent_uploads_into_a_new_folder_all_land(client, tmp_path):
+    """Eight uploads at once under folders none of them found: each makes what it needs,
+    and one that finds a folder made meanwhile by another goes on (it said 'File exists')."""
+    granted = await client.acquire("t")
+    source = tmp_path / "f"
+    source.write_bytes(b"x")
+    for round_ in range(20):
+        sizes = await asyncio.gather(*(client.upload(granted.slot, granted.lease, source,
+                                                     f"r{round_}/a/b/c/d/f{k}") for k in range(8)))
+        assert sizes == [1] * 8
+    listing = await client.execute(granted.slot, granted.lease, "bash", {"command": "ls r19/a/b/c/d | wc -l"})
+    assert listing.result["stdout"] == "8\n"
+
+
 async def test_file_transfer_never_follows_symlinks_or_dotdot(client, tmp_path):
     granted = await client.acquire("t")
     slot, lease = granted.slot, granted.lease
@@ -275,6 +289,20 @@ def test_sigterm_kills_running_work_removes_the_record_and_exits_0(state_dir):
     assert JobFolder(state_dir, "term").read_records() == []
     assert wait_until(lambda: not pids_matching(marker), 5)
     assert not workspace_root.exists()
+
+
+async def test_a_call_in_flight_at_sigterm_gets_its_answer_before_the_connections_close(state_dir):
+    """The running command is killed while the HTTP side still answers: the caller gets
+    `server_stopping`, not a dropped connection (and not only after the HTTP shutdown timeout)."""
+    server = start_server(state_dir, job_id="drain")
+    async with NodeClient(server.endpoint) as client:
+        granted = await client.acquire("t")
+        running = asyncio.ensure_future(client.execute(granted.slot, granted.lease, "bash", {"command": "sleep 60"}))
+        await asyncio.sleep(0.5)
+        stopped = asyncio.get_running_loop().run_in_executor(None, server.stop)
+        answer = await asyncio.wait_for(running, 10)
+        assert (answer.ok, answer.error_kind) == (False, "server_stopping")
+        assert await stopped == 0
 
 
 def test_token_file_readable_by_others_is_refused(state_dir):

@@ -3,8 +3,9 @@
     python -m hpc_sandbox.burst.entry --port 8000 --slots 4 --runtime none
 
 The pool's token arrives as the environment variable TOKEN_ENV (a Modal Secret: never
-in the image, the argv, a tag or a name). It is read once, written to a 0600 file in a
-private folder, and the node server is started by `exec` with an environment that no
+in the image, the argv, a tag or a name). It is read once, written to the token file of a
+job folder in a private state directory (by the job folder's own code, 0600, as `submit`
+writes a job's), and the node server is started by `exec` with an environment that no
 longer holds it: so neither the server's /proc/PID/environ nor any slot's environment
 shows it. The server speaks plain HTTP inside the sandbox: Modal's edge terminates TLS
 (`encrypted_ports`) and is the only way in.
@@ -18,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..jobfolder import JobFolder
+from ..jobfolder import JobFolder, write_private
 
 TOKEN_ENV = "HPC_SANDBOX_TOKEN"
 # Names (never values) of the sandbox's variables its slots get: the profile's env and
@@ -39,19 +40,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"hpc-sandbox entry: no token in ${TOKEN_ENV} (the pool passes it as a Modal Secret)")
     state = Path(tempfile.mkdtemp(prefix="hpc-sandbox-state-"))  # 0700
     folder = JobFolder(state, JOB_ID)
-    folder.path.mkdir(parents=True, mode=0o700)
-    fd = os.open(folder.token, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(token + "\n")
+    folder.create_token(token)
     names = [n for n in os.environ.get(SLOT_ENV_NAMES, "").split(",") if n and n != TOKEN_ENV]
     slot_env = {name: os.environ[name] for name in names if name in os.environ}
-    slot_env_file = state / "slot-env.json"  # in the state dir: hidden from bwrap slots like the token
-    fd = os.open(slot_env_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(slot_env, handle)
+    # In the state dir, which bwrap slots do not see, like the token.
+    write_private(folder.slot_env, json.dumps(slot_env).encode())
     environment = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
     command = [sys.executable, "-m", "hpc_sandbox", "serve", "--job-id", JOB_ID, "--slots", str(options.slots),
-               "--slot-env-file", str(slot_env_file),
+               "--slot-env-file", str(folder.slot_env),
                "--runtime", options.runtime, "--host", options.host, "--port-range", f"{options.port}-{options.port}",
                "--state-dir", str(state), "--token-file", str(folder.token), "--insecure-http"]
     os.execve(sys.executable, command, environment)

@@ -8,8 +8,8 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import ConfigError
-from .folder import Owner
-from .profile import CloudProfile
+from ..cloudprofile import CloudProfile
+from .owner import Owner
 from .sdk import OWNER_TAG, POOL_TAG, PROFILE_TAG, VERSION_TAG, describe, import_sdk
 
 

@@ -37,13 +37,13 @@ from typing import Any
 from .. import __version__
 from ..client import NodeClient
 from ..errors import ClientError, ConfigError
-from ..jobfolder import users_state_dir
+from ..jobfolder import CloudFolder, PoolState, SandboxEntry, users_state_dir
 from ..models import Endpoint, Slot
 from ..pool.sources import Capacity, NodeServerSource, Outlook
 from ..pool.waiters import WaitQueue
 from .entry import SLOT_ENV_NAMES, TOKEN_ENV
-from .folder import CloudFolder, Owner, PoolState, SandboxEntry
-from .profile import CloudProfile
+from .owner import Owner
+from ..cloudprofile import CloudProfile
 from .sdk import OWNER_TAG, POOL_TAG, PROFILE_TAG, VERSION_TAG, default_pool_id, describe, import_sdk
 
 log = logging.getLogger(__name__)

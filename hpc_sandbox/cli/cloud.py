@@ -87,7 +87,8 @@ def cleanup(cloud_profile: str | None, profile: str | None, config_file: Path | 
 def _forget_dead_pools(state: Path, pool_id: str | None) -> None:
     """Drop the state files of pools whose process is gone (their sandboxes were just
     stopped): `hpc-sandbox status` stops listing them."""
-    from ..burst.folder import Owner, list_pools
+    from ..burst.owner import Owner
+    from ..jobfolder import list_pools
 
     for folder in list_pools(state):
         if pool_id is not None and folder.pool_id != pool_id:

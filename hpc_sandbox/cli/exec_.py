@@ -12,7 +12,7 @@ import click
 from .. import connect, jobs
 from ..errors import HpcSandboxError
 from ..models import ToolResult
-from ..protocol import DEFAULT_EXEC_TIMEOUT
+from ..protocol import DEFAULT_EXEC_TIMEOUT, exec_timeout
 from ..pool import CloudSource
 from .common import resolve_state_dir, state_dir_option
 
@@ -97,10 +97,10 @@ def exec_(job: str | None, timeout: float | None, acquire_timeout: float, env_pa
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
     if result.timed_out:
-        click.echo(f"hpc-sandbox: command timed out after {timeout or DEFAULT_EXEC_TIMEOUT:g}s in {result.slot}", err=True)
+        click.echo(f"hpc-sandbox: command timed out after {exec_timeout(timeout):g}s in {result.slot}", err=True)
         raise SystemExit(EXIT_TIMEOUT)
-    if result.exit_code is None and result.signal:
-        raise SystemExit(128 + result.signal)
+    if result.killed_by_signal and result.signal:
+        raise SystemExit(128 + result.signal)  # as a shell reports it
     if result.exit_code is None:
         click.echo(f"Error: {result.error} ({result.error_kind})", err=True)
         raise SystemExit(EXIT_INTERNAL)

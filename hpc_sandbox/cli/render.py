@@ -2,20 +2,53 @@
 
 stdout carries the jobspec and nothing else, so it can be piped or diffed; notes go
 to stderr. The same profile, flags and job key always give byte-identical output.
+
+`render --examples jobspecs/` regenerates the reviewed examples (one file per profile of
+jobspecs/examples.yaml). It lives here, not in jobspec.py, because it reads profiles
+from a config file: the renderer below it knows specs only.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from ..config import CLEAR, load_spec
+from ..config import CLEAR, load_spec, profile_names
 from ..errors import HpcSandboxError
-from ..jobspec import RENDER_SCHEDULERS, RenderedJobspec, render as render_spec
+from ..jobspec import RENDER_SCHEDULERS, SUFFIXES, RenderedJobspec, render as render_spec
 from ..spec import PBS_DIALECTS
 
 log = logging.getLogger(__name__)
+
+EXAMPLES_FILE = "examples.yaml"  # the profiles behind the examples, in the examples' folder
+
+
+@dataclass(frozen=True)
+class Regenerated:
+    written: list[Path]
+    removed: list[Path]  # renderings no profile makes any more
+
+
+def regenerate_examples(folder: Path) -> Regenerated:
+    """Render every profile of FOLDER/examples.yaml into FOLDER (the file named after the
+    profile, a split array one file per part) and remove stale renderings. The file is
+    read alone (no site or user file, no environment), so every machine renders the same."""
+    source = folder / EXAMPLES_FILE
+    written: list[Path] = []
+    for profile in profile_names(source):
+        spec = load_spec(profile=profile, config_file=source, isolated=True)
+        for rendered in render_spec(spec, job_key=profile):
+            path = folder / rendered.name
+            path.write_text(rendered.text, encoding="utf-8")
+            written.append(path)
+    removed: list[Path] = []
+    for stale in sorted(p for suffix in SUFFIXES.values() for p in folder.glob(f"*{suffix}")):
+        if stale not in written:
+            stale.unlink()
+            removed.append(stale)
+    return Regenerated(written, removed)
 
 
 def _part_path(output: Path, rendered: RenderedJobspec) -> Path:
@@ -41,8 +74,12 @@ def _part_path(output: Path, rendered: RenderedJobspec) -> Path:
               help="hpc-sandbox job id used in the job's paths [default: the job name].")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the jobspec to this file (a split array: FILE's stem + .partN) instead of stdout.")
+@click.option("--examples", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              metavar="FOLDER", help=f"Regenerate the reviewed examples: every profile of FOLDER/{EXAMPLES_FILE} "
+                                     "rendered into FOLDER, stale ones removed (normally jobspecs/).")
 def render(scheduler: str | None, array: int | None, nodes: int | None, slots: int | None, profile: str | None,
-           config_file: Path | None, dialect: str | None, job_key: str | None, output: Path | None) -> None:
+           config_file: Path | None, dialect: str | None, job_key: str | None, output: Path | None,
+           examples: Path | None) -> None:
     """Print the jobspec (sbatch script, qsub script or Nomad HCL) for a profile.
 
     \b
@@ -50,7 +87,14 @@ def render(scheduler: str | None, array: int | None, nodes: int | None, slots: i
       hpc-sandbox render --scheduler slurm --nodes 2
       hpc-sandbox render --scheduler pbs --dialect pbspro --array 50 --profile gpu
       hpc-sandbox render --scheduler nomad -o job.nomad.hcl
+      hpc-sandbox render --examples jobspecs/
     """
+    if examples is not None:
+        given = [scheduler, array, nodes, slots, profile, config_file, dialect, job_key, output]
+        if any(value is not None for value in given):
+            raise click.UsageError(f"--examples takes no other option: the profiles are in {EXAMPLES_FILE}")
+        _regenerate(examples)
+        return
     if array is not None and nodes is not None:
         raise click.UsageError("give --array or --nodes, not both")
     overrides: dict[str, object] = {"slots": slots, "dialect": dialect, "scheduler": scheduler}
@@ -80,3 +124,14 @@ def render(scheduler: str | None, array: int | None, nodes: int | None, slots: i
         except OSError as exc:
             raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from None
         click.echo(f"wrote {path}", err=True)
+
+
+def _regenerate(folder: Path) -> None:
+    try:
+        done = regenerate_examples(folder)
+    except HpcSandboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in done.written:
+        click.echo(f"wrote {path}", err=True)
+    for path in done.removed:
+        click.echo(f"removed stale example {path}", err=True)

@@ -111,7 +111,7 @@ def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None
         token_file=token_file or JobFolder(state, job_id).token,
         state_dir=state,
         runtime=RuntimeOptions(kind=runtime, image=image, gpus=gpus, python=slot_python, network=network,
-                               extra_env=extra_env),
+                               extra_env=extra_env, slot_memory_mb=slot_memory, slot_procs=slot_procs),
         port_range=parse_port_range(port_range),
         port_index=port_index,
         host=host,

@@ -5,16 +5,13 @@ import asyncio
 import dataclasses
 import json
 import time
-import typing
 from pathlib import Path
 
 import click
 
 from .. import jobs
 from ..errors import HpcSandboxError
-
-if typing.TYPE_CHECKING:
-    from ..burst.folder import PoolState
+from ..jobfolder import PoolState, jobs_root, list_pools
 from .common import resolve_state_dir, state_dir_option
 
 
@@ -39,7 +36,7 @@ def status(job: str | None, as_json: bool, state_dir: Path | None) -> None:
     if not reports and pools:
         return
     if not reports:
-        click.echo(f"No jobs in {state / 'jobs'}. Start one with: hpc-sandbox submit --wait")
+        click.echo(f"No jobs in {jobs_root(state)}. Start one with: hpc-sandbox submit --wait")
         return
     for r in reports:
         reason = f" ({r.status.reason})" if r.status.reason else ""
@@ -55,9 +52,7 @@ def status(job: str | None, as_json: bool, state_dir: Path | None) -> None:
 
 
 def _cloud_pools(state: Path) -> list[dict]:
-    """Pools that burst to the cloud, from their pool.json (no call to Modal)."""
-    from ..burst.folder import list_pools
-
+    """Pools that burst to the cloud, from their state files (no call to Modal)."""
     now = time.time()
     out = []
     for folder in list_pools(state):
@@ -73,7 +68,7 @@ def _cloud_pools(state: Path) -> list[dict]:
 
 
 def _cloud_pool(pool: PoolState, now: float) -> dict | None:
-    from ..burst.folder import Owner
+    from ..burst.owner import Owner
 
     owner = Owner.parse(pool.owner)
     owner_alive = owner.alive() if owner else None

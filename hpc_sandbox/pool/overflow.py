@@ -38,7 +38,7 @@ class CloudSource(Source, Protocol):
     def slots_total(self) -> int: ...
     @property
     def off(self) -> str | None: ...
-    def usage(self) -> Any: ...  # sandboxes and their seconds (burst.folder.PoolState)
+    def usage(self) -> Any: ...  # sandboxes and their seconds (jobfolder.PoolState)
 
 
 class Overflow:

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..client import NodeClient, new_exec_id
-from ..errors import CallTimeout, ClientError, ConfigError, JobEnded, NoCapacity, ServerGone
+from ..errors import CallTimeout, ClientError, ConfigError, ErrorKind, JobEnded, NoCapacity, ServerGone
 from ..models import ExecEvent, Slot, ToolResult
-from ..protocol import DEFAULT_CONFIRM_WITHIN, DEFAULT_EXEC_TIMEOUT, Call, CallAnswer
+from ..protocol import DEFAULT_CONFIRM_WITHIN, Call, CallAnswer, exec_timeout
 from .overflow import CloudSource, Overflow
 from .sources import Capacity, Source
 from .waiters import WaitQueue
@@ -283,7 +283,7 @@ class SlotPool:
 
     async def _to_result(self, slot: Slot, answer: CallAnswer) -> ToolResult:
         result = ToolResult.from_answer(answer, slot)
-        if result.error_kind == "server_stopping" or (result.signal and not result.timed_out):
+        if result.error_kind == ErrorKind.SERVER_STOPPING or result.killed_by_signal:
             reason = await self._source(slot).why_gone(slot.endpoint.job_id)
             if reason:
                 return ToolResult.failure(result.tool, JobEnded.kind, f"{reason}; the command was killed", slot)
@@ -361,7 +361,7 @@ class SlotPool:
         async def send(positions: list[int]) -> None:
             first = wanted[positions[0]].slot
             wire = [Call(wanted[p].slot.index, wanted[p].slot.lease, new_exec_id(), wanted[p].tool, wanted[p].args,
-                         wanted[p].timeout or timeout or DEFAULT_EXEC_TIMEOUT) for p in positions]
+                         exec_timeout(wanted[p].timeout or timeout)) for p in positions]
             for p in positions:
                 self._used(wanted[p].slot)
             try:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from ..client import NodeClient
+from ..client import NodeClient, endpoint_of
 from ..errors import ClientError, HpcSandboxError, NoFreeSlot
 from ..jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, list_jobs, users_state_dir
 from ..jobstate import JobState, JobStatus, jittered
@@ -484,14 +484,14 @@ class ClusterSource(NodeServerSource):
                 stamp = None  # no node server ready yet
             located = self._located(view) if self.locate is not None and view.info is not None else None
             if located is not None:
-                view.endpoints = [Endpoint.of(r, view.credentials, view.info.location) for r in located]  # type: ignore[union-attr]
+                view.endpoints = [endpoint_of(r, view.credentials, view.info.location) for r in located]  # type: ignore[union-attr]
             elif view.located:
                 pass  # its scheduler's API did not answer this time: keep what it said last
             elif stamp != view.stamp:
                 where = view.info.location if view.info else "local"
                 # A record whose server is known dead (same host, process gone) is not tried.
                 records = folder.read_records() if stamp is not None else []
-                view.endpoints = [Endpoint.of(r, view.credentials, where) for r in records if not r.process_gone()]
+                view.endpoints = [endpoint_of(r, view.credentials, where) for r in records if not r.process_gone()]
                 view.stamp = stamp
             endpoints += view.endpoints
             if view.info is not None and view.info.servers > len(view.endpoints):

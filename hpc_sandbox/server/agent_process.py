@@ -11,8 +11,9 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import RuntimeUnavailable
-from .limits import kill_tree
+from ..agent import MAX_CHUNK_BYTES, is_ready
+from ..errors import ErrorKind, RuntimeUnavailable
+from .procfs import kill_tree
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +32,20 @@ STUCK_GRACE_SECONDS = 5.0
 # reader of the agent's stdout, so it must never wait: the agent's channel keeps
 # flowing whoever reads the stream.
 OutputSink = Callable[[str, bytes], None]
-# The agent sends chunks of 64 KiB and a little (agent.STREAM_FLUSH_BYTES plus one read):
-# a header announcing much more is a broken stream, not output.
-MAX_CHUNK = 8 << 20
 
 
 class AgentDied(RuntimeUnavailable):
-    """The agent process ended (or could not start) while calls were in flight."""
+    """The agent process ended (or could not start) while calls were in flight. A
+    RuntimeUnavailable to whoever starts the server, but a call it ends is answered
+    with a kind of its own: the slot still works (its agent is restarted)."""
+
+    kind = ErrorKind.AGENT_DIED
 
 
 class AgentStuck(AgentDied):
     """The agent did not answer a call within the call's timeout and a grace."""
 
-    kind = "agent_stuck"
+    kind = ErrorKind.AGENT_STUCK
 
 
 class AgentError(Exception):
@@ -51,7 +53,7 @@ class AgentError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind
+        self.kind: ErrorKind | str = ErrorKind.read(kind)
         self.message = message
 
 
@@ -69,9 +71,6 @@ class AgentProcess:
         self.exited = asyncio.Event()
         self.stderr_tail: list[str] = []
         self._tasks: list[asyncio.Task] = []
-        # From the ready line: the prefix of the HPC_SANDBOX_CALL tag of its commands,
-        # which finds them when they leave its process tree.
-        self.tag: str | None = None
         # The agent's and the runtime's own processes, when a limit watchdog wants them.
         self.infra: frozenset[int] | None = None
         self.stuck: str | None = None  # why it was given up on
@@ -100,8 +99,6 @@ class AgentProcess:
         except asyncio.TimeoutError:
             await self.stop()
             raise AgentDied(f"{self.name}: agent did not start within {timeout:.0f}s{self._stderr_hint()}") from None
-        tag = (answer.get("result") or {}).get("tag")
-        self.tag = tag if isinstance(tag, str) and tag else None
 
     def _stderr_hint(self) -> str:
         return f" (its stderr: {' | '.join(self.stderr_tail[-3:])})" if self.stderr_tail else ""
@@ -130,7 +127,7 @@ class AgentProcess:
                 if "chunk" in answer:  # a streaming call's output, ahead of its answer
                     await self._chunk(answer)
                     continue
-                if request_id is None and answer.get("ok") and (answer.get("result") or {}).get("ready"):
+                if is_ready(answer):
                     request_id = "__ready__"
                 future = self.pending.pop(request_id, None) if request_id is not None else None
                 if future is not None and not future.done():
@@ -156,7 +153,7 @@ class AgentProcess:
         that cannot be followed: the channel is out of step for good."""
         assert self.proc and self.proc.stdout
         stream, size, request_id = header.get("chunk"), header.get("size"), header.get("id")
-        if stream not in ("stdout", "stderr") or not isinstance(size, int) or not 0 <= size <= MAX_CHUNK:
+        if stream not in ("stdout", "stderr") or not isinstance(size, int) or not 0 <= size <= MAX_CHUNK_BYTES:
             raise ValueError(f"malformed output chunk header {str(header)[:200]}")
         try:
             data = await self.proc.stdout.readexactly(size)
@@ -237,7 +234,7 @@ class AgentProcess:
         if answer.get("ok"):
             return answer.get("result") or {}
         error = answer.get("error") or {}
-        raise AgentError(error.get("kind", "error"), error.get("message", "unknown agent error"))
+        raise AgentError(error.get("kind", ErrorKind.ERROR), error.get("message", "unknown agent error"))
 
     def _give_up(self, request_id: str, timeout: float) -> None:
         future = self.pending.pop(request_id, None)
@@ -269,7 +266,7 @@ class AgentProcess:
             # It did not end its commands: nobody else will. They sit in sessions of
             # their own, some perhaps (runtime none) outside its tree.
             if self.proc.returncode is None:
-                await asyncio.to_thread(kill_tree, self.proc.pid, self.tag)
+                await asyncio.to_thread(kill_tree, self.proc.pid)
             self._kill()
             await self.exited.wait()
         for task in self._tasks:

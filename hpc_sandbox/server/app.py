@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from .. import protocol
-from ..errors import BadRequest, ClientError, LimitExceeded
+from ..errors import AuthError, BadRequest, ClientError, ErrorKind, LimitExceeded
 from ..protocol import DEFAULT_EXEC_TIMEOUT, AcquireRequest, Call, CallAnswer, ReleaseRequest, StreamEvent
 from .files import AtomicUpload, open_for_read
 from .slots import Slot, SlotTable
@@ -39,7 +39,7 @@ class ServerLimits:
     default_timeout: float = DEFAULT_EXEC_TIMEOUT  # for a call that names none
 
 
-def error_response(kind: str, message: str, status: int) -> web.Response:
+def error_response(kind: ErrorKind, message: str, status: int) -> web.Response:
     return web.json_response(protocol.error_body(kind, message), status=status)
 
 
@@ -51,7 +51,8 @@ def make_app(table: SlotTable, token: str, limits: ServerLimits) -> web.Applicat
         if request.path != protocol.HEALTH:
             given = request.headers.get(protocol.AUTH_HEADER, "").encode()
             if not hmac.compare_digest(given, expected):
-                return error_response("auth", "missing or wrong bearer token", 401)
+                return error_response(AuthError.kind, "missing or wrong bearer token",
+                                      protocol.status_of(AuthError.kind))
         try:
             return await handler(request)
         except ClientError as exc:
@@ -61,9 +62,9 @@ def make_app(table: SlotTable, token: str, limits: ServerLimits) -> web.Applicat
                                   f"request body over the server's limit of {limits.max_body_bytes} bytes",
                                   protocol.BODY_TOO_LARGE)
         except web.HTTPException as exc:
-            return error_response("http", exc.reason or str(exc), exc.status)
+            return error_response(ErrorKind.HTTP, exc.reason or str(exc), exc.status)
         except OSError as exc:  # a full disk, a permission problem in the workspace
-            return error_response("io", f"{exc.strerror or exc}", 500)
+            return error_response(ErrorKind.IO, f"{exc.strerror or exc}", protocol.status_of(ErrorKind.IO))
 
     api = Api(table, limits)
     app = web.Application(middlewares=[guard], client_max_size=limits.max_body_bytes)
@@ -250,16 +251,17 @@ def _answer_of(run: asyncio.Future, call: Call) -> CallAnswer:
     """The answer of a streamed call's finished task; an error once the stream started
     is the answer's, as a plain call's would be in its JSON error."""
     if run.cancelled():
-        return CallAnswer.failure(call, "server_stopping", "the node server is stopping; the call was cancelled")
+        return CallAnswer.failure(call, ErrorKind.SERVER_STOPPING,
+                                  "the node server is stopping; the call was cancelled")
     exc = run.exception()
     if exc is None:
         return run.result()
     if isinstance(exc, ClientError):
         return CallAnswer.failure(call, exc.kind, str(exc))
     if isinstance(exc, OSError):
-        return CallAnswer.failure(call, "io", f"{exc.strerror or exc}")
+        return CallAnswer.failure(call, ErrorKind.IO, f"{exc.strerror or exc}")
     log.error("slot %d: streamed call %s failed: %s: %s", call.slot, call.exec_id, type(exc).__name__, exc)
-    return CallAnswer.failure(call, "error", f"{type(exc).__name__}: {exc}")
+    return CallAnswer.failure(call, ErrorKind.ERROR, f"{type(exc).__name__}: {exc}")
 
 
 class _EventBuffer:

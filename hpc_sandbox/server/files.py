@@ -1,38 +1,39 @@
 """Streaming file transfer between a client and a slot's workspace.
 
 The node server runs on the host, outside the slot's container, with the user's
-own rights, while the workspace is written by untrusted code. So a path is walked
-one component at a time from the workspace's directory descriptor with
-O_NOFOLLOW: no symlink is ever followed (a slot could swap one in between a check
-and an open), and `..` is refused outright.
+own rights, while the workspace is written by untrusted code. So a path is walked as
+the agent walks it (agent.py, "paths"): one component at a time from the workspace's
+directory descriptor with O_NOFOLLOW, no symlink ever followed (a slot could swap one
+in between a check and an open), `..` refused outright, nothing but a regular file
+opened for data.
 """
 from __future__ import annotations
 
 import os
 import secrets
-import stat
-from ..errors import BadRequest, NotFound
+
+from ..agent import DIR_FLAGS, ToolError, open_child_dir, open_child_file
+from ..errors import BadRequest, ClientError, NotFound
 from ..paths import split_workspace_path
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+def _refused(exc: ToolError) -> ClientError:
+    """The agent's refusal of a path, as the file endpoints answer it."""
+    return NotFound(exc.message) if exc.kind == NotFound.kind else BadRequest(exc.message)
 
 
-def _open_parent(workspace: str, parts: list[str], create: bool) -> int:
-    fd = os.open(workspace, _DIR_FLAGS)
+def _open_parent(workspace: str, parts: list[str], path: str, create: bool) -> int:
+    """The folder that holds the path's last component, walked as the agent walks."""
+    fd = os.open(workspace, DIR_FLAGS)
     try:
         for name in parts[:-1]:
-            try:
-                next_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise NotFound(f"{'/'.join(parts)}: no such file") from None
-                os.mkdir(name, 0o755, dir_fd=fd)
-                next_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except (NotADirectoryError, OSError) as exc:
-                raise BadRequest(f"{'/'.join(parts)}: {name} is a symlink or not a directory ({exc.strerror})") from None
+            next_fd = open_child_dir(fd, name, path, create)
             os.close(fd)
             fd = next_fd
         return fd
+    except ToolError as exc:
+        os.close(fd)
+        raise _refused(exc) from None
     except BaseException:
         os.close(fd)
         raise
@@ -41,20 +42,14 @@ def _open_parent(workspace: str, parts: list[str], create: bool) -> int:
 def open_for_read(workspace: str, path: str) -> tuple[int, int]:
     """Open a regular file in the workspace; returns (fd, size)."""
     parts = split_workspace_path(path)
-    parent = _open_parent(workspace, parts, create=False)
+    parent = _open_parent(workspace, parts, path, create=False)
     try:
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent)
-    except FileNotFoundError:
-        raise NotFound(f"{path}: no such file") from None
-    except OSError as exc:
-        raise BadRequest(f"{path}: cannot open ({exc.strerror}; symlinks are not followed)") from None
+        fd = open_child_file(parent, parts[-1], path)
+    except ToolError as exc:
+        raise _refused(exc) from None
     finally:
         os.close(parent)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise BadRequest(f"{path}: not a regular file")
-    return fd, st.st_size
+    return fd, os.fstat(fd).st_size
 
 
 class AtomicUpload:
@@ -63,7 +58,7 @@ class AtomicUpload:
     def __init__(self, workspace: str, path: str) -> None:
         self.parts = split_workspace_path(path)
         self.path = path
-        self.parent = _open_parent(workspace, self.parts, create=True)
+        self.parent = _open_parent(workspace, self.parts, path, create=True)
         self.tmp_name = f".hpc-sandbox-upload-{secrets.token_hex(6)}"
         self.fd = os.open(self.tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                           0o644, dir_fd=self.parent)

@@ -4,28 +4,29 @@ HPC nodes rarely delegate cgroups to their users, so the baseline is a watchdog 
 node server: twice a second it walks /proc, finds each busy slot's processes, and
 kills what breaks a limit; every two seconds it measures the workspaces of slots that
 may have written. It is a watchdog, not a fence: a slot can overshoot for up to one
-interval (a fast burst of writes can finish between two measurements), and a process
-that both leaves its slot's process tree and clears its environment escapes it.
+interval (a fast burst of writes can finish between two measurements). The kernel
+fences what it can per runtime (see runtime.py): a bwrap slot's /tmp and /dev/shm are
+tmpfs capped at its memory limit, and its tasks are capped (RLIMIT_NPROC in its own
+user namespace) well above its process limit, so a fork bomb stops short of the node's
+pid space while the watchdog kills it.
 
-A slot's processes are its agent's descendants (under bwrap the spawned process is
-bwrap itself; the agent and its commands are below it, and a command that `setsid`s
-away stays below it inside the pid namespace), plus processes re-parented out of the
-tree (a daemon under runtime none) that carry one of its agent's call tags
-(HPC_SANDBOX_CALL=<agent tag>.<n>, which agent.py puts in every command's environment).
+A slot's processes are the process the runtime spawned and everything below it. No
+process can leave that tree: under bwrap and Apptainer the slot's pid namespace keeps
+orphans under its init, and under runtime none the agent is the slot's subreaper
+(agent.py), so a daemon that double-forks and calls setsid is re-parented to the agent.
+Processes are read from /proc/PID/stat, which every process shows whatever its owner
+and whatever it hides (a non-dumpable process closes its environ, not its stat).
 
 Memory is the resident set of the slot's commands, process counts are the slot's
 commands: the agent and the runtime's own processes (its "infrastructure", taken
 when the agent starts) are left out of both, so a limit is what commands get.
 Resident sets are summed per process, so pages that processes share (after a fork)
 count once for each: the measure can overstate a slot's memory, never understate it.
-Only processes of the server's own uid are looked at (their environments too): a
-setuid program, or one that makes itself non-dumpable, is not seen. A delegated
-cgroup v2 subtree (memory.max, pids.max) would be a fence where a node offers one;
-RLIMITs are not used: none is per slot (RLIMIT_NPROC counts the whole uid).
+RLIMITs are not used for memory: none is per slot.
 """
 from __future__ import annotations
 
-import errno
+import contextlib
 import logging
 import os
 import signal
@@ -35,24 +36,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from ..agent import DIR_FLAGS, MAX_WALK_DEPTH, ToolError, walk_folder
+from .procfs import Proc, children_of, kill_group, scan_processes, signal_pid, subtree
 
 log = logging.getLogger(__name__)
 
-LIMIT_EXCEEDED = "limit_exceeded"  # the error kind of a call a breach ended
-CALL_ENV = b"HPC_SANDBOX_CALL="  # agent.py's CALL_ENV
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1 << 20
 
 WATCH_INTERVAL = 0.5  # seconds between process scans
 DISK_EVERY = 4  # scans per workspace measurement (2 s)
-# Work per workspace measurement: a slot with more entries is measured in part (a lower
-# bound), and a round measures no more than this many entries over all slots.
-DISK_SLOT_ENTRIES = 100_000
-DISK_ROUND_ENTRIES = 400_000
-DISK_MAX_DEPTH = 64  # directory descriptors a walk holds open at once
+# Work per workspace measurement. A workspace with more entries than DISK_SLOT_ENTRIES
+# breaks the disk limit (a count cut short is never taken for the total: a slot must
+# not hide its size behind many entries); a round measures no more than
+# DISK_ROUND_ENTRIES over all slots, and a slot the round's budget cuts short is
+# measured whole in a later round (the first claim on the budget rotates).
+DISK_SLOT_ENTRIES = 1_000_000
+DISK_ROUND_ENTRIES = 1_000_000
 # While a workspace is over its limit, growing it by more than this kills the slot's
 # commands again; staying put (or shrinking it, say with rm) does not.
 DISK_GROWTH_SLACK = 1 * MIB
+# How long a kill of all of a slot's commands goes on killing what they forked meanwhile.
+KILL_ROUNDS_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -66,188 +70,46 @@ class SlotLimits:
         return any(value is not None for value in (self.memory_mb, self.max_procs, self.disk_mb))
 
 
-# --- /proc ----------------------------------------------------------------------------
-
-
-class Proc(NamedTuple):  # a tuple: made for every process twice a second
-    pid: int
-    ppid: int
-    pgid: int
-    rss: int  # bytes
-    start: int  # start time in clock ticks: (pid, start) names a process, pid alone may be reused
-
-
-def scan_processes(uid: int | None) -> dict[int, Proc]:
-    """Every process of `uid` (all when None), from /proc/PID/stat."""
-    procs: dict[int, Proc] = {}
-    try:
-        entries = os.scandir("/proc")
-    except OSError:
-        return procs
-    with entries:
-        for entry in entries:
-            name = entry.name
-            if not name.isdigit():
-                continue
-            try:
-                if uid is not None and entry.stat(follow_symlinks=False).st_uid != uid:
-                    continue
-                fd = os.open(f"/proc/{name}/stat", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    raw = os.read(fd, 4096)
-                finally:
-                    os.close(fd)
-            except OSError:  # gone meanwhile
-                continue
-            # comm may hold spaces and parentheses: the fields start after the last ')'.
-            fields = raw[raw.rfind(b")") + 2:].split(None, 22)
-            try:
-                procs[int(name)] = Proc(int(name), int(fields[1]), int(fields[2]), int(fields[21]) * PAGE,
-                                        int(fields[19]))
-            except (IndexError, ValueError):
-                continue
-    return procs
-
-
-def children_of(procs: dict[int, Proc]) -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for proc in procs.values():
-        children.setdefault(proc.ppid, []).append(proc.pid)
-    return children
-
-
-def subtree(root: int, children: dict[int, list[int]]) -> list[int]:
-    """`root` and its descendants."""
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, ()))
-    return found
-
-
-def call_tag(pid: int) -> str | None:
-    """The agent tag (HPC_SANDBOX_CALL up to its last dot) in a process's environment."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            environ = handle.read()
-    except OSError:
-        return None
-    start = environ.find(b"\0" + CALL_ENV)
-    if start >= 0:
-        start += 1
-    elif environ.startswith(CALL_ENV):
-        start = 0
-    else:
-        return None
-    end = environ.find(b"\0", start)
-    value = environ[start + len(CALL_ENV):end if end >= 0 else len(environ)]
-    return value.rpartition(b".")[0].decode("ascii", "replace") or None
-
-
-def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.kill(pid, sig)
-    except OSError:
-        pass
-
-
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def kill_tree(root: int, tag: str | None) -> int:
-    """SIGKILL `root`'s descendants and every process tagged with its agent's `tag`,
-    with their process groups (what was forked since the scan is mostly in those).
-    For an agent that no longer answers: nobody else will end its commands."""
-    procs = scan_processes(os.getuid())
-    doomed = set(subtree(root, children_of(procs))) if root in procs else {root}
-    if tag:
-        doomed.update(pid for pid in procs if pid not in doomed and call_tag(pid) == tag)
-    groups = {procs[pid].pgid for pid in doomed if pid in procs}
-    for pid in doomed:
-        _kill(pid, signal.SIGSTOP)  # no more forks while the rest is being killed
-    for pgid in groups - {os.getpgrp()}:
-        if pgid > 1:
-            _killpg(pgid)
-    for pid in doomed:
-        _kill(pid)
-    return len(doomed)
-
-
 # --- workspace usage --------------------------------------------------------------------
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+class DiskUsage(NamedTuple):
+    bytes: int  # allocated under the workspace (hard links once)
+    entries: int  # entries walked
+    incomplete: str | None = None  # why the walk stopped short, when it did: then `bytes` is a part
 
 
-def disk_usage(path: Path, max_entries: int) -> tuple[int, int, bool]:
-    """(bytes allocated under `path`, entries seen, whether the walk stopped early).
-
-    Folders are entered through descriptors with O_NOFOLLOW, so a symlink swapped in by
-    the slot is never followed out of the workspace; hard links are counted once.
-    """
+def disk_usage(path: Path, max_entries: int) -> DiskUsage:
+    """What the workspace at `path` holds, walked with the agent's own walk
+    (agent.walk_folder): folders entered through descriptors with O_NOFOLLOW, so a
+    symlink swapped in by the slot is never followed out of the workspace."""
     try:
-        top = os.open(path, _DIR_FLAGS)
+        top = os.open(path, DIR_FLAGS)
     except OSError:
-        return 0, 0, False
+        return DiskUsage(0, 0)
     total = seen = 0
-    cut = False
     inodes: set[tuple[int, int]] = set()
-    stack: list[tuple[int, list[str]]] = []  # (folder fd, subfolders still to enter)
-    fd: int | None = top
+    too_deep: list[str] = []
+    unreadable: list[str] = []
     try:
-        while True:
-            if fd is not None:
-                subfolders: list[str] = []
-                try:
-                    with os.scandir(fd) as entries:
-                        for entry in entries:
-                            seen += 1
-                            if seen > max_entries:
-                                cut = True
-                                break
-                            try:
-                                st = entry.stat(follow_symlinks=False)
-                            except OSError:
-                                continue
-                            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                                if (st.st_dev, st.st_ino) in inodes:
-                                    continue
-                                inodes.add((st.st_dev, st.st_ino))
-                            total += st.st_blocks * 512
-                            if stat.S_ISDIR(st.st_mode):
-                                subfolders.append(entry.name)
-                except OSError:
-                    pass
-                stack.append((fd, subfolders))
-                fd = None
-                if cut:
-                    break
-            if not stack:
-                break
-            parent, pending = stack[-1]
-            if not pending:
-                os.close(stack.pop()[0])
-                continue
-            name = pending.pop()
-            if len(stack) >= DISK_MAX_DEPTH:
-                cut = True
-                continue
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
-                    log.debug("disk usage of %s: %s: %s", path, name, exc)
-                fd = None
+        with contextlib.closing(walk_folder(top, "", True, too_deep, unreadable)) as entries:
+            for _, _, _, st in entries:
+                seen += 1
+                if seen > max_entries:
+                    return DiskUsage(total, seen, f"holds more than {max_entries} entries")
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    if (st.st_dev, st.st_ino) in inodes:
+                        continue
+                    inodes.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    except ToolError as exc:
+        return DiskUsage(total, seen, f"could not be read whole ({exc.message})")
     finally:
-        if fd is not None:
-            os.close(fd)
-        for folder, _ in stack:
-            os.close(folder)
-    return total, seen, cut
+        os.close(top)
+    if unreadable:
+        return DiskUsage(total, seen, f"has a folder the node server cannot read ({unreadable[0]})")
+    if too_deep:
+        return DiskUsage(total, seen, f"has folders nested deeper than {MAX_WALK_DEPTH}")
+    return DiskUsage(total, seen)
 
 
 # --- the watchdog ----------------------------------------------------------------------
@@ -259,10 +121,12 @@ class SlotView:
 
     index: int
     pid: int  # the process the runtime spawned (bwrap, apptainer, or the agent itself)
-    tag: str | None  # the agent's call tag prefix
     infra: frozenset[int]  # the agent's and the runtime's own processes
     workspace: Path
     measure_disk: bool
+    # A TMPDIR of the slot's own on the node's disk (runtime none): slot_disk counts it
+    # with the workspace. A container's /tmp is its own tmpfs, capped apart.
+    tmpdir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -289,46 +153,23 @@ class Watchdog:
     worker thread, never on the event loop."""
 
     limits: SlotLimits
-    uid: int = field(default_factory=os.getuid)
-    # (pid, start) -> agent tag of a process found outside every slot's tree (None: no tag),
-    # so that each such process has its environment read once.
-    _tags: dict[tuple[int, int], str | None] = field(default_factory=dict)
     _disk: dict[int, _DiskState] = field(default_factory=dict)
     _disk_turn: int = 0
 
     def infrastructure(self, pid: int) -> frozenset[int]:
         """The processes of a freshly started agent's tree (before any command runs)."""
-        procs = scan_processes(self.uid)
+        procs = scan_processes()
         if pid not in procs:
             return frozenset({pid})
         return frozenset(subtree(pid, children_of(procs)))
 
     def check(self, views: list[SlotView], disk_round: bool) -> list[Finding]:
-        procs = scan_processes(self.uid)
+        procs = scan_processes()
         children = children_of(procs)
-        owner: dict[int, int] = {}  # pid -> position in views
+        members: list[list[Proc]] = [[] for _ in views]
         for position, view in enumerate(views):
             if view.pid in procs:
-                for pid in subtree(view.pid, children):
-                    owner.setdefault(pid, position)
-        by_tag = {view.tag: position for position, view in enumerate(views) if view.tag}
-        live_tags: dict[tuple[int, int], str | None] = {}
-        for pid, proc in procs.items():
-            if pid in owner:
-                continue
-            key = (pid, proc.start)
-            tag = self._tags[key] if key in self._tags else call_tag(pid)
-            live_tags[key] = tag
-            if tag in by_tag:
-                # Re-parented out of its slot's tree, with whatever it started since.
-                for member in subtree(pid, children):
-                    owner.setdefault(member, by_tag[tag])
-        self._tags = live_tags
-
-        members: list[list[Proc]] = [[] for _ in views]
-        for pid, position in owner.items():
-            if pid in procs and pid not in views[position].infra:
-                members[position].append(procs[pid])
+                members[position] = [procs[pid] for pid in subtree(view.pid, children) if pid not in view.infra]
 
         findings: list[Finding | None] = [None] * len(views)
         disk_budget = DISK_ROUND_ENTRIES
@@ -344,22 +185,21 @@ class Watchdog:
             spared = {procs[pid].pgid for pid in view.infra if pid in procs} | {os.getpgrp()}
             breach, measured = None, False
             try:
-                breach = self._check_processes(spared, mine) or self._check_memory(spared, mine)
+                breach = self._check_processes(view, spared, mine) or self._check_memory(spared, mine)
                 if breach is None and disk_round and view.measure_disk and self.limits.disk_mb and disk_budget > 0:
-                    breach, used = self._check_disk(view, spared, mine, min(DISK_SLOT_ENTRIES, disk_budget))
+                    breach, used, measured = self._check_disk(view, spared, mine, disk_budget)
                     disk_budget -= used
-                    measured = True
             except Exception as exc:  # one slot's surprise must not lose the others' findings
                 log.error("limit watchdog: slot %d: %s: %s", view.index, type(exc).__name__, exc)
             findings[position] = Finding(view.index, len(mine), breach,
                                          time.monotonic() if breach else 0.0, measured)
         return findings  # type: ignore[return-value]  # one per view, in the order of views
 
-    def _check_processes(self, spared: set[int], mine: list[Proc]) -> str | None:
+    def _check_processes(self, view: SlotView, spared: set[int], mine: list[Proc]) -> str | None:
         limit = self.limits.max_procs
         if limit is None or len(mine) <= limit:
             return None
-        self._kill_all(spared, mine)
+        self._kill_all(view, spared, mine)
         return (f"process limit: the slot ran {len(mine)} processes, its limit is {limit}; "
                 "its commands were killed")
 
@@ -376,38 +216,65 @@ class Watchdog:
         return (f"memory limit: the slot used {-(-used // MIB)} MiB, its limit is {limit} MiB; "
                 "the command was killed")
 
-    def _check_disk(self, view: SlotView, spared: set[int], mine: list[Proc], budget: int) -> tuple[str | None, int]:
+    def _check_disk(self, view: SlotView, spared: set[int], mine: list[Proc],
+                    budget: int) -> tuple[str | None, int, bool]:
+        """(breach, entries walked, whether the workspace was measured whole)."""
         limit = self.limits.disk_mb
         assert limit is not None
-        used, entries, cut = disk_usage(view.workspace, budget)
-        if used <= limit * MIB:
+        cap = DISK_SLOT_ENTRIES
+        used, entries, incomplete = disk_usage(view.workspace, min(cap, budget))
+        if view.tmpdir is not None and not incomplete:
+            extra = disk_usage(view.tmpdir, min(cap, budget) - entries)
+            used, entries, incomplete = used + extra.bytes, entries + extra.entries, extra.incomplete
+        if incomplete and entries > budget and budget < cap:
+            return None, entries, False  # the round's budget ran out: measured whole in a later round
+        if incomplete:
+            # A count cut short is never taken for the total: a slot must not hide its size
+            # behind many entries, deep folders or a folder it made unreadable.
+            why = f"{incomplete}, the most the disk limit counts" if entries > cap else incomplete
+        elif used > limit * MIB:
+            why = f"holds {used // MIB} MiB"
+        else:
             self._disk.pop(view.index, None)
-            return None, entries
+            return None, entries, True
         state = self._disk.get(view.index)
         if state is not None and used <= state.floor + DISK_GROWTH_SLACK:
             # Still over, but not growing: leave the slot usable, so that it can clean up.
             state.floor = min(state.floor, used)
-            return None, entries
+            return None, entries, True
         self._disk[view.index] = _DiskState(floor=used)
-        self._kill_all(spared, mine)
-        holds = "holds at least" if cut else "holds"
+        self._kill_all(view, spared, mine)
         # A burst of writes can end between two measurements: then there is nothing to kill.
         outcome = "its commands were killed" if mine else "nothing was running; commands that grow it are killed"
-        return f"disk limit: the slot's workspace {holds} {used // MIB} MiB, its limit is {limit} MiB; {outcome}", \
-            entries
+        where = "workspace (with its TMPDIR)" if view.tmpdir is not None else "workspace"
+        return f"disk limit: the slot's {where} {why}, its limit is {limit} MiB; {outcome}", entries, True
 
     def _kill_group(self, spared: set[int], proc: Proc) -> None:
         if proc.pgid in spared or proc.pgid <= 1:
-            _kill(proc.pid)
+            signal_pid(proc.pid)
         else:
-            _killpg(proc.pgid)
-            _kill(proc.pid)  # it may have left its group since the scan
+            kill_group(proc.pgid)
+            signal_pid(proc.pid)  # it may have left its group since the scan
 
-    def _kill_all(self, spared: set[int], mine: list[Proc]) -> None:
-        for proc in mine:
-            _kill(proc.pid, signal.SIGSTOP)  # a fork bomb stops forking while it is being killed
-        for pgid in {proc.pgid for proc in mine} - spared:
-            if pgid > 1:
-                _killpg(pgid)
-        for proc in mine:
-            _kill(proc.pid)
+    def _kill_all(self, view: SlotView, spared: set[int], mine: list[Proc]) -> None:
+        """Kill every command of the slot, and again what they forked meanwhile (a fork
+        bomb's stragglers, a shell retrying a failed fork), until none is left or
+        KILL_ROUNDS_SECONDS have passed."""
+        deadline = time.monotonic() + KILL_ROUNDS_SECONDS
+        killed: set[int] = set()  # dead, perhaps not reaped yet: not looked at again
+        while mine:
+            killed.update(proc.pid for proc in mine)
+            for proc in mine:
+                signal_pid(proc.pid, signal.SIGSTOP)  # a fork bomb stops forking while it is being killed
+            for pgid in {proc.pgid for proc in mine} - spared:
+                if pgid > 1:
+                    kill_group(pgid)
+            for proc in mine:
+                signal_pid(proc.pid)
+            if time.monotonic() > deadline:
+                return
+            procs = scan_processes()
+            if view.pid not in procs:
+                return
+            mine = [procs[pid] for pid in subtree(view.pid, children_of(procs))
+                    if pid not in view.infra and pid not in killed]

@@ -1,8 +1,13 @@
 """Running one node server: bind a port from the declared range, start the slots,
-announce readiness, and leave cleanly on SIGTERM/SIGINT."""
+announce readiness, and leave cleanly on SIGTERM/SIGINT.
+
+What the server holds while it runs (the workspace root, the slot table with its agents
+and watchdog) is set up and torn down in pairs through aiohttp's `cleanup_ctx`; the
+ready record is the last thing made and the first undone (`_announced`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -16,6 +21,7 @@ import stat
 import struct
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +154,63 @@ def _tls(options: ServeOptions) -> ssl.SSLContext | None:
         raise ConfigError(f"cannot load the TLS certificate {cert} and key {key}: {exc}") from None
 
 
+def _prepare_workspace_root(root: Path, ours: bool) -> None:
+    """Make the slots' workspace root (0700, ours). A root of our own naming may hold
+    what a server of the same job, host and port left when it was killed (SIGKILL, a
+    node's OOM killer): its slots' files must not reach this server's slots."""
+    if not ours:
+        make_private_dir(root)  # one the caller named: used as it is
+        return
+    make_private_dir(workspace_base())
+    make_private_dir(root)
+    leftovers = list(root.iterdir())
+    if leftovers:
+        log.warning("removing %d entries left in %s by a server that did not stop cleanly", len(leftovers), root)
+        for entry in leftovers:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+# What the node server holds while it runs, each setup beside its teardown. aiohttp enters
+# them in order in runner.setup() and leaves them in reverse in runner.cleanup(), after
+# the HTTP side has closed, also when a later setup fails.
+
+
+def _workspaces(root: Path, ours: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def workspaces(app: web.Application) -> AsyncIterator[None]:
+        _prepare_workspace_root(root, ours)
+        yield
+        shutil.rmtree(root, ignore_errors=True)  # workspaces are scratch: nothing outlives the server
+
+    return workspaces
+
+
+def _slots(table: SlotTable) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def slots(app: web.Application) -> AsyncIterator[None]:
+        await table.start()  # every slot's agent (and the limit watchdog); stops them all if one fails
+        yield
+        await table.stop()  # at a SIGTERM, already done by _announced: then a no-op
+
+    return slots
+
+
+@contextlib.asynccontextmanager
+async def _announced(folder: JobFolder, record: ServerRecord, table: SlotTable) -> AsyncIterator[Path]:
+    """The rendezvous: the ready record is written once the server answers, and at stop,
+    in this order, no new work is taken, the record goes (no client picks this server
+    any more) and running commands are killed while the HTTP side still answers, so
+    every call in flight gets its answer before the connections close."""
+    path = folder.write_record(record)
+    try:
+        yield path
+    finally:
+        table.accepting = False
+        path.unlink(missing_ok=True)
+        await table.stop()
+
+
 async def serve(options: ServeOptions) -> int:
     token = read_token(options.token_file)
     tls = _tls(options)
@@ -155,24 +218,8 @@ async def serve(options: ServeOptions) -> int:
     sock = bind_in_range(host, options.port_range, options.port_index)
     try:
         port = sock.getsockname()[1]
-        if options.workspace_root is None:
-            make_private_dir(workspace_base())
-            workspace_root = default_workspace_root(options.job_id, host, port)
-            make_private_dir(workspace_root)
-            # Left by a server of the same job, host and port that was killed (SIGKILL,
-            # a node's OOM killer): its slots' files must not reach this server's slots.
-            leftovers = list(workspace_root.iterdir())
-            if leftovers:
-                log.warning("removing %d entries left in %s by a server that did not stop cleanly",
-                            len(leftovers), workspace_root)
-                for entry in leftovers:
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
-        else:
-            workspace_root = options.workspace_root
-            make_private_dir(workspace_root)
+        ours = options.workspace_root is None  # of our own naming: leftovers in it are cleared
+        workspace_root = options.workspace_root or default_workspace_root(options.job_id, host, port)
         # No slot may see the state dir, the token, the certificate's key, or any other
         # workspace of this user on this node (its neighbours', other servers').
         secrets = (options.token_file, options.tls_key, options.tls_cert)
@@ -188,6 +235,8 @@ async def serve(options: ServeOptions) -> int:
                     "use it for trusted local work only")
     table = SlotTable(runtime, workspace_root, options.slots, max_concurrent=options.limits.max_concurrent,
                       limits=options.slot_limits)
+    app = make_app(table, token, options.limits)
+    app.cleanup_ctx.extend([_workspaces(workspace_root, ours), _slots(table)])
     log.info("starting %d slots (%s) in %s", options.slots, description, workspace_root)
 
     stop = asyncio.Event()
@@ -195,29 +244,21 @@ async def serve(options: ServeOptions) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    record_file: Path | None = None
-    runner: web.AppRunner | None = None
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     try:
-        await table.start()
-        runner = web.AppRunner(make_app(table, token, options.limits), access_log=None, handle_signals=False)
         await runner.setup()
         await web.SockSite(runner, sock, shutdown_timeout=2.0, ssl_context=tls).start()
         record = ServerRecord(job_id=options.job_id, host=host, port=port, slots=options.slots, pid=os.getpid(),
                               hostname=socket.gethostname(), runtime=options.runtime.kind,
                               started_at=time.time(), task_index=options.port_index, tls=tls is not None)
-        record_file = JobFolder(options.state_dir, options.job_id).write_record(record)
-        log.info("ready: %s with %d slots, job %s (record %s)", record.url, options.slots, options.job_id, record_file)
-        await stop.wait()
-        log.info("stopping: no new work, killing running commands")
+        async with _announced(JobFolder(options.state_dir, options.job_id), record, table) as record_file:
+            log.info("ready: %s with %d slots, job %s (record %s)", record.url, options.slots, options.job_id,
+                     record_file)
+            await stop.wait()
+            log.info("stopping: no new work, killing running commands")
     finally:
-        table.accepting = False
-        if record_file is not None:
-            record_file.unlink(missing_ok=True)
-        await table.stop()
-        if runner is not None:
-            await runner.cleanup()
+        await runner.cleanup()
         sock.close()
-        shutil.rmtree(workspace_root, ignore_errors=True)
     log.info("stopped")
     return 0
 

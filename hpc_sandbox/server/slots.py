@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import secrets
-import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
@@ -25,16 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRequest, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
-from ..protocol import TOOLS, AcquireRequest, Call, CallAnswer, Grant
-from ..runtime import SlotRuntime
+from ..errors import BadRequest, ErrorKind, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
+from ..protocol import TOOLS, AcquireRequest, BashResult, Call, CallAnswer, Grant, SlotState
+from ..agent import RESET_TIMEOUT, empty_folder
+from ..runtime import SlotRuntime, host_scratch
 from .agent_process import STUCK_GRACE_SECONDS, AgentDied, AgentError, AgentProcess, AgentStuck, OutputSink
-from .limits import DISK_EVERY, LIMIT_EXCEEDED, WATCH_INTERVAL, SlotLimits, SlotView, Watchdog
+from .limits import DISK_EVERY, WATCH_INTERVAL, SlotLimits, SlotView, Watchdog
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = 600.0
-RESET_TIMEOUT = 3.0  # the agent's own reset gives up after agent.RESET_SECONDS (2 s)
 MAX_LEASE_TTL = 7 * 24 * 3600.0
 REMEMBERED_EXEC_IDS = 2048  # per slot
 
@@ -44,7 +43,7 @@ class Slot:
     index: int
     workspace: Path
     agent: AgentProcess | None = None
-    state: str = "starting"  # starting | free | leased | restarting | resetting | broken
+    state: SlotState = SlotState.STARTING
     lease: str | None = None
     trajectory_id: str | None = None
     ttl: float = DEFAULT_LEASE_TTL
@@ -74,7 +73,7 @@ class Slot:
     measured_at: float | None = None
 
     def expires_in(self, now: float) -> float | None:
-        if self.state != "leased":
+        if self.state != SlotState.LEASED:
             return None
         if self.deadlines and now < max(self.deadlines):
             return self.ttl  # a running call keeps the lease alive, until its agent is given up on
@@ -163,8 +162,8 @@ class SlotTable:
                 raise
         slot.agent = agent
         slot.quiet_at = slot.measured_at = None
-        if slot.state in ("starting", "restarting", "resetting", "broken"):
-            slot.state = "leased" if slot.lease else "free"
+        if slot.state in (SlotState.STARTING, SlotState.RESTARTING, SlotState.RESETTING, SlotState.BROKEN):
+            slot.state = SlotState.LEASED if slot.lease else SlotState.FREE
         self._spawn(self._watch(slot, agent), f"watch slot {slot.index}")
 
     def _spawn(self, work: Coroutine[Any, Any, Any], what: str) -> None:
@@ -190,7 +189,7 @@ class SlotTable:
             if slot.agent is not agent:
                 return  # someone (a reset) already replaced it
             code = agent.proc.returncode if agent.proc else "?"
-            slot.state = "restarting"
+            slot.state = SlotState.RESTARTING
             if not await self._restart_agent(slot, f"agent died (code {code})"):
                 return
             slot.restarts += 1
@@ -204,7 +203,7 @@ class SlotTable:
             await self._start_agent(slot)
             return True
         except (AgentDied, OSError) as exc:
-            slot.state = "broken"
+            slot.state = SlotState.BROKEN
             slot.last_error = f"{why}; agent could not be restarted: {exc}"
             log.error("slot %d: %s", slot.index, slot.last_error)
             return False
@@ -214,15 +213,15 @@ class SlotTable:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for slot in self.slots:
-                if slot.state == "leased" and slot.confirm_by is not None and now > slot.confirm_by:
+                if slot.state == SlotState.LEASED and slot.confirm_by is not None and now > slot.confirm_by:
                     log.info("slot %d: grant to %s not confirmed within its time (its client never got it?); "
                              "taken back", slot.index, slot.trajectory_id or "(no trajectory)")
-                    slot.state = "expiring"
+                    slot.state = SlotState.EXPIRING
                     self._spawn(self._free(slot, reset=False), f"slot {slot.index}: unconfirmed grant taken back")
-                elif slot.state == "leased" and slot.expires_in(now) == 0:
+                elif slot.state == SlotState.LEASED and slot.expires_in(now) == 0:
                     log.info("slot %d: lease of %s expired after %.0fs idle; resetting", slot.index,
                              slot.trajectory_id or "(no trajectory)", slot.ttl)
-                    slot.state = "expiring"  # not expired twice while its reset runs
+                    slot.state = SlotState.EXPIRING  # not expired twice while its reset runs
                     self._spawn(self._free(slot, reset=True), f"slot {slot.index}: reset after lease expiry")
 
     # --- leases ------------------------------------------------------------------
@@ -236,7 +235,7 @@ class SlotTable:
         if asked.ttl is not None and not 1 <= asked.ttl <= MAX_LEASE_TTL:
             raise BadRequest(f"ttl must be between 1 and {MAX_LEASE_TTL:.0f} seconds")
         for slot in self.slots:
-            if slot.state == "free":
+            if slot.state == SlotState.FREE:
                 return self._lease(slot, asked)
         if asked.wait <= 0:
             raise NoFreeSlot(f"all {len(self.slots)} slots are leased or restarting")
@@ -266,7 +265,7 @@ class SlotTable:
         raise NoFreeSlot(f"no slot of {len(self.slots)} freed up within {asked.wait:.0f}s")
 
     def _lease(self, slot: Slot, asked: AcquireRequest) -> Grant:
-        slot.state = "leased"
+        slot.state = SlotState.LEASED
         slot.lease = secrets.token_urlsafe(18)
         slot.trajectory_id = asked.trajectory_id
         slot.ttl = DEFAULT_LEASE_TTL if asked.ttl is None else asked.ttl
@@ -274,12 +273,12 @@ class SlotTable:
         slot.confirm_by = slot.last_used + asked.confirm_within
         slot.used = False
         slot.results.clear()
-        free = sum(1 for other in self.slots if other.state == "free")
+        free = sum(1 for other in self.slots if other.state == SlotState.FREE)
         return Grant(slot.index, slot.lease, slot.ttl, free=free)
 
     def _offer(self, slot: Slot) -> None:
         """A slot just became free: the oldest request still waiting here gets it."""
-        while slot.state == "free" and self._waiting:
+        while slot.state == SlotState.FREE and self._waiting:
             entry = self._waiting.popleft()
             if entry.future.done():
                 continue  # gave up (timeout, client gone, server stopping)
@@ -314,10 +313,11 @@ class SlotTable:
         slot.trajectory_id = None
         slot.results.clear()
         slot.confirm_by = None
-        if not slot.used and slot.state in ("leased", "expiring") and slot.agent is not None and slot.agent.alive:
+        if (not slot.used and slot.state in (SlotState.LEASED, SlotState.EXPIRING) and slot.agent is not None
+                and slot.agent.alive):
             # Nothing ran under this lease (a grant nobody wanted, or not confirmed): no
             # process to end and no file to wipe, so no restart.
-            slot.state = "free"
+            slot.state = SlotState.FREE
             self._offer(slot)
             return
         try:
@@ -329,16 +329,18 @@ class SlotTable:
         """End the slot's processes, wipe the workspace (if `wipe`); the agent stays
         when it can end them all itself (its `reset` tool), else it is replaced."""
         async with slot.lock:
-            slot.state = "resetting"
+            slot.state = SlotState.RESETTING
             kept = await self._reset_in_place(slot)
             if not kept and slot.agent:
                 await slot.agent.stop()
+            if not kept and host_scratch(slot.workspace).is_dir():  # runtime none's: a folder here
+                await asyncio.to_thread(_wipe, host_scratch(slot.workspace))
             if wipe:
                 await asyncio.to_thread(_wipe, slot.workspace)
             if not kept and not await self._restart_agent(slot, "reset" if wipe else "restart"):
                 raise AgentDied(slot.last_error or "agent could not be restarted")
             slot.quiet_at = slot.measured_at = None
-            slot.state = "leased" if keep_lease and slot.lease else "free"
+            slot.state = SlotState.LEASED if keep_lease and slot.lease else SlotState.FREE
             slot.last_used = time.monotonic()
             self._offer(slot)
 
@@ -415,12 +417,12 @@ class SlotTable:
         return answer
 
     async def _run(self, slot: Slot, call: Call, output: OutputSink | None = None) -> CallAnswer:
-        if slot.state in ("restarting", "resetting"):
+        if slot.state in (SlotState.RESTARTING, SlotState.RESETTING):
             async with slot.lock:  # wait for the fresh agent rather than fail the call
                 pass
         agent = slot.agent
-        if slot.state != "leased" or agent is None:
-            return CallAnswer.failure(call, "slot_unavailable",
+        if slot.state != SlotState.LEASED or agent is None:
+            return CallAnswer.failure(call, ErrorKind.SLOT_UNAVAILABLE,
                                       f"slot {slot.index} is {slot.state}: {slot.last_error or ''}".rstrip(": "))
         started = time.monotonic()
         try:
@@ -428,10 +430,10 @@ class SlotTable:
             answer = CallAnswer.success(call, result)
             # Only a command the call ran can have been killed under it (a `process`
             # answer that reports a background process's signal is just a report).
-            if call.tool == "bash" and result.get("signal") and not result.get("timed_out"):
+            if call.tool == "bash" and BashResult.from_json(result).killed_by_signal:
                 breach = await self._breach_since(slot, started)
                 if breach:
-                    return CallAnswer.failure(call, LIMIT_EXCEEDED, breach)
+                    return CallAnswer.failure(call, ErrorKind.LIMIT_EXCEEDED, breach)
                 # Killed by a signal nobody here sent: perhaps the job's own SIGTERM,
                 # which reaches commands and this server at the same moment.
                 await _wait_briefly(self.stopping, 0.5)
@@ -445,9 +447,9 @@ class SlotTable:
             # Under a batch scheduler the agent may die of the job's SIGTERM a moment
             # before the server hears of it: give that signal a moment to arrive.
             if not await _wait_briefly(self.stopping, 0.5):
-                return CallAnswer.failure(call, "agent_died", f"{exc}; the slot's agent is being restarted")
+                return CallAnswer.failure(call, AgentDied.kind, f"{exc}; the slot's agent is being restarted")
         if self.stopping.is_set():
-            return CallAnswer.failure(call, "server_stopping", (
+            return CallAnswer.failure(call, ErrorKind.SERVER_STOPPING, (
                 "the node server is stopping (SIGTERM: its job was cancelled, preempted or reached its "
                 "walltime); the command was killed"))
         return answer
@@ -462,7 +464,7 @@ class SlotTable:
         if slot.agent is not agent or agent.stopping:
             slot.lock.release()  # already replaced, or being stopped by whoever held the lock
             return
-        slot.state = "restarting"
+        slot.state = SlotState.RESTARTING
         why = agent.stuck or "agent stopped answering"
 
         async def restart() -> None:
@@ -492,15 +494,15 @@ class SlotTable:
             views, marks = [], []
             for slot in self.slots:
                 agent = slot.agent
-                if slot.state != "leased" or agent is None or not agent.alive or agent.infra is None:
+                if slot.state != SlotState.LEASED or agent is None or not agent.alive or agent.infra is None:
                     continue
                 busy = bool(slot.in_flight)
                 scan = busy or slot.quiet_at != slot.last_used
                 measure = disk_limit and (busy or slot.measured_at != slot.last_used)
                 if not scan and not (measure and disk_round):
                     continue  # nothing has run in it since a round found it empty (and measured it)
-                views.append(SlotView(slot.index, agent.pid or 0, agent.tag, agent.infra, slot.workspace,
-                                      measure_disk=measure))
+                views.append(SlotView(slot.index, agent.pid or 0, agent.infra, slot.workspace,
+                                      measure_disk=measure, tmpdir=self._tmpdir(slot)))
                 marks.append((slot, agent, busy, slot.last_used))
             if not views:
                 continue
@@ -509,6 +511,11 @@ class SlotTable:
                 await asyncio.shield(self._round)
             except Exception as exc:  # a bad round must not end the watchdog
                 log.error("limit watchdog: %s: %s", type(exc).__name__, exc)
+
+    def _tmpdir(self, slot: Slot) -> Path | None:
+        """The slot's TMPDIR on the node's disk, when its runtime gives it one there."""
+        tmpdir = host_scratch(slot.workspace)
+        return tmpdir if str(tmpdir) in self.runtime.scratch(slot.workspace) else None
 
     async def _watch_round(self, views: list[SlotView], marks: list, disk_round: bool) -> None:
         assert self.watchdog is not None
@@ -558,14 +565,12 @@ async def _wait_briefly(event: asyncio.Event, seconds: float) -> bool:
         return False
 
 
-def _wipe(workspace: Path) -> None:
-    """Empty a workspace (not following symlinks out of it)."""
-    if workspace.is_symlink() or not workspace.exists():
-        workspace.unlink(missing_ok=True)
-        workspace.mkdir(parents=True)
-        return
-    for child in workspace.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
+def _wipe(folder: Path) -> None:
+    """Empty a workspace or a scratch folder, as the agent empties its own (never
+    following a symlink out of it, opening up what the last holder locked)."""
+    if folder.is_symlink():
+        folder.unlink()
+    try:
+        empty_folder(str(folder))
+    except OSError as exc:
+        log.error("cannot empty %s: %s", folder, exc)

@@ -31,8 +31,8 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, SpecError
-from ..spec import NAME, parse_size_mb
+from .errors import ConfigError, SpecError
+from .spec import NAME, parse_size_mb
 
 PROVIDERS = ("modal",)
 CLOUD_RUNTIMES = ("none", "bwrap")  # what a sandbox's slots can run in (no apptainer inside a container)

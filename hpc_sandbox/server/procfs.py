@@ -1,0 +1,101 @@
+"""Processes of the node, read from /proc and killed: the node server's one place for both.
+
+The watchdog (limits.py) and the end of a stuck agent (agent_process.py) use these; the
+agent has its own, inside the slot, in agent.py (it imports nothing of the package's).
+A slot's processes are a tree: the process its runtime spawned and everything below it
+(see limits.py for why nothing can leave that tree).
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import NamedTuple
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Proc(NamedTuple):  # a tuple: made for every process twice a second
+    pid: int
+    ppid: int
+    pgid: int
+    rss: int  # bytes
+
+
+def scan_processes() -> dict[int, Proc]:
+    """Every process of the node (in this pid namespace), from /proc/PID/stat.
+
+    Every process's, not only the server user's: a slot's process may be a setuid
+    program's, and ownership is not how a slot's processes are told apart (its tree is)."""
+    procs: dict[int, Proc] = {}
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return procs
+    with entries:
+        for entry in entries:
+            name = entry.name
+            if not name.isdigit():
+                continue
+            try:
+                fd = os.open(f"/proc/{name}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    raw = os.read(fd, 4096)
+                finally:
+                    os.close(fd)
+            except OSError:  # gone meanwhile
+                continue
+            # comm may hold spaces and parentheses: the fields start after the last ')'.
+            fields = raw[raw.rfind(b")") + 2:].split(None, 22)
+            try:
+                procs[int(name)] = Proc(int(name), int(fields[1]), int(fields[2]), int(fields[21]) * PAGE)
+            except (IndexError, ValueError):
+                continue
+    return procs
+
+
+def children_of(procs: dict[int, Proc]) -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for proc in procs.values():
+        children.setdefault(proc.ppid, []).append(proc.pid)
+    return children
+
+
+def subtree(root: int, children: dict[int, list[int]]) -> list[int]:
+    """`root` and its descendants."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def signal_pid(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def kill_tree(root: int) -> int:
+    """SIGKILL `root` and its descendants, with their process groups (what was forked
+    since the scan is mostly in those). For an agent that no longer answers: nobody
+    else will end its commands."""
+    procs = scan_processes()
+    doomed = set(subtree(root, children_of(procs))) if root in procs else {root}
+    groups = {procs[pid].pgid for pid in doomed if pid in procs}
+    for pid in doomed:
+        signal_pid(pid, signal.SIGSTOP)  # no more forks while the rest is being killed
+    for pgid in groups - {os.getpgrp()}:
+        if pgid > 1:
+            kill_group(pgid)
+    for pid in doomed:
+        signal_pid(pid)
+    return len(doomed)
