@@ -10,7 +10,7 @@ Modal cannot be reached from here: `import modal` is the tests' double
 (`python -m hpc_sandbox.burst.entry`, the sandbox's own entry point) behind a real TLS
 tunnel on 127.0.0.1. The cluster is one real node server (`hpc-sandbox serve --runtime
 none`, HTTPS with the job's pinned certificate) with C slots, found by a ClusterSource
-over its state dir, as `SlotPool.from_state_dir(..., overflow=ModalSource(...))` sets it up.
+over its state dir, as `connect.from_state_dir(..., overflow=ModalSource(...))` sets it up.
 
 1. sandboxes per cloud slot   C=4 cluster slots, N=28 trajectories, slots_per_sandbox S=4,
                               burst_after 1 s; every trajectory: acquire -> bash `sleep
@@ -93,6 +93,7 @@ import exec_bench  # noqa: E402  (its NodeServer starts a real node server)
 
 from hpc_sandbox.burst.modal import ModalSource  # noqa: E402
 from hpc_sandbox.cloudprofile import CloudProfile  # noqa: E402
+from hpc_sandbox import connect  # noqa: E402
 from hpc_sandbox.pool import SlotPool  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -346,7 +347,7 @@ async def burst_case(key: str, label: str, state_dir: Path, sdk: ModuleType, gap
     timeline = Timeline()
     source = TimedModalSource(cloud_profile(f"bench-{key}"), state_dir=state_dir, pool_id=f"bench-{key}",
                               sdk=TimedSDK(sdk, timeline), timeline=timeline)
-    pool = SlotPool.from_state_dir(state_dir, overflow=source, acquire_timeout=120)
+    pool = connect.from_state_dir(state_dir, overflow=source, acquire_timeout=120)
     holds: list[Hold] = []
     async with pool:
         await asyncio.sleep(0.5)  # Modal's app and image are looked up in the background at start
@@ -368,7 +369,7 @@ async def warm_case(key: str, label: str, state_dir: Path, sdk: ModuleType) -> B
     timeline = Timeline()
     source = TimedModalSource(cloud_profile(f"bench-{key}"), state_dir=state_dir, pool_id=f"bench-{key}",
                               sdk=TimedSDK(sdk, timeline), timeline=timeline)
-    pool = SlotPool.from_state_dir(state_dir, overflow=source, acquire_timeout=120)
+    pool = connect.from_state_dir(state_dir, overflow=source, acquire_timeout=120)
     holds: list[Hold] = []
     plan = ([(0.0, 13.5)] * CLUSTER_SLOTS + [(0.0, 0.5)] * SLOTS_PER_SANDBOX
             + [(at, 0.5) for at in (6.0, 8.5, 11.0, 11.25)])
@@ -421,7 +422,7 @@ async def waste_case(key: str, label: str, state_dir: Path, sdk: ModuleType, sec
     source = TimedModalSource(cloud_profile(f"bench-{key}", cloud_idle_timeout=WASTE_IDLE_TIMEOUT),
                               state_dir=state_dir, pool_id=f"bench-{key}", sdk=TimedSDK(sdk, timeline),
                               timeline=timeline)
-    pool = SlotPool.from_state_dir(state_dir, overflow=source, acquire_timeout=120)
+    pool = connect.from_state_dir(state_dir, overflow=source, acquire_timeout=120)
     holds: list[Hold] = []
     try:
         async with pool:

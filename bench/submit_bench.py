@@ -20,7 +20,7 @@ single  one job, one node server with one slot (`--slots 1 --runtime none`)
               polled every 10 ms.
   hpc         `hpc-sandbox submit --scheduler slurm --partition P --slots 1
               --runtime none --wait --json`; then, in this (already warm) Python
-              process, `SlotPool.from_state_dir(state, [job])`, `acquire()` and
+              process, `connect.from_state_dir(state, [job])`, `acquire()` and
               `execute(slot, "bash", {"command": "true"})` with exit code 0.
               FIRST USABLE SLOT = that execute has returned exit code 0.
               Also timed on its own afterwards: `hpc-sandbox exec --job JOB -- true`
@@ -78,7 +78,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import percentile  # noqa: E402
 
-from hpc_sandbox.pool import SlotPool  # noqa: E402
+from hpc_sandbox import connect  # noqa: E402
 
 log = logging.getLogger("bench.submit")
 
@@ -298,7 +298,7 @@ class SubmitBench:
 
     async def first_usable(self, job: str) -> tuple[float, float]:
         """Pool for the job, acquire + execute('true'); (time acquired, time executed)."""
-        async with SlotPool.from_state_dir(self.state, [job], acquire_timeout=SUBMIT_TIMEOUT) as pool:
+        async with connect.from_state_dir(self.state, [job], acquire_timeout=SUBMIT_TIMEOUT) as pool:
             slot = await pool.acquire(trajectory_id="submit-bench")
             t_acquired = time.time()
             result = await pool.execute(slot, "bash", {"command": "true"}, timeout=60)

@@ -21,8 +21,8 @@ from .client import NodeClient, endpoint_of
 from .errors import ClientError, ConfigError, ErrorKind, HpcSandboxError, JobNotFound
 from .protocol import SlotState
 from .jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, jobs_root, list_jobs
-from .schedulers import JobState, JobStatus, Scheduler, get_scheduler
-from .schedulers.base import jittered
+from .jobstate import JobState, JobStatus, jittered
+from .schedulers import Scheduler, get_scheduler, scheduler_class
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,12 @@ class Job:
         [found] = await report(self.state_dir, self.id)
         return found
 
-    def cancel(self) -> None:
-        """Cancel through the scheduler and remove the job folder; a job already gone is fine."""
+    def cancel(self, purge: bool = False) -> None:
+        """Cancel through the scheduler and remove the job folder; a job already gone is
+        fine. `purge`: also remove it from the scheduler's records at once where the
+        scheduler keeps them (Nomad); elsewhere it is a plain cancel."""
         try:
-            cancel(self.state_dir, self.id)
+            cancel(self.state_dir, self.id, purge=purge and scheduler_class(self.info.scheduler).purges)
         except JobNotFound:
             pass
 
@@ -241,15 +243,13 @@ async def report(state_dir: Path, job: str | None = None) -> list[JobReport]:
 
 def cancel(state_dir: Path, job: str, purge: bool = False) -> JobInfo:
     """Cancel through the scheduler, then remove the job folder (records, token, logs).
-    `purge` (Nomad) removes the job from the scheduler at once."""
+    `purge` (the CLI's --purge) also removes the job from the scheduler's records at once:
+    an error for a scheduler that keeps none (Scheduler.purges)."""
     folder = JobFolder(state_dir, job)
     info = folder.read_info()
     backend = get_scheduler(info.scheduler, state_dir)
-    if purge:
-        if info.scheduler != "nomad":
-            raise ConfigError(f"--purge is for Nomad jobs; {job} is a {info.scheduler} job")
-        backend.cancel(info, purge=True)  # type: ignore[call-arg]
-    else:
-        backend.cancel(info)
+    if purge and not backend.purges:
+        raise ConfigError(f"--purge is for Nomad jobs; {job} is a {info.scheduler} job")
+    backend.cancel(info, purge=purge)
     folder.remove()
     return info

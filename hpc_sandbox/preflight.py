@@ -20,8 +20,8 @@ from .client import NodeClient, endpoint_of
 from .errors import ClientError, HpcSandboxError
 from .models import ToolResult
 from .jobfolder import JobFolder
+from .jobstate import jittered
 from .schedulers import get_scheduler
-from .schedulers.base import jittered
 from .spec import SandboxSpec
 
 

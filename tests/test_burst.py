@@ -19,12 +19,13 @@ import pytest
 
 from doubles.modal._double import install, subprocess_env
 from helpers import start_server, wait_until
+from hpc_sandbox import connect
 from hpc_sandbox.burst.modal import ModalSource
 from hpc_sandbox.cloudprofile import CloudProfile
 from hpc_sandbox.errors import NoCapacity
 from hpc_sandbox.jobfolder import JobFolder, JobInfo
 from hpc_sandbox.pool import ClusterSource, SlotPool
-from hpc_sandbox.schedulers.base import JobState, JobStatus
+from hpc_sandbox.jobstate import JobState, JobStatus
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -62,7 +63,7 @@ async def test_ten_trajectories_on_four_cluster_slots_burst_six_after_burst_afte
     server = start_server(state_dir, slots=4)
     try:
         source = ModalSource(cloud(), state_dir=state_dir, sdk=modal)
-        pool = SlotPool.from_state_dir(state_dir, overflow=source, acquire_timeout=60)
+        pool = connect.from_state_dir(state_dir, overflow=source, acquire_timeout=60)
         results: dict = {}
         async with pool:
             started = time.time()
@@ -147,7 +148,7 @@ async def test_freed_cluster_slots_take_the_next_callers_and_idle_sandboxes_stop
     server = start_server(state_dir, slots=1)
     try:
         source = ModalSource(cloud(burst_after=0.5, cloud_idle_timeout=1.5), state_dir=state_dir, sdk=modal)
-        async with SlotPool.from_state_dir(state_dir, overflow=source, acquire_timeout=60) as pool:
+        async with connect.from_state_dir(state_dir, overflow=source, acquire_timeout=60) as pool:
             first = await pool.acquire("a")
             second = await pool.acquire("b")  # waits 0.5 s, then a sandbox
             assert (first.location, second.location) == ("local", "cloud")  # a node server started by hand
@@ -301,7 +302,7 @@ async def test_a_caller_within_burst_after_does_not_take_an_idle_cloud_slot(moda
     server = start_server(state_dir, slots=1)
     try:
         source = ModalSource(cloud(burst_after=1.0, slots_per_sandbox=2), state_dir=state_dir, sdk=modal)
-        async with SlotPool.from_state_dir(state_dir, overflow=source, acquire_timeout=30) as pool:
+        async with connect.from_state_dir(state_dir, overflow=source, acquire_timeout=30) as pool:
             cluster = await pool.acquire("holds the node server")
             first = await pool.acquire("waited 1 s: cloud")
             assert first.location == "cloud"

@@ -18,7 +18,7 @@ from collections import Counter
 
 import pytest
 
-from hpc_sandbox import SlotPool
+from hpc_sandbox import connect
 from hpc_sandbox.compat import ArtifactError, BackendSlot, ExecutionResult, HpcSandboxBackend, ToolBackend
 from hpc_sandbox.errors import ConfigError
 from hpc_sandbox.jobfolder import list_jobs
@@ -173,7 +173,7 @@ async def test_a_start_that_fails_leaves_no_job_behind(state_dir, no_user_config
     assert backend.jobs == [] and backend.pools == {"default": None} and list_jobs(state_dir) == []
     assert await asyncio.to_thread(wait_until, lambda: not pids_matching(str(state_dir)), 10)
     with pytest.raises(ConfigError, match="SlotPool, or a profile"):
-        HpcSandboxBackend(SlotPool.from_state_dir(state_dir), slots=2)
+        HpcSandboxBackend(connect.from_state_dir(state_dir), slots=2)
 
 
 # --- shapes, over node servers started here ---------------------------------------------------
@@ -188,7 +188,7 @@ async def backend_with(state_dir, server_factory):
     async def make(slots: int = 2, extra: list[str] | None = None, **options) -> HpcSandboxBackend:
         job_id = f"shapes-{uuid.uuid4().hex[:6]}"  # a workspace root of its own (named by job id and port)
         server_factory(job_id=job_id, slots=slots, extra=extra)
-        backend = HpcSandboxBackend(SlotPool.from_state_dir(state_dir, [job_id]), **options)
+        backend = HpcSandboxBackend(connect.from_state_dir(state_dir, [job_id]), **options)
         await backend.start()
         made.append(backend)
         return backend
@@ -422,7 +422,7 @@ async def test_auto_falls_back_to_a_session_in_a_slot_without_tmux(backend_with,
     refused = await strict.execute(slot, "tmux", {"action": "start"})
     assert (refused.success, refused.metadata["error_kind"]) == (False, "unavailable") and "no tmux" in refused.error
     with pytest.raises(ConfigError, match="tmux must be one of"):
-        HpcSandboxBackend(SlotPool.from_state_dir(tmp_path), tmux="screen")
+        HpcSandboxBackend(connect.from_state_dir(tmp_path), tmux="screen")
 
 
 async def test_artifact_errors_and_archive_to_a_file(backend: HpcSandboxBackend, tmp_path):
@@ -449,8 +449,8 @@ async def test_artifact_errors_and_archive_to_a_file(backend: HpcSandboxBackend,
 async def test_with_profiles_one_pool_each(state_dir, server_factory):
     cpu = server_factory(job_id="cpujob", slots=1)
     gpu = server_factory(job_id="gpujob", slots=1)
-    backend = HpcSandboxBackend.with_profiles({"cpu": SlotPool.from_state_dir(state_dir, ["cpujob"]),
-                                               "gpu": SlotPool.from_state_dir(state_dir, ["gpujob"])})
+    backend = HpcSandboxBackend.with_profiles({"cpu": connect.from_state_dir(state_dir, ["cpujob"]),
+                                               "gpu": connect.from_state_dir(state_dir, ["gpujob"])})
     assert backend.list_profiles() == ["cpu", "gpu"] and backend.default_profile == "cpu"
     async with backend:
         on_gpu = await backend.acquire("g", profile="gpu")

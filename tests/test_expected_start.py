@@ -19,7 +19,7 @@ import pytest
 
 from hpc_sandbox import jobs
 from hpc_sandbox.jobfolder import JobInfo
-from hpc_sandbox.schedulers import JobState, JobStatus
+from hpc_sandbox.jobstate import JobState, JobStatus
 from hpc_sandbox.schedulers.batch import Task, combine
 from hpc_sandbox.schedulers.pbs import (PbsScheduler, estimated_start, group_tasks, parse_qstat_json,
                                         parse_qstat_text, pbs_time)

@@ -25,16 +25,17 @@ pytestmark = [
 
 async def test_two_of_four_callers_burst_to_one_real_sandbox(state_dir):
     modal = pytest.importorskip("modal")
-    from hpc_sandbox.burst.modal import ModalSource, list_sandboxes
+    from hpc_sandbox import connect
+    from hpc_sandbox.burst.inventory import list_sandboxes
+    from hpc_sandbox.burst.modal import ModalSource
     from hpc_sandbox.cloudprofile import CloudProfile
-    from hpc_sandbox.pool import SlotPool
 
     profile = CloudProfile(name="live", app_name="hpc-sandbox-live-test", image="python:3.11-slim",
                            slots_per_sandbox=2, max_cloud_slots=2, burst_after=5, timeout=900, idle_timeout=300)
     server = start_server(state_dir, slots=2)
     try:
         source = ModalSource(profile, state_dir=state_dir, sdk=modal)
-        async with SlotPool.from_state_dir(state_dir, overflow=source, acquire_timeout=600) as pool:
+        async with connect.from_state_dir(state_dir, overflow=source, acquire_timeout=600) as pool:
             async def one(i: int) -> str:
                 async with pool.slot(trajectory_id=f"t{i}") as slot:
                     result = await pool.execute(slot, "bash", {"command": "python3 -c 'print(6 * 7)'; sleep 20"})

@@ -20,8 +20,8 @@ from doubles.nomad_api import NomadDouble
 from hpc_sandbox import jobs
 from hpc_sandbox.config import load_spec
 from hpc_sandbox.errors import SchedulerError
-from hpc_sandbox.pool import SlotPool
-from hpc_sandbox.schedulers.base import JobState
+from hpc_sandbox import connect
+from hpc_sandbox.jobstate import JobState
 from hpc_sandbox.schedulers.nomad import NomadConnection, NomadScheduler, placement_failure
 
 pytestmark = pytest.mark.timeout(120)
@@ -173,12 +173,32 @@ def test_failed_and_lost_allocations_are_named_in_the_status(tmp_path, state_dir
         assert double.requests_to(f"/v1/job/{job.id}", "DELETE")[0].query.get("purge", "").lower() == "true"  # Go's ParseBool takes True
 
 
+def test_purge_is_asked_of_the_scheduler_not_of_its_name(state_dir):
+    # Scheduler.purges, not a scheduler's name, decides: --purge on a job of a scheduler
+    # that keeps no ended jobs is an error and cancels nothing; Job.cancel(purge=True) is
+    # a plain cancel there.
+    from hpc_sandbox.errors import ConfigError
+    from hpc_sandbox.jobfolder import JobFolder, JobInfo
+
+    folder = JobFolder(state_dir, "plain")
+    folder.create_credentials(tls=False)
+    info = JobInfo(job_id="plain", scheduler="local", submitted_at=time.time(), servers=1, slots_per_server=1,
+                   runtime="none", scheduler_ids=())
+    folder.write_info(info)
+    with pytest.raises(ConfigError, match="--purge is for Nomad jobs; plain is a local job"):
+        jobs.cancel(state_dir, "plain", purge=True)
+    assert folder.exists()
+    jobs.Job(state_dir, info).cancel(purge=True)
+    assert not folder.exists()
+    assert NomadScheduler.purges and not jobs.get_scheduler("local", state_dir).purges
+
+
 def test_the_pool_uses_a_nomad_job_as_it_uses_a_slurm_job(nomad_agent, state_dir, set_env):
     set_env(nomad_agent.env())
     port = free_port()
 
     async def scenario() -> None:
-        async with SlotPool.launch(scheduler="nomad", slots=2, port_range=f"{port}-{port}", state_dir=state_dir,
+        async with connect.launch(scheduler="nomad", slots=2, port_range=f"{port}-{port}", state_dir=state_dir,
                                    wait_timeout=60, acquire_timeout=30) as pool:
             [job] = pool.jobs
             async with pool.slot("t1") as slot:
@@ -217,7 +237,7 @@ def test_a_waiting_pool_asks_nomad_for_a_jobs_allocations_about_once_a_second(tm
         job = jobs.submit(spec_for(state_dir, port_range=f"{port}-{port}"))
 
         async def wait_three_seconds() -> None:
-            async with SlotPool.from_state_dir(state_dir, [job.id]) as pool:
+            async with connect.from_state_dir(state_dir, [job.id]) as pool:
                 with pytest.raises(NoCapacity):
                     await pool.acquire(timeout=3)
 

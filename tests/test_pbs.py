@@ -29,10 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from hpc_sandbox import SlotPool
+from hpc_sandbox import connect
 from hpc_sandbox.errors import NoCapacity, SchedulerError
 from hpc_sandbox.jobfolder import JobFolder, JobInfo
-from hpc_sandbox.schedulers import JobState, get_scheduler
+from hpc_sandbox.jobstate import JobState
+from hpc_sandbox.schedulers import get_scheduler
 from hpc_sandbox.schedulers import pbs
 from hpc_sandbox.schedulers.pbs import (PbsScheduler, array_key, group_tasks, parse_qstat_json, parse_qstat_text,
                                         parse_qsub_output, pbs_state)
@@ -349,7 +350,7 @@ def test_torque_job_end_to_end(cli, state_dir):
     assert ran.returncode == 3 and ran.stdout.strip() == "from-slot", ran
 
     async def scenario():
-        async with SlotPool.from_state_dir(state_dir, [job_id], acquire_timeout=10) as pool:
+        async with connect.from_state_dir(state_dir, [job_id], acquire_timeout=10) as pool:
             slots = [await pool.acquire(trajectory_id=f"t{i}") for i in range(2)]
             started = time.monotonic()
             results = await pool.execute_batch(
@@ -375,7 +376,7 @@ def test_torque_array_on_the_wrapper(cli, state_dir, tmp_path):
     assert status["free"] == 4 and len(status["servers"]) == 2
 
     async def scenario():
-        async with SlotPool.from_state_dir(state_dir, [job_id], acquire_timeout=10) as pool:
+        async with connect.from_state_dir(state_dir, [job_id], acquire_timeout=10) as pool:
             slots = [await pool.acquire(trajectory_id=f"t{i}") for i in range(4)]
             assert len({s.endpoint.url for s in slots}) == 2  # one node server per array task
             writes = await pool.execute_batch(

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hpc_sandbox import NodeServerSource, SlotPool, SyncSlotPool
+from hpc_sandbox import NodeServerSource, SlotPool, SyncSlotPool, connect
 from hpc_sandbox.errors import NoCapacity
 
 
@@ -17,7 +17,7 @@ def two_servers(server_factory):
 
 
 async def test_pool_hands_out_every_slot_once_then_waits_then_gives_up(state_dir, two_servers):
-    async with SlotPool.from_state_dir(state_dir, ["pooljob"]) as pool:
+    async with connect.from_state_dir(state_dir, ["pooljob"]) as pool:
         slots = [await pool.acquire(trajectory_id=f"t{i}") for i in range(4)]
         assert len({s.id for s in slots}) == 4
         assert {s.endpoint.url for s in slots} == {s.url for s in two_servers}
@@ -32,7 +32,7 @@ async def test_pool_hands_out_every_slot_once_then_waits_then_gives_up(state_dir
 
 
 async def test_execute_returns_typed_results(state_dir, two_servers):
-    async with SlotPool.from_state_dir(state_dir, ["pooljob"]) as pool:
+    async with connect.from_state_dir(state_dir, ["pooljob"]) as pool:
         async with pool.slot(trajectory_id="t") as slot:
             ok = await pool.execute(slot, "bash", {"command": "echo hi"}, timeout=10)
             assert (ok.success, ok.stdout, ok.exit_code, ok.slot, ok.location) == (True, "hi\n", 0, slot.id, "local")
@@ -47,7 +47,7 @@ async def test_execute_returns_typed_results(state_dir, two_servers):
 
 
 async def test_execute_batch_keeps_call_order_across_servers(state_dir, two_servers):
-    async with SlotPool.from_state_dir(state_dir, ["pooljob"]) as pool:
+    async with connect.from_state_dir(state_dir, ["pooljob"]) as pool:
         slots = [await pool.acquire() for _ in range(4)]
         calls = [(slots[i % 4], "bash", {"command": f"sleep 0.{4 - i % 4}; echo {i}"}) for i in range(8)]
         results = await pool.execute_batch(calls)
@@ -56,8 +56,8 @@ async def test_execute_batch_keeps_call_order_across_servers(state_dir, two_serv
 
 
 async def test_two_pools_sharing_a_job_never_share_a_slot(state_dir, two_servers):
-    async with SlotPool.from_state_dir(state_dir, ["pooljob"]) as a, \
-            SlotPool.from_state_dir(state_dir, ["pooljob"]) as b:
+    async with connect.from_state_dir(state_dir, ["pooljob"]) as a, \
+            connect.from_state_dir(state_dir, ["pooljob"]) as b:
         got = await asyncio.gather(*(pool.acquire(timeout=5) for pool in (a, b, a, b)))
         assert len({s.id for s in got}) == 4
         with pytest.raises(NoCapacity):
@@ -66,7 +66,7 @@ async def test_two_pools_sharing_a_job_never_share_a_slot(state_dir, two_servers
 
 async def test_a_dead_node_server_is_an_error_result_not_a_hang(state_dir, server_factory):
     server = server_factory(job_id="dies", slots=1)
-    async with SlotPool.from_state_dir(state_dir, ["dies"]) as pool:
+    async with connect.from_state_dir(state_dir, ["dies"]) as pool:
         slot = await pool.acquire()
         running = asyncio.ensure_future(pool.execute(slot, "bash", {"command": "sleep 60"}, timeout=120))
         await asyncio.sleep(0.5)
@@ -81,7 +81,7 @@ async def test_a_dead_node_server_is_an_error_result_not_a_hang(state_dir, serve
 
 
 def test_sync_facade_for_scripts(state_dir, two_servers):
-    with SyncSlotPool(SlotPool.from_state_dir(state_dir, ["pooljob"])) as pool:
+    with SyncSlotPool(connect.from_state_dir(state_dir, ["pooljob"])) as pool:
         slot = pool.acquire(trajectory_id="script")
         assert pool.execute(slot, "bash", {"command": "echo sync"}).stdout == "sync\n"
         assert [r.stdout for r in pool.execute_batch([(slot, "bash", {"command": "echo b"})])] == ["b\n"]
@@ -100,13 +100,13 @@ async def test_explicit_endpoints_source(two_servers):
 async def test_from_config_uses_the_profiles_state_dir(two_servers, state_dir, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(f"profiles:\n  mine:\n    state_dir: {state_dir}\n")
-    async with SlotPool.from_config(profile="mine", config_file=config) as pool:
+    async with connect.from_config(profile="mine", config_file=config) as pool:
         async with pool.slot(trajectory_id="t") as slot:
             assert slot.endpoint.url in {s.url for s in two_servers}
 
 
 async def test_no_jobs_says_how_to_start_one(state_dir):
-    async with SlotPool.from_state_dir(state_dir) as pool:
+    async with connect.from_state_dir(state_dir) as pool:
         with pytest.raises(NoCapacity, match="hpc-sandbox submit"):
             await pool.acquire(timeout=0.2)
 
@@ -121,7 +121,7 @@ async def test_a_job_still_queued_is_named_as_capacity_to_come(state_dir):
     folder.write_info(JobInfo(job_id="queued", scheduler="slurm", submitted_at=time.time(), servers=3,
                               slots_per_server=2, runtime="none", scheduler_ids=("999999",)))
     from hpc_sandbox.pool import ClusterSource
-    from hpc_sandbox.schedulers.base import JobState, JobStatus
+    from hpc_sandbox.jobstate import JobState, JobStatus
 
     # What squeue says of a job waiting for nodes (a pool checks its jobs when it starts).
     def queued(infos):
@@ -199,5 +199,5 @@ async def test_calls_failing_together_when_their_job_ends_all_say_job_ended():
 
 def test_a_pool_in_python_finds_the_jobs_of_the_state_dir_the_cli_uses(monkeypatch, tmp_path):
     monkeypatch.setenv("HPC_SANDBOX_STATE_DIR", str(tmp_path / "elsewhere"))
-    [source] = SlotPool.from_state_dir().sources
+    [source] = connect.from_state_dir().sources
     assert source.state_dir == tmp_path / "elsewhere"

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from hpc_sandbox import protocol
+from hpc_sandbox import connect, protocol
 from hpc_sandbox.client import NodeClient
 from hpc_sandbox.errors import HpcSandboxError, LeaseLost, NoCapacity, NoFreeSlot
 from hpc_sandbox.jobfolder import list_jobs
@@ -80,7 +80,7 @@ async def test_waiting_acquires_through_one_pool_are_granted_in_arrival_order(st
     server = server_factory(job_id="fifo", slots=1)
     names = [f"t{i}" for i in range(8)]
     order: list[str | None] = []
-    async with SlotPool.from_state_dir(state_dir, ["fifo"], acquire_timeout=30) as pool:
+    async with connect.from_state_dir(state_dir, ["fifo"], acquire_timeout=30) as pool:
         held = await pool.acquire("holder")
 
         async def wait_turn(name: str) -> None:
@@ -115,7 +115,7 @@ async def test_a_released_slot_reaches_the_oldest_waiter_without_poll_delay(stat
     names = [f"t{i}" for i in range(10)]
     granted: dict[str, float] = {}
     released: dict[str, float] = {}
-    async with SlotPool.from_state_dir(state_dir, ["chain"], acquire_timeout=60) as pool:
+    async with connect.from_state_dir(state_dir, ["chain"], acquire_timeout=60) as pool:
         async def trajectory(name: str) -> None:
             slot = await pool.acquire(name)
             granted[name] = time.monotonic()
@@ -139,7 +139,7 @@ async def test_a_released_slot_reaches_the_oldest_waiter_without_poll_delay(stat
 
 async def test_a_waiter_that_times_out_leaks_no_lease_and_says_what_was_tried(state_dir, server_factory):
     server = server_factory(job_id="busy", slots=2)
-    async with SlotPool.from_state_dir(state_dir, ["busy"]) as pool:
+    async with connect.from_state_dir(state_dir, ["busy"]) as pool:
         held = [await pool.acquire(f"h{i}") for i in range(2)]
         started = time.monotonic()
         with pytest.raises(NoCapacity) as caught:
@@ -185,7 +185,7 @@ async def test_no_capacity_does_not_call_an_unreachable_server_busy(server_facto
 
 async def test_a_cancelled_waiter_leaks_no_lease(state_dir, server_factory):
     server = server_factory(job_id="busy", slots=1)
-    async with SlotPool.from_state_dir(state_dir, ["busy"]) as pool:
+    async with connect.from_state_dir(state_dir, ["busy"]) as pool:
         held = await pool.acquire("holder")
         waiter = asyncio.create_task(pool.acquire("gives-up"))
         await asyncio.sleep(0.5)
@@ -202,7 +202,7 @@ async def test_a_cancelled_waiter_leaks_no_lease(state_dir, server_factory):
 
 async def test_stopping_the_pool_fails_its_waiting_callers_at_once(state_dir, server_factory):
     server = server_factory(job_id="stops", slots=1)
-    pool = SlotPool.from_state_dir(state_dir, ["stops"], acquire_timeout=60)
+    pool = connect.from_state_dir(state_dir, ["stops"], acquire_timeout=60)
     async with pool:
         held = await pool.acquire("holder")
         waiter = asyncio.create_task(pool.acquire("waits"))
@@ -223,7 +223,7 @@ async def test_a_grant_that_arrives_for_a_caller_who_gave_up_is_given_back(state
     on the server, gets the slot and finds nobody in the pool), as it arrives, after it."""
     server = server_factory(job_id="late", slots=1)
     async with NodeClient(server.endpoint) as other, \
-            SlotPool.from_state_dir(state_dir, ["late"], acquire_timeout=30) as pool:
+            connect.from_state_dir(state_dir, ["late"], acquire_timeout=30) as pool:
         source = pool.sources[0]
         for offset in (-0.05, -0.01, 0.0, 0.002, 0.005, 0.01, 0.02, 0.05):
             held = await other.acquire("other", wait=10)
@@ -350,7 +350,7 @@ async def test_a_grant_never_confirmed_goes_back_to_a_waiting_acquire(server_fac
 
 async def test_about_one_acquire_request_per_grant(state_dir, server_factory):
     server = server_factory(job_id="ratio", slots=2)
-    async with SlotPool.from_state_dir(state_dir, ["ratio"], acquire_timeout=60) as pool:
+    async with connect.from_state_dir(state_dir, ["ratio"], acquire_timeout=60) as pool:
         async def trajectory(i: int) -> None:
             slot = await pool.acquire(f"t{i}")
             result = await pool.execute(slot, "bash", {"command": "echo ok"}, timeout=30)
@@ -371,12 +371,12 @@ async def test_about_one_acquire_request_per_grant(state_dir, server_factory):
 POOL_USER = r'''
 import asyncio, json, sys, time
 from pathlib import Path
-from hpc_sandbox.pool import SlotPool
+from hpc_sandbox import connect
 
 async def hold_and_record(state_dir, job, owner, workers, rounds, started=None):
     """Acquire, hold (a call that needs the lease), release; the intervals each slot was held."""
     timeline = []
-    async with SlotPool.from_state_dir(state_dir, [job], acquire_timeout=60) as pool:
+    async with connect.from_state_dir(state_dir, [job], acquire_timeout=60) as pool:
         if started:
             Path(started).write_text("started")
 
@@ -443,8 +443,8 @@ async def test_two_pools_in_two_processes_never_hold_the_same_slot_at_once(state
 
 
 def _launch(state_dir: Path):
-    return SlotPool.launch(scheduler="local", slots=2, state_dir=state_dir, config_file=None,
-                           port_range=free_port_range(), wait_timeout=60, acquire_timeout=30)
+    return connect.launch(scheduler="local", slots=2, state_dir=state_dir, config_file=None,
+                          port_range=free_port_range(), wait_timeout=60, acquire_timeout=30)
 
 
 @pytest.mark.parametrize("how", ["normal exit", "exception", "cancelled"])

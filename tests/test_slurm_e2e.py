@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hpc_sandbox import SlotPool
+from hpc_sandbox import connect
 
 from helpers import SHIMS, pids_matching, wait_until
 from slurm_fixtures import cancel_while_a_command_runs
@@ -43,7 +43,7 @@ def test_array_job_serves_four_isolated_slots_until_cancelled(cli, state_dir):
     assert status["state"] == "running" and status["free"] == 4
 
     async def scenario():
-        async with SlotPool.from_state_dir(state_dir, [job_id], acquire_timeout=10) as pool:
+        async with connect.from_state_dir(state_dir, [job_id], acquire_timeout=10) as pool:
             slots = [await pool.acquire(trajectory_id=f"t{i}") for i in range(4)]
             assert len({(s.endpoint.url, s.index) for s in slots}) == 4
             assert len({s.endpoint.url for s in slots}) == 2  # both array tasks serve

@@ -16,7 +16,8 @@ import pytest
 
 from hpc_sandbox.errors import SchedulerError
 from hpc_sandbox.jobfolder import JobFolder, JobInfo
-from hpc_sandbox.schedulers import JobState, batch, get_scheduler
+from hpc_sandbox.jobstate import JobState
+from hpc_sandbox.schedulers import batch, get_scheduler
 from hpc_sandbox.schedulers.slurm import SlurmScheduler
 
 from helpers import stand_in, stand_in_calls

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from hpc_sandbox import NodeServerSource, SlotPool, SyncSlotPool
+from hpc_sandbox import NodeServerSource, SlotPool, SyncSlotPool, connect
 from hpc_sandbox.client import NodeClient, new_exec_id
 from hpc_sandbox.errors import AuthError, BadRequest, LeaseLost, LimitExceeded, NotFound
 from hpc_sandbox.models import ExecEvent
@@ -221,7 +221,7 @@ async def test_a_repeated_exec_id_gets_the_first_result_and_a_reader_that_hangs_
 
 async def test_pool_stream_yields_typed_events_ending_in_the_tool_result(state_dir, server_factory, tmp_path):
     server_factory(job_id="streams", slots=1)
-    async with SlotPool.from_state_dir(state_dir, ["streams"]) as pool:
+    async with connect.from_state_dir(state_dir, ["streams"]) as pool:
         async with pool.slot(trajectory_id="t") as slot:
             command = "echo one; echo two >&2; exit 2"
             events = [event async for event in pool.stream(slot, "bash", {"command": command}, timeout=30)]
@@ -283,7 +283,7 @@ async def test_pool_stream_ends_at_once_when_the_job_ends_and_on_a_dead_server(s
         assert len(again) == 1 and again[0].result.error_kind == "job_ended"
 
     dying = server_factory(job_id="dies", slots=1)
-    async with SlotPool.from_state_dir(state_dir, ["dies"]) as pool:
+    async with connect.from_state_dir(state_dir, ["dies"]) as pool:
         slot = await pool.acquire()
         events = pool.stream(slot, "bash", {"command": "echo up; sleep 60"}, timeout=120)
         assert (await events.__anext__()).data == "up\n"
@@ -295,7 +295,7 @@ async def test_pool_stream_ends_at_once_when_the_job_ends_and_on_a_dead_server(s
 
 def test_the_sync_facade_streams_too(state_dir, server_factory):
     server_factory(job_id="syncstream", slots=1)
-    with SyncSlotPool(SlotPool.from_state_dir(state_dir, ["syncstream"])) as pool:
+    with SyncSlotPool(connect.from_state_dir(state_dir, ["syncstream"])) as pool:
         with pool.slot(trajectory_id="script") as slot:
             events = list(pool.stream(slot, "bash", {"command": "echo a; sleep 0.3; echo b"}, timeout=30))
             early = pool.stream(slot, "bash", {"command": "echo x; sleep 0.3; echo y"}, timeout=30)

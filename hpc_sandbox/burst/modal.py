@@ -4,8 +4,9 @@ Each sandbox runs the same node server as a cluster node (`burst/entry.py`), wit
 profile's `slots_per_sandbox` slots; its port is exposed with `encrypted_ports` and
 reached through Modal's tunnel over TLS (the system's CAs vouch for Modal's edge), with
 the pool's token on every request. Once a sandbox has its slots it is one more node
-server: the long-poll acquires of `NodeServerSource` hand its slots to the pool's
-queue. This source only decides how many sandboxes there are:
+server: a `NodeServerSource` this source owns (pool/sources.py's ServerOwner) hands
+its slots to the pool's queue with its long-poll acquires. This source only decides
+how many sandboxes there are:
 
 - `provision(n)`: start sandboxes for n more slots (the pool's overflow policy calls
   it), never beyond `max_cloud_slots`, at most `max_creates_per_second`, at most
@@ -23,12 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
-import hashlib
 import logging
 import math
 import random
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,15 +40,14 @@ from ..errors import ClientError, ConfigError
 from ..jobfolder import CloudFolder, PoolState, SandboxEntry, users_state_dir
 from ..models import Endpoint, Slot
 from ..pool.sources import Capacity, NodeServerSource, Outlook
+from ..pool.waiters import WaitQueue
 from .entry import SLOT_ENV_NAMES, TOKEN_ENV
 from .owner import Owner
 from ..cloudprofile import CloudProfile
+from .sdk import OWNER_TAG, POOL_TAG, PROFILE_TAG, VERSION_TAG, default_pool_id, describe, import_sdk
 
 log = logging.getLogger(__name__)
 
-# Tags on every sandbox: how a pool finds its own (and `hpc-sandbox cloud` all of ours).
-POOL_TAG, OWNER_TAG, VERSION_TAG, PROFILE_TAG = ("hpc-sandbox-pool", "hpc-sandbox-owner", "hpc-sandbox-version",
-                                                 "hpc-sandbox-profile")
 # What the node server needs inside a sandbox besides the package's own source.
 SERVER_REQUIREMENTS = ("aiohttp>=3.9", "click>=8.1", "PyYAML>=6.0", "jinja2>=3.1", "cryptography>=41")
 READY_TIMEOUT = 300  # seconds a sandbox may take to start (image pull included)
@@ -59,22 +56,6 @@ THROTTLE_BACKOFF = (1.0, 30.0)  # first and longest wait after Modal throttled a
 FAILURE_BACKOFF = (10.0, 300.0)  # the same after a create that failed otherwise
 # Failures that no retry mends: the cloud is off for this pool, said once.
 FATAL = ("AuthError", "NotFoundError", "ImageBuildError", "InvalidError", "PermissionDeniedError")
-
-
-def default_pool_id(state_dir: Path, profile: str) -> str:
-    """The same id for the same user, host, state dir and cloud profile: a pool that
-    restarts after a crash finds (by tag) the sandboxes its previous run left."""
-    seed = f"{getpass.getuser()}@{socket.gethostname()}:{Path(state_dir).expanduser()}:{profile}"
-    return f"{getpass.getuser()[:16]}-{hashlib.sha256(seed.encode()).hexdigest()[:10]}"
-
-
-def import_sdk() -> ModuleType:
-    try:
-        import modal
-    except ImportError:
-        raise ConfigError("the modal package is not installed: pip install 'hpc-sandbox[modal]' "
-                          "(then `modal setup` for credentials)") from None
-    return modal
 
 
 class _RateLimit:
@@ -101,11 +82,19 @@ class _Sandbox:
     idle_since: float = 0.0  # monotonic
 
 
-class ModalSource(NodeServerSource):
+class ModalSource:
+    """A pool's cloud source (pool/overflow.py's CloudSource): sandboxes made on demand,
+    their slots handed out by `self.nodes`, a node-server source of its own."""
+
+    location = "cloud"
+
     def __init__(self, profile: CloudProfile, *, state_dir: Path | None = None, pool_id: str | None = None,
                  sdk: ModuleType | None = None, poll_wait: float = 10.0) -> None:
-        super().__init__(self._ready, name=f"modal profile {profile.name}", location="cloud", refresh_interval=1.0,
-                         poll_wait=poll_wait)
+        self.name = f"modal profile {profile.name}"
+        # The sandboxes that are ready, as node servers: their slots go to the callers
+        # this source is to serve (demand), and every grant and release is counted here.
+        self.nodes = NodeServerSource(self._ready, name=self.name, location="cloud", refresh_interval=1.0,
+                                      poll_wait=poll_wait, owner=self)
         self.profile = profile
         state = Path(state_dir or users_state_dir()).expanduser()
         self.pool_id = pool_id or default_pool_id(state, profile.name)
@@ -131,11 +120,14 @@ class ModalSource(NodeServerSource):
         self._failures = 0
         self._seq = 0
         self._state: PoolState | None = None
+        self._tasks: set[asyncio.Task] = set()  # sandbox creates under way
+        self._stopped = False
 
     # --- lifecycle ---------------------------------------------------------------
 
-    async def start(self, queue=None, lease_ttl: float | None = None) -> None:
-        await super().start(queue, lease_ttl)
+    async def start(self, queue: WaitQueue | None = None, lease_ttl: float | None = None) -> None:
+        self._stopped = False
+        await self.nodes.start(queue, lease_ttl)
         self._limit = _RateLimit(self.profile.max_creates_per_second)
         self._in_flight = asyncio.Semaphore(self.profile.max_creates_in_flight)
         self._token = self.folder.make_token(reuse=self.profile.recover)
@@ -159,7 +151,7 @@ class ModalSource(NodeServerSource):
             raise
         except Exception as exc:  # the SDK's errors, ConfigError: the cloud is off, the cluster is not
             if isinstance(exc, ConfigError) or type(exc).__name__ in FATAL:
-                self._turn_off(f"cannot use Modal: {_describe(exc)}")
+                self._turn_off(f"cannot use Modal: {describe(exc)}")
             else:  # a network blip: said once, tried again at the next burst after a backoff
                 self._create_failed(exc)
                 self._prepared = None
@@ -172,8 +164,17 @@ class ModalSource(NodeServerSource):
             self._watcher.cancel()
         if self._prepared is not None and not self._prepared.done():
             self._prepared.cancel()
-        await super().stop()  # cancels create tasks: their SDK calls finish in _handles
+        creates = list(self._tasks)
+        for task in creates:  # cancelled: their SDK calls finish in _handles
+            task.cancel()
+        await self.nodes.stop()
+        await asyncio.gather(*creates, return_exceptions=True)
         await self._terminate_all()
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _terminate_all(self) -> None:
         if self._sdk_creates:  # a create in flight: its sandbox exists once it returns
@@ -192,12 +193,27 @@ class ModalSource(NodeServerSource):
 
     # --- what the pool asks ------------------------------------------------------
 
+    def wake(self) -> None:
+        self.nodes.wake()
+
+    def client(self, endpoint: Endpoint) -> NodeClient:
+        return self.nodes.client(endpoint)
+
+    async def release(self, slot: Slot, reset_workspace: bool = True) -> None:
+        await self.nodes.release(slot, reset_workspace)
+
+    def job_ended(self, job_id: str) -> asyncio.Future | None:
+        return None  # no job: a sandbox that dies ends its calls as server_gone
+
+    async def why_gone(self, job_id: str) -> str | None:
+        return None
+
     def outlook(self) -> Outlook:
         return Outlook(slots=sum(s.entry.slots for s in self._sandboxes.values() if s.entry.state == "ready"))
 
     def trouble(self) -> list[str]:
         said = [f"cloud ({self.name}): {self._fatal or self._failure}"] if (self._fatal or self._failure) else []
-        return said + super().trouble()
+        return said + self.nodes.trouble()
 
     @property
     def off(self) -> str | None:
@@ -213,26 +229,8 @@ class ModalSource(NodeServerSource):
     def slots_total(self) -> int:
         return self._creating + sum(s.entry.slots for s in self._sandboxes.values() if s.entry.state == "ready")
 
-    def _demand(self) -> int:
-        return min(self.wanted, self._queue.waiting) if self._queue is not None else 0
-
-    def _granted(self, endpoint: Endpoint) -> None:
-        # One caller fewer for the cloud until the policy next counts: a caller still
-        # within burst_after must not get a cloud slot meanwhile.
-        self.wanted = max(0, self.wanted - 1)
-        sandbox = self._sandboxes.get(endpoint.name)
-        if sandbox is not None:
-            sandbox.leased += 1
-
-    def _released(self, slot: Slot) -> None:
-        sandbox = self._sandboxes.get(slot.endpoint.name)
-        if sandbox is not None and sandbox.leased > 0:
-            sandbox.leased -= 1
-            if sandbox.leased == 0:
-                sandbox.idle_since = time.monotonic()
-
     async def capacity(self) -> Capacity:
-        found = await super().capacity()
+        found = await self.nodes.capacity()
         return Capacity(self.name, "cloud", found.servers, found.slots, found.free,
                         waiting_servers=sum(1 for s in self._sandboxes.values() if s.entry.state == "creating"))
 
@@ -240,6 +238,26 @@ class ModalSource(NodeServerSource):
         """Sandboxes, their seconds and cost so far (also in pool.json)."""
         assert self._state is not None, "start the source first"
         return self._state
+
+    # --- what its node-server source asks (ServerOwner) ------------------------------
+
+    def demand(self, waiting: int) -> int:
+        return min(self.wanted, waiting)
+
+    def granted(self, endpoint: Endpoint) -> None:
+        # One caller fewer for the cloud until the policy next counts: a caller still
+        # within burst_after must not get a cloud slot meanwhile.
+        self.wanted = max(0, self.wanted - 1)
+        sandbox = self._sandboxes.get(endpoint.name)
+        if sandbox is not None:
+            sandbox.leased += 1
+
+    def released(self, slot: Slot) -> None:
+        sandbox = self._sandboxes.get(slot.endpoint.name)
+        if sandbox is not None and sandbox.leased > 0:
+            sandbox.leased -= 1
+            if sandbox.leased == 0:
+                sandbox.idle_since = time.monotonic()
 
     # --- provisioning ------------------------------------------------------------
 
@@ -276,7 +294,7 @@ class ModalSource(NodeServerSource):
         finally:
             self._creating -= size
             if sandbox is None or sandbox.entry.state != "ready":
-                self._saturated = False
+                self.nodes.rescan()
             self._save()
 
     async def _create_sandbox(self, size: int) -> Any:
@@ -353,18 +371,18 @@ class ModalSource(NodeServerSource):
         except Exception as exc:
             if not self._stopped:  # stopped meanwhile: its end is no failure
                 self._create_failed(exc, sandbox.entry.id)
-            await self._terminate(handle.object_id, handle, f"not ready: {_describe(exc)}")
+            await self._terminate(handle.object_id, handle, f"not ready: {describe(exc)}")
             return
         sandbox.endpoint = endpoint
         sandbox.entry.url, sandbox.entry.state = url, "ready"
         sandbox.idle_since = time.monotonic()
         self._failures, self._failure = 0, None
         log.info("cloud sandbox %s ready: %d slots at %s", handle.object_id, sandbox.entry.slots, url)
-        self._set_endpoints(self._ready())
-        self._pump()
+        self.nodes.set_endpoints(self._ready())
+        self.nodes.pump()
 
     def _create_failed(self, exc: BaseException, sandbox_id: str | None = None) -> None:
-        message = _describe(exc)
+        message = describe(exc)
         if type(exc).__name__ in FATAL:
             self._turn_off(f"cannot create a sandbox: {message}")
             return
@@ -401,7 +419,7 @@ class ModalSource(NodeServerSource):
             try:
                 exit_code = await sandbox.handle.poll.aio()
             except Exception as exc:
-                log.info("cannot poll sandbox %s: %s", sandbox.entry.id, _describe(exc))
+                log.info("cannot poll sandbox %s: %s", sandbox.entry.id, describe(exc))
                 continue
             if exit_code is not None:
                 self._gone(sandbox, "dead", f"it exited ({exit_code})")
@@ -416,7 +434,7 @@ class ModalSource(NodeServerSource):
     def _gone(self, sandbox: _Sandbox, state: str, reason: str) -> None:
         sandbox.entry.state, sandbox.entry.reason = state, reason
         sandbox.entry.ended = sandbox.entry.ended or time.time()
-        self._set_endpoints(self._ready())
+        self.nodes.set_endpoints(self._ready())
 
     async def _terminate(self, sandbox_id: str, handle: Any, reason: str) -> None:
         sandbox = self._sandboxes.get(sandbox_id)
@@ -427,7 +445,7 @@ class ModalSource(NodeServerSource):
             await handle.terminate.aio()
         except Exception as exc:  # it has a lifetime and an idle timeout of its own
             log.warning("cannot stop sandbox %s: %s (Modal stops it within %ds at the latest)", sandbox_id,
-                        _describe(exc), self.profile.timeout)
+                        describe(exc), self.profile.timeout)
 
     def _tags(self, owner: bool) -> dict[str, str]:
         tags = {POOL_TAG: self.pool_id}
@@ -461,7 +479,7 @@ class ModalSource(NodeServerSource):
             answer = await self.client(endpoint).slots()
             await handle.set_tags.aio({**tags, OWNER_TAG: str(self.owner)})
         except Exception as exc:
-            log.info("not adopting sandbox %s: %s", handle.object_id, _describe(exc))
+            log.info("not adopting sandbox %s: %s", handle.object_id, describe(exc))
             return False
         entry = SandboxEntry(id=handle.object_id, name=handle.object_id, slots=len(answer.slots), state="ready",
                              created=time.time(), url=url)
@@ -471,7 +489,7 @@ class ModalSource(NodeServerSource):
         self._handles[handle.object_id] = handle
         assert self._state is not None
         self._state.sandboxes.append(entry)
-        self._set_endpoints(self._ready())
+        self.nodes.set_endpoints(self._ready())
         log.info("adopted cloud sandbox %s (%d slots) left by an earlier run", handle.object_id, entry.slots)
         return True
 
@@ -484,66 +502,5 @@ class ModalSource(NodeServerSource):
                 log.warning("cannot write %s: %s", self.folder.state_file(self._state.owner), exc)
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+__all__ = ["ModalSource"]
 
-
-__all__ = ["ModalSource", "default_pool_id", "import_sdk"]
-
-
-# --- by hand: `hpc-sandbox cloud list|cleanup` ------------------------------------------
-
-
-@dataclass(frozen=True)
-class LeftSandbox:
-    """A sandbox of ours as Modal lists it."""
-
-    id: str
-    pool: str
-    profile: str
-    version: str
-    owner: str
-    owner_alive: bool | None  # None: on another host, cannot be told
-
-    @property
-    def status(self) -> str:
-        return {True: "in use", False: "left behind", None: "owner on another host"}[self.owner_alive]
-
-
-async def list_sandboxes(profile: CloudProfile, pool_id: str | None = None,
-                         sdk: ModuleType | None = None) -> tuple[list[LeftSandbox], dict[str, Any]]:
-    """Running sandboxes of hpc-sandbox in the profile's app (of one pool, or of all),
-    and their SDK handles by id."""
-    sdk = sdk or import_sdk()
-    try:
-        app = await sdk.App.lookup.aio(profile.app_name, create_if_missing=False)
-    except Exception as exc:
-        if type(exc).__name__ == "NotFoundError":
-            return [], {}  # no app: nothing was ever started there
-        raise ConfigError(f"cannot reach Modal: {_describe(exc)}") from None
-    found: list[LeftSandbox] = []
-    handles: dict[str, Any] = {}
-    async for handle in sdk.Sandbox.list.aio(app_id=app.app_id, tags={POOL_TAG: pool_id} if pool_id else None):
-        tags = await handle.get_tags.aio()
-        if POOL_TAG not in tags:
-            continue  # in the same app, but not one of ours
-        owner = Owner.parse(tags.get(OWNER_TAG, ""))
-        found.append(LeftSandbox(handle.object_id, tags[POOL_TAG], tags.get(PROFILE_TAG, "?"),
-                                 tags.get(VERSION_TAG, "?"), str(owner) if owner else "?",
-                                 owner.alive() if owner else False))
-        handles[handle.object_id] = handle
-    return found, handles
-
-
-async def cleanup(profile: CloudProfile, pool_id: str | None, *, include_live: bool = False,
-                  sdk: ModuleType | None = None) -> list[LeftSandbox]:
-    """Stop the sandboxes of `pool_id` (every pool's with None) whose pool is gone (its
-    process on this host has exited); with `include_live`, also those of running pools
-    and of pools on other hosts. Returns what was stopped."""
-    found, handles = await list_sandboxes(profile, pool_id, sdk)
-    # An owner on another host cannot be told alive or not: only --force stops its sandboxes.
-    chosen = [s for s in found if include_live or s.owner_alive is False]
-    for sandbox in chosen:
-        await handles[sandbox.id].terminate.aio()
-    return chosen

@@ -45,7 +45,8 @@ def cloud() -> None:
 def list_(cloud_profile: str | None, profile: str | None, config_file: Path | None, all_pools: bool, as_json: bool,
           state_dir: Path | None) -> None:
     """Show running sandboxes: id, pool, profile, owner, and whether the owner still runs."""
-    from ..burst.modal import default_pool_id, list_sandboxes
+    from ..burst.inventory import list_sandboxes
+    from ..burst.sdk import default_pool_id
 
     cloud = load_cloud_profile(cloud_profile, cluster_profile=profile, config_file=config_file)
     pool_id = None if all_pools else default_pool_id(resolve_state_dir(state_dir), cloud.name)
@@ -70,7 +71,8 @@ def list_(cloud_profile: str | None, profile: str | None, config_file: Path | No
 def cleanup(cloud_profile: str | None, profile: str | None, config_file: Path | None, all_pools: bool, force: bool,
             state_dir: Path | None) -> None:
     """Stop sandboxes whose pool is gone (this pool's, or with --all-pools every pool's)."""
-    from ..burst.modal import cleanup as stop_sandboxes, default_pool_id
+    from ..burst.inventory import cleanup as stop_sandboxes
+    from ..burst.sdk import default_pool_id
 
     cloud = load_cloud_profile(cloud_profile, cluster_profile=profile, config_file=config_file)
     state = resolve_state_dir(state_dir)

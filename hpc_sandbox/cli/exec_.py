@@ -9,13 +9,11 @@ from pathlib import Path
 
 import click
 
-from .. import jobs
+from .. import connect, jobs
 from ..errors import HpcSandboxError
 from ..models import ToolResult
 from ..protocol import DEFAULT_EXEC_TIMEOUT, exec_timeout
-from ..pool import SlotPool
-from ..pool.overflow import CloudSource
-from ..pool.slotpool import OVERFLOW_PROVIDERS, cloud_source
+from ..pool import CloudSource
 from .common import resolve_state_dir, state_dir_option
 
 EXIT_TIMEOUT = 124  # as coreutils `timeout`
@@ -24,8 +22,8 @@ EXIT_INTERNAL = 125  # hpc-sandbox itself failed (as `docker run`); the command'
 
 async def _run(state: Path, job: str | None, command: str, timeout: float | None, acquire_timeout: float,
                env: dict[str, str], overflow: CloudSource | None, stream: bool) -> ToolResult:
-    pool = SlotPool.from_state_dir(state, jobs.job_ids(state, job) if job else None, acquire_timeout=acquire_timeout,
-                                   overflow=overflow)
+    pool = connect.from_state_dir(state, jobs.job_ids(state, job) if job else None, acquire_timeout=acquire_timeout,
+                                  overflow=overflow)
     async with pool:
         async with pool.slot(trajectory_id="cli-exec") as slot:
             args = {"command": command, "env": env}
@@ -53,7 +51,7 @@ async def _run(state: Path, job: str | None, command: str, timeout: float | None
 @click.option("--acquire-timeout", type=click.FloatRange(0), default=60.0, show_default=True,
               help="Seconds to wait for a free slot.")
 @click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Extra environment (repeatable).")
-@click.option("--overflow", type=click.Choice(OVERFLOW_PROVIDERS), default=None,
+@click.option("--overflow", type=click.Choice(connect.OVERFLOW_PROVIDERS), default=None,
               help="When no cluster slot frees up within the cloud profile's burst_after (or none is coming), "
                    "run in a cloud sandbox; it is stopped afterwards.")
 @click.option("--cloud-profile", default=None,
@@ -88,7 +86,7 @@ def exec_(job: str | None, timeout: float | None, acquire_timeout: float, env_pa
     script = command[0] if len(command) == 1 else shlex.join(command)
     state = resolve_state_dir(state_dir)
     try:
-        cloud = cloud_source(overflow, state, profile, config_file, cloud_profile, None) if overflow else None
+        cloud = connect.cloud_source(overflow, state, profile, config_file, cloud_profile) if overflow else None
         if stream is None:
             stream = sys.stdout.isatty()
         result = asyncio.run(_run(state, job, script, timeout, acquire_timeout, env, cloud, stream))

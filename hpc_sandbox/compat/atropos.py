@@ -1,7 +1,7 @@
 """A drop-in `ToolBackend` for Atropos-style RL environments, over SlotPool.
 
     backend = HpcSandboxBackend(profile="gpu", array=4)         # start() submits, stop(purge=True) cancels
-    backend = HpcSandboxBackend(SlotPool.from_config("default"))  # or over jobs that already run
+    backend = HpcSandboxBackend(connect.from_config("default"))  # or over jobs that already run
     await backend.start()
     slot = await backend.acquire("traj-1")
     results = await backend.execute_batch([(slot, "write_file", {"path": "a.py", "content": "print(1)"}),

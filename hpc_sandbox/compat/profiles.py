@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, JobNotFound
+from ..errors import ConfigError
 from ..pool import SlotPool
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,8 @@ def profiles_of(values: Mapping[str, SlotPool | Mapping[str, Any] | None]) -> di
 
 
 def _cancel_job(job: Any) -> None:
-    """Cancel a job start() submitted: removed from Nomad at once (purge), cancelled elsewhere."""
-    from .. import jobs as job_api
-
-    if job.info.scheduler == "nomad":
-        try:
-            job_api.cancel(job.state_dir, job.id, purge=True)
-        except JobNotFound:
-            pass
-    else:
-        job.cancel()
+    """Cancel a job start() submitted: purged where its scheduler keeps ended jobs (Nomad)."""
+    job.cancel(purge=True)
 
 
 class ProfilePools:
@@ -126,23 +118,19 @@ class ProfilePools:
         if entry.pool is not None:
             await entry.pool.start()
             return
-        from .. import jobs as job_api  # what `submit` and SlotPool.launch use
-        from ..config import load_spec
-        from ..pool.slotpool import cloud_source
+        from .. import connect, jobs as job_api  # what `submit` and connect.launch use
 
-        spec = load_spec(profile=entry.config_profile, config_file=self.config_file, overrides=entry.overrides)
-        cloud = (cloud_source(self.overflow, spec.state_dir, entry.config_profile, self.config_file, spec.cloud,
-                              self.cloud_settings) if self.overflow is not None else None)
+        planned = connect.plan(entry.config_profile, config_file=self.config_file, overflow=self.overflow,
+                               cloud_settings=self.cloud_settings, overrides=entry.overrides)
         submitted = entry.job is None
         if submitted:
-            entry.job = job_api.submit(spec)
+            entry.job = job_api.submit(planned.spec)
             log.info("profile %s: submitted job %s", entry.name, entry.job.id)
         job = entry.job
         try:
-            if cloud is None:  # with the cloud overflow, callers are served while the job queues
-                await job.wait_ready(self.wait_timeout, servers=1)
-            pool = SlotPool.from_state_dir(spec.state_dir, [job.id], acquire_timeout=self.acquire_timeout,
-                                           lease_ttl=self.lease_ttl, overflow=cloud)
+            # With the cloud overflow, callers are served while the job queues.
+            pool = await connect.pool_for(job, planned.cloud, wait_timeout=self.wait_timeout,
+                                          acquire_timeout=self.acquire_timeout, lease_ttl=self.lease_ttl)
             await pool.start()
         except BaseException:
             if submitted:

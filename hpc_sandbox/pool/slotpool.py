@@ -1,19 +1,17 @@
 """SlotPool: the one slot API, whatever the slot's location.
 
-    pool = SlotPool.from_state_dir()          # every live job in ~/.hpc-sandbox
+    pool = SlotPool([source, ...], overflow=cloud)   # connect.from_state_dir() etc. build them
     async with pool:
         slot = await pool.acquire(trajectory_id="t1")
         res = await pool.execute(slot, "bash", {"command": "pytest -q"}, timeout=60)
         await pool.release(slot)
 
-    async with SlotPool.launch(profile="gpu", array=16) as pool:   # submits, cancels on exit
-        ...
-
 Callers that find no free slot wait in one queue, first come, first served; the
 pool's sources (local/cluster node servers; the cloud overflow plugs in as one more)
 find slots for them. Slot ownership is the node servers' business: the pool holds
 leases, never locks of its own, so any number of pools in any number of processes can
-share the same jobs.
+share the same jobs. The pool knows its sources and nothing else: `hpc_sandbox.connect`
+binds them to jobs, schedulers, profiles and the cloud.
 """
 from __future__ import annotations
 
@@ -31,7 +29,7 @@ from ..errors import CallTimeout, ClientError, ConfigError, ErrorKind, JobEnded,
 from ..models import ExecEvent, Slot, ToolResult
 from ..protocol import DEFAULT_CONFIRM_WITHIN, Call, CallAnswer, exec_timeout
 from .overflow import CloudSource, Overflow
-from .sources import Capacity, ClusterSource, Source
+from .sources import Capacity, Source
 from .waiters import WaitQueue
 
 log = logging.getLogger(__name__)
@@ -50,22 +48,6 @@ class ToolCall:
     tool: str
     args: dict[str, Any]
     timeout: float | None = None
-
-
-OVERFLOW_PROVIDERS = ("modal",)
-
-
-def cloud_source(provider: str, state_dir: Path, profile: str | None, config_file: Path | None,
-                 cloud_profile: str | None, settings: dict[str, Any] | None) -> CloudSource:
-    """The cloud source for `provider`, from the cloud profile named (or the one the
-    cluster profile names), with `settings` overriding its keys."""
-    if provider not in OVERFLOW_PROVIDERS:
-        raise ConfigError(f"unknown overflow {provider!r}; valid: {', '.join(OVERFLOW_PROVIDERS)}")
-    from ..burst.modal import ModalSource  # the cloud adapter loads only when asked for
-    from ..config import load_cloud_profile
-
-    cloud = load_cloud_profile(cloud_profile, cluster_profile=profile, config_file=config_file, overrides=settings)
-    return ModalSource(cloud, state_dir=state_dir)
 
 
 async def _next_event(events: AsyncGenerator[Any, None]) -> Any:
@@ -134,73 +116,12 @@ class SlotPool:
         self._keeper: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._started = False
-        self.jobs: list = []  # the jobs this pool owns (launch): cancelled when it exits
+        self.jobs: list[Any] = []  # the jobs this pool was made for (connect.launch), which cancels them
         self._policy: Overflow | None = None
         if overflow is not None:
             after = burst_after if burst_after is not None else getattr(getattr(overflow, "profile", None),
                                                                         "burst_after", 30.0)
             self._policy = Overflow(overflow, sources, self.queue, after)
-
-    @classmethod
-    def from_state_dir(cls, state_dir: Path | None = None, jobs: Sequence[str] | None = None,
-                       **options: Any) -> "SlotPool":
-        """A pool over the jobs of a state dir (all of them, or those named), watched
-        through their schedulers."""
-        from .. import jobs as job_api  # binds job states to the schedulers; the pool never imports them
-
-        state = Path(state_dir).expanduser() if state_dir is not None else None
-        source = ClusterSource(state, jobs, job_states=lambda infos: job_api.job_states(source.state_dir, infos),
-                               locate=lambda info: job_api.scheduler_servers(source.state_dir, info))
-        return cls([source], **options)
-
-    @classmethod
-    def from_config(cls, profile: str | None = None, config_file: Path | None = None,
-                    jobs: Sequence[str] | None = None, *, overflow: str | None = None,
-                    cloud_profile: str | None = None, cloud_settings: dict[str, Any] | None = None,
-                    **options: Any) -> "SlotPool":
-        """A pool over the jobs in the state dir that `profile` names (site file, user
-        file, `config_file`, HPC_SANDBOX_* variables: as `hpc-sandbox submit` reads them).
-
-        `overflow="modal"` bursts to Modal with the cloud profile `cloud_profile` (else
-        the one `profile` names with its `cloud` key), `cloud_settings` overriding its
-        keys (burst_after, max_cloud_slots, slots_per_sandbox, ...)."""
-        from ..config import load_spec  # the pool needs the config only here
-
-        state_dir = load_spec(profile=profile, config_file=config_file).state_dir
-        if overflow is not None:
-            options["overflow"] = cloud_source(overflow, state_dir, profile, config_file, cloud_profile, cloud_settings)
-        return cls.from_state_dir(state_dir, jobs, **options)
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def launch(cls, profile: str | None = None, *, config_file: Path | None = None,
-                     wait_timeout: float = 600.0, acquire_timeout: float = 300.0, lease_ttl: float | None = None,
-                     overflow: str | None = None, cloud_settings: dict[str, Any] | None = None,
-                     **overrides: Any) -> AsyncIterator["SlotPool"]:
-        """Submit a job for `profile` (with `overrides` named as SandboxSpec's fields,
-        e.g. scheduler="slurm", array=16, slots=4), attach as soon as its first node
-        server is ready, and cancel the job on exit: normal, on error, on Ctrl-C.
-        With `overflow="modal"` the pool bursts to the profile's cloud counterpart
-        while the job waits in the queue (it does not wait for the job to start)."""
-        from .. import jobs as job_api
-        from ..config import load_spec
-
-        spec = load_spec(profile=profile, config_file=config_file, overrides=overrides)
-        cloud = (cloud_source(overflow, spec.state_dir, profile, config_file, spec.cloud, cloud_settings)
-                 if overflow is not None else None)
-        job = job_api.submit(spec)
-        try:
-            if cloud is None:
-                await job.wait_ready(wait_timeout, servers=1)
-            pool = cls.from_state_dir(spec.state_dir, [job.id], acquire_timeout=acquire_timeout,
-                                      lease_ttl=lease_ttl, overflow=cloud)
-            pool.jobs = [job]
-            async with pool:
-                yield pool
-        finally:
-            # Shielded from a cancelled task (Ctrl-C): the job must not outlive the pool.
-            await asyncio.shield(asyncio.to_thread(job.cancel))
-            log.info("job %s cancelled", job.id)
 
     # --- lifecycle ---------------------------------------------------------------
 

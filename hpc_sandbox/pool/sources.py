@@ -1,6 +1,8 @@
 """Where a pool's slots come from: node servers found by a discovery function
 (`NodeServerSource`), or the node servers of submitted jobs in a state dir, watched
-through their schedulers (`ClusterSource`). The cloud overflow is one more `Source`.
+through their schedulers (`ClusterSource`). The cloud overflow is one more `Source`,
+which makes node servers itself and hands their slots out through a NodeServerSource
+it owns (`ServerOwner`).
 
 A source serves the pool's one queue of waiting callers (`WaitQueue`). A node server
 source keeps long-poll acquires in flight on its node servers (servers with free slots
@@ -28,8 +30,8 @@ import aiohttp
 from ..client import NodeClient, endpoint_of
 from ..errors import ClientError, HpcSandboxError, NoFreeSlot
 from ..jobfolder import Credentials, JobFolder, JobInfo, ServerRecord, list_jobs, users_state_dir
+from ..jobstate import JobState, JobStatus, jittered
 from ..models import Endpoint, Slot
-from ..schedulers.base import JobState, JobStatus, jittered
 from .waiters import WaitQueue
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,8 @@ CAPACITY_CONCURRENCY = 32  # node servers asked at once by capacity()
 # A pump that has at most FEW requests to send looks at SAMPLE random servers first.
 FEW, SAMPLE = 4, 16
 
-# How a ClusterSource learns the state of jobs: one call for many jobs (jobs.job_states
-# binds it to the schedulers; the pool itself never imports them).
+# How a ClusterSource learns the state of jobs: one call for many jobs (connect binds it
+# to the schedulers through jobs.job_states; the pool itself never imports them).
 JobStates = Callable[[Sequence[JobInfo]], Mapping[str, JobStatus]]
 # How it finds the node servers of a job whose scheduler knows them (Nomad's API); None
 # for a job whose ready records in its folder are the truth.
@@ -93,13 +95,31 @@ class Source(Protocol):
     def outlook(self) -> Outlook: ...
 
 
+class ServerOwner(Source, Protocol):
+    """A source that makes node servers itself (a cloud source) and hands their slots
+    out through a NodeServerSource it owns. It says how many of the waiting callers
+    are its to serve, and learns of every slot granted and given back. Its grants
+    reach the pool's queue as its own: the pool deals only with the sources it was given."""
+
+    def demand(self, waiting: int) -> int:
+        """Of `waiting` callers, how many this source should find slots for now."""
+    def granted(self, endpoint: Endpoint) -> None:
+        """A slot of `endpoint` was leased to a caller."""
+    def released(self, slot: Slot) -> None:
+        """A slot it granted was given back (or its release failed)."""
+
+
 class NodeServerSource:
     """Slots on node servers found by a discovery function (a fixed list, the job
-    folders of a state dir, a scheduler's API)."""
+    folders of a state dir, a scheduler's API), or pushed by the source that owns
+    them (`owner`: a cloud source, through set_endpoints, pump and rescan)."""
 
     def __init__(self, discover: Callable[[], list[Endpoint]], name: str = "nodes", location: str = "cluster",
-                 refresh_interval: float = 2.0, *, max_polls: int = 256, poll_wait: float = POLL_WAIT) -> None:
+                 refresh_interval: float = 2.0, *, max_polls: int = 256, poll_wait: float = POLL_WAIT,
+                 owner: ServerOwner | None = None) -> None:
         self.discover = discover
+        self.owner = owner
+        self._offered_as: Source = owner if owner is not None else self  # what the queue's grants name
         self.name = name
         self.location = location
         self.refresh_interval = refresh_interval
@@ -177,16 +197,26 @@ class NodeServerSource:
 
     async def _rediscover(self) -> None:
         try:
-            self._set_endpoints(await asyncio.to_thread(self.discover))
+            self.set_endpoints(await asyncio.to_thread(self.discover))
             self._refreshed = time.monotonic()
         finally:
             self._refreshing = None
 
-    def _set_endpoints(self, found: list[Endpoint]) -> None:
+    def set_endpoints(self, found: list[Endpoint]) -> None:
+        """The node servers known now (discovery's answer, or the owner's word)."""
         if found != self._endpoints:
             self._endpoints = found
             self._usable_cache = None
             self._saturated = False
+
+    def rescan(self) -> None:
+        """Look at every server again at the next pump (for an owner whose count of what
+        it should serve changed without its servers changing)."""
+        self._saturated = False
+
+    def pump(self) -> None:
+        """Send requests for the callers waiting now (an owner's server just came up)."""
+        self._pump()
 
     # --- handing out slots -----------------------------------------------------------
 
@@ -317,8 +347,9 @@ class NodeServerSource:
             if grant.free is not None:
                 self._free[url] = grant.free
             slot = Slot(endpoint=endpoint, index=grant.slot, lease=grant.lease)
-            self._granted(endpoint)
-            if not self._queue.offer(slot, self):
+            if self.owner is not None:
+                self.owner.granted(endpoint)
+            if not self._queue.offer(slot, self._offered_as):
                 # Every caller left (gave up, was cancelled) while this request waited.
                 self._spawn(self.release(slot, reset_workspace=False))
         finally:
@@ -330,17 +361,14 @@ class NodeServerSource:
                 self._pump()
 
     def _demand(self) -> int:
-        """How many waiting callers this source should find slots for: all of them."""
-        return self._queue.waiting if self._queue is not None else 0
-
-    def _granted(self, endpoint: Endpoint) -> None:
-        """A slot of `endpoint` was leased (for sources that count use per server)."""
-
-    def _released(self, slot: Slot) -> None:
-        """A slot this source granted was given back (or its release failed)."""
+        """How many waiting callers this source should find slots for: all of them, or
+        as many as its owner says."""
+        waiting = self._queue.waiting if self._queue is not None else 0
+        return waiting if self.owner is None else self.owner.demand(waiting)
 
     async def release(self, slot: Slot, reset_workspace: bool = True) -> None:
-        self._released(slot)
+        if self.owner is not None:
+            self.owner.released(slot)
         try:
             await self.client(slot.endpoint).release(slot.index, slot.lease, reset_workspace)
         except ClientError as exc:

@@ -16,7 +16,7 @@ from .sources import Capacity
 class SyncSlotPool:
     """A blocking facade: the async pool runs on a private event loop thread.
 
-        with SyncSlotPool(SlotPool.from_state_dir()) as pool:
+        with SyncSlotPool(connect.from_state_dir()) as pool:
             with pool.slot(trajectory_id="t1") as slot:
                 print(pool.execute(slot, "bash", {"command": "ls"}).stdout)
     """

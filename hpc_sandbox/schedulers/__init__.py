@@ -1,7 +1,7 @@
 """Scheduler modules: one per scheduler, all with the same small interface (base.py).
 
-Each is imported when first asked for, so that importing `schedulers.base` (the job
-states the pool reads) loads neither the templates nor the other schedulers.
+Each is imported when first asked for, so that importing `schedulers` loads neither
+the templates nor the other schedulers. The job states they report are in `jobstate`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, SchedulerError
 from ..spec import SCHEDULERS
-from .base import JobState, JobStatus, Scheduler
+from .base import Scheduler
 
 # The schedulers that can submit today, by their name in spec.SCHEDULERS: module, class.
 BACKENDS: dict[str, tuple[str, str]] = {
@@ -36,4 +36,4 @@ def get_scheduler(name: str, state_dir: Path) -> Scheduler:
     return scheduler_class(name)(state_dir)
 
 
-__all__ = ["JobState", "JobStatus", "Scheduler", "BACKENDS", "SUBMIT_SCHEDULERS", "get_scheduler", "scheduler_class"]
+__all__ = ["Scheduler", "BACKENDS", "SUBMIT_SCHEDULERS", "get_scheduler", "scheduler_class"]

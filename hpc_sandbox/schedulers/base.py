@@ -6,58 +6,22 @@ Node servers are discovered through the rendezvous folder, the same way for all.
 """
 from __future__ import annotations
 
-import enum
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from ..jobfolder import JobFolder, JobInfo, ServerRecord
+from ..jobstate import JobStatus
 from ..spec import SandboxSpec
-
-
-def jittered(interval: float) -> float:
-    """Spread the polls of many clients so they do not hit a controller in step."""
-    return interval * random.uniform(0.8, 1.2)
-
-
-class JobState(str, enum.Enum):
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETING = "completing"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMEOUT = "timeout"
-    PREEMPTED = "preempted"
-    UNKNOWN = "unknown"
-
-    @property
-    def ended(self) -> bool:
-        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.PREEMPTED)
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    job_id: str
-    state: JobState
-    reason: str = ""  # the scheduler's own words, kept verbatim
-    # The scheduler's own estimate of when the job's earliest *pending* task starts, as a
-    # Unix timestamp in seconds (Slurm's backfill `start_time`, what `squeue --start`
-    # shows; PBS Pro's `estimated.start_time`). Taken only from tasks still waiting in the
-    # queue: a job whose tasks all run or have ended has None, and so has a pending job the
-    # scheduler has not estimated (yet: Slurm's backfill pass runs every bf_interval; held
-    # jobs, Torque). An array with some tasks running and some pending keeps the estimate
-    # of its pending rest. It is a forecast, passed on as the scheduler gave it: it moves
-    # as other jobs end early or arrive, and it may already lie in the past when the
-    # scheduler has not revised it since. Last, with a default, so that every existing
-    # JobStatus(...) call stays valid.
-    expected_start: float | None = None
 
 
 class Scheduler(ABC):
     name: str = "base"
+    # Whether cancel(job, purge=True) does more than a cancel: removing the job from the
+    # scheduler's own records at once (Nomad keeps a stopped job until its garbage
+    # collection). Asked by `jobs.cancel`, so that no caller names a scheduler.
+    purges: ClassVar[bool] = False
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir).expanduser()
@@ -76,5 +40,7 @@ class Scheduler(ABC):
         return None
 
     @abstractmethod
-    def cancel(self, job: JobInfo) -> None:
-        """Stop the job's node servers (they remove their own records on SIGTERM)."""
+    def cancel(self, job: JobInfo, purge: bool = False) -> None:
+        """Stop the job's node servers (they remove their own records on SIGTERM).
+        `purge`: also remove the job from the scheduler's records at once, where it keeps
+        them (`purges`); every scheduler accepts it, the others ignore it."""

@@ -20,7 +20,8 @@ from ..errors import SchedulerError
 from ..jobspec import RenderedJobspec, render
 from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
-from .base import JobState, JobStatus, Scheduler
+from ..jobstate import JobState, JobStatus
+from .base import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class BatchScheduler(Scheduler):
     def parse_job_id(self, stdout: str) -> str:
         return stdout.strip()
 
-    def cancel(self, job: JobInfo) -> None:
+    def cancel(self, job: JobInfo, purge: bool = False) -> None:
         self._cancel_ids(list(job.scheduler_ids))
 
     def _cancel_ids(self, ids: list[str]) -> None:

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from ..jobspec import serve_argv
 from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
-from .base import JobState, JobStatus, Scheduler
+from ..jobstate import JobState, JobStatus
+from .base import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class LocalScheduler(Scheduler):
                 statuses[job.job_id] = JobStatus(job.job_id, JobState.DONE, "all node server processes have exited")
         return statuses
 
-    def cancel(self, job: JobInfo) -> None:
+    def cancel(self, job: JobInfo, purge: bool = False) -> None:
         pids = [int(pid) for pid in job.scheduler_ids if _alive(int(pid), job)]
         for pid in pids:
             _signal(pid, signal.SIGTERM)

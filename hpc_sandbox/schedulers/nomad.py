@@ -30,7 +30,8 @@ from ..errors import SchedulerError
 from ..jobfolder import JobFolder, JobInfo, ServerRecord
 from ..jobspec import NOMAD_SECRET_FILES, render
 from ..spec import SandboxSpec
-from .base import JobState, JobStatus, Scheduler
+from ..jobstate import JobState, JobStatus
+from .base import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def placement_failure(evaluation: Mapping[str, Any]) -> str | None:
 
 class NomadScheduler(Scheduler):
     name = "nomad"
+    purges = True
 
     def __init__(self, state_dir, connection: NomadConnection | None = None) -> None:
         super().__init__(state_dir)

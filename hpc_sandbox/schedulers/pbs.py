@@ -40,7 +40,7 @@ from ..errors import SchedulerError
 from ..jobspec import RenderedJobspec
 from ..jobfolder import JobFolder, JobInfo
 from ..spec import SandboxSpec
-from .base import JobState
+from ..jobstate import JobState
 from .batch import BatchScheduler, Task, run_command
 
 log = logging.getLogger(__name__)
@@ -398,7 +398,7 @@ class PbsScheduler(BatchScheduler):
     def parse_job_id(self, stdout: str) -> str:
         return parse_qsub_output(stdout)
 
-    def cancel(self, job: JobInfo) -> None:
+    def cancel(self, job: JobInfo, purge: bool = False) -> None:
         """qdel; a job that has already ended is not an error (qdel says so, or the Slurm
         wrapper exits 1 without a word): only a job still alive after a failed qdel is."""
         try:

@@ -19,7 +19,7 @@ from datetime import datetime
 from ..errors import SchedulerError
 from ..jobfolder import JobInfo
 from ..spec import SandboxSpec
-from .base import JobState
+from ..jobstate import JobState
 from . import slurm_pyslurm
 from .batch import BatchScheduler, Task, run_command
 

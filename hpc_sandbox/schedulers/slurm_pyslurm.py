@@ -16,7 +16,7 @@ import re
 from types import ModuleType
 
 from ..errors import SchedulerError
-from .base import JobState
+from ..jobstate import JobState
 from .batch import run_command
 
 log = logging.getLogger(__name__)
