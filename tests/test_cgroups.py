@@ -129,6 +129,37 @@ async def test_a_fork_bomb_stops_at_pids_max_and_is_answered_within_seconds(stat
     assert 0 < peak[0] <= FENCE, f"the bomb's cgroup held {peak[0]} tasks, its pids.max is {FENCE}"
 
 
+@requires_cgroups
+@requires_bwrap
+async def test_a_bwrap_slot_cannot_move_itself_out_of_its_cgroup(state_dir):
+    server = start_server(state_dir, job_id="cg-leave", slots=1, runtime="bwrap", extra=["--slot-procs", "64"])
+    try:
+        async with NodeClient(server.endpoint) as client:
+            granted = await client.acquire("t")
+            escape = " ; ".join(f"echo $$ > {path}/cgroup.procs" for path in _mounted_cgroup_roots())
+            answer = await client.execute(granted.slot, granted.lease, "bash",
+                                          {"command": f"{escape}; sleep 30 & echo $!"}, timeout=30)
+            assert answer.ok, answer
+            assert "Read-only file system" in answer.result["stderr"]
+            inner = int(answer.result["stdout"].split()[-1])  # sleep's pid in the slot's pid namespace
+            assert inner in [_pid_inside(pid) for pid in _listed(_slot_folder(server, granted.slot))]
+    finally:
+        server.stop()
+
+
+def _pid_inside(pid: int) -> int:
+    """A process's pid in its innermost pid namespace (NSpid's last field)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    return pid
+
+
+def _mounted_cgroup_roots() -> list[str]:
+    return [mount for mount, _, fstype, _ in cgroups._mounts(Path("/proc/self/mountinfo").read_text())
+            if fstype in ("cgroup", "cgroup2")]
+
+
 def test_a_node_without_a_writable_cgroup_gets_none_and_no_error(tmp_path, caplog):
     # A cgroup2 "mount" and a v1 pids "mount" that are plain folders (no cgroup.procs),
     # writable: not a place to make cgroups.
