@@ -10,6 +10,7 @@ its leftovers are killed by marker whatever happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import threading
@@ -250,3 +251,54 @@ def test_a_slot_cgroup_is_entered_before_the_command_runs_and_killed_whole(versi
     finally:
         place.close()
     assert not place.base.exists()
+
+
+_DELEGATED = """
+import subprocess, sys, time
+from hpc_sandbox.server import cgroups
+place = cgroups.claim()
+assert place is not None and place.hierarchy.version == 2, place
+slot = place.slot(0, 128)
+slot.make()
+child = subprocess.Popen(slot.enter_argv(["sh", "-c", "sleep 30 & sleep 30 & wait"]))
+deadline = time.monotonic() + 5
+while len(slot.pids()) < 3 and time.monotonic() < deadline:
+    time.sleep(0.02)
+assert len(slot.pids()) == 3, slot.pids()
+slot.kill()
+assert slot.pids() == [] and child.wait() < 0
+place.close()
+assert not place.base.exists()
+print("delegated ok")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not any(fs == "cgroup2" for _, _, fs, _ in
+                                                 cgroups._mounts(Path("/proc/self/mountinfo").read_text())),
+                    reason="needs root (to delegate a cgroup v2 to an ordinary user) and a cgroup2 mount")
+def test_a_cgroup_v2_delegated_to_an_ordinary_user_is_used_by_its_server():
+    """As systemd's Delegate=yes hands a unit's cgroup to its user: the folder and its
+    cgroup.procs, cgroup.subtree_control and cgroup.threads chowned, the process put in it."""
+    mount = next(m for m, _, fs, _ in cgroups._mounts(Path("/proc/self/mountinfo").read_text()) if fs == "cgroup2")
+    own = Path(mount) / Path(Path("/proc/self/cgroup").read_text().split("0::", 1)[1].strip()).relative_to("/")
+    delegated = own / f"hpcsbx-test-delegated-{os.getpid()}"
+    delegated.mkdir()
+    try:
+        for path in (delegated, *(delegated / name for name in ("cgroup.procs", "cgroup.subtree_control",
+                                                                "cgroup.threads"))):
+            os.chown(path, 65534, 65534)
+        repo = Path(__file__).resolve().parent.parent
+        # The node's own python3: the test's may live under /root, which the user cannot
+        # enter (cgroups.py needs the standard library only).
+        python = "/usr/bin/python3"
+        if not os.access(python, os.X_OK):
+            pytest.skip("no /usr/bin/python3 for the ordinary user")
+        enter = f'echo $$ > {delegated}/cgroup.procs && exec "$@"'
+        run = subprocess.run(["sh", "-c", enter, "sh", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              "env", f"PYTHONPATH={repo}", python, "-c", _DELEGATED],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and "delegated ok" in run.stdout, run.stderr[-2000:]
+    finally:
+        for child in sorted(delegated.glob("**/"), key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                child.rmdir()
