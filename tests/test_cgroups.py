@@ -302,3 +302,25 @@ def test_a_cgroup_v2_delegated_to_an_ordinary_user_is_used_by_its_server():
         for child in sorted(delegated.glob("**/"), key=lambda p: -len(p.parts)):
             with contextlib.suppress(OSError):
                 child.rmdir()
+
+
+@requires_cgroups
+def test_two_servers_on_a_node_keep_apart_and_a_killed_ones_cgroups_are_swept(state_dir):
+    first = start_server(state_dir, job_id="cg-a", slots=1)
+    second = start_server(state_dir, job_id="cg-b", slots=1)
+    third = None
+    try:
+        bases = [_slot_folder(server, 0).parent for server in (first, second)]
+        assert bases[0] != bases[1] and all(_listed(base / "slot-0") for base in bases)
+        first.proc.kill()  # SIGKILL: it removes nothing; its agent ends when its stdin closes
+        first.proc.wait()
+        assert wait_until(lambda: not _listed(bases[0] / "slot-0"), 15), _listed(bases[0] / "slot-0")
+        assert bases[0].exists()
+        third = start_server(state_dir, job_id="cg-c", slots=1)
+        assert not bases[0].exists(), "the killed server's empty cgroups were not swept"
+        assert _listed(bases[1] / "slot-0"), "a live server's slot cgroup was touched"
+    finally:
+        for server in (second, third):
+            if server is not None:
+                server.stop()
+    assert not bases[1].exists()
