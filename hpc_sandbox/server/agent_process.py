@@ -13,6 +13,7 @@ from typing import Any
 
 from ..agent import MAX_CHUNK_BYTES, is_ready
 from ..errors import ErrorKind, RuntimeUnavailable
+from .cgroups import SlotCgroup
 from .procfs import kill_tree
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class AgentProcess:
         # The agent's and the runtime's own processes, when a limit watchdog wants them.
         self.infra: frozenset[int] | None = None
         self.stuck: str | None = None  # why it was given up on
+        # The slot's cgroup, when it has one (the agent was spawned into it): then that,
+        # not the agent's tree, is what a kill of its processes empties.
+        self.cgroup: SlotCgroup | None = None
 
     @property
     def pid(self) -> int | None:
@@ -265,7 +269,9 @@ class AgentProcess:
         if not self.exited.is_set():
             # It did not end its commands: nobody else will. They sit in sessions of
             # their own, some perhaps (runtime none) outside its tree.
-            if self.proc.returncode is None:
+            if self.cgroup is not None:
+                await asyncio.to_thread(self.cgroup.kill)
+            elif self.proc.returncode is None:
                 await asyncio.to_thread(kill_tree, self.proc.pid)
             self._kill()
             await self.exited.wait()

@@ -15,7 +15,11 @@ process can leave that tree: under bwrap and Apptainer the slot's pid namespace 
 orphans under its init, and under runtime none the agent is the slot's subreaper
 (agent.py), so a daemon that double-forks and calls setsid is re-parented to the agent.
 Processes are read from /proc/PID/stat, which every process shows whatever its owner
-and whatever it hides (a non-dumpable process closes its environ, not its stat).
+and whatever it hides (a non-dumpable process closes its environ, not its stat). Where
+a slot has a cgroup (cgroups.py: its pids.max is the kernel's fence, whoever runs the
+server, root included), its members are what its cgroup.procs lists: a round then reads
+the slot's processes, at most the fence, not every process of the node, and stays quick
+while a fork bomb fills the node.
 
 Memory is the resident set of the slot's commands, process counts are the slot's
 commands: the agent and the runtime's own processes (its "infrastructure", taken
@@ -37,7 +41,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..agent import DIR_FLAGS, MAX_WALK_DEPTH, ToolError, walk_folder
-from .procfs import Proc, children_of, kill_group, scan_processes, signal_pid, subtree
+from .cgroups import SlotCgroup
+from .procfs import Proc, children_of, kill_group, read_processes, scan_processes, signal_pid, subtree
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +132,7 @@ class SlotView:
     # A TMPDIR of the slot's own on the node's disk (runtime none): slot_disk counts it
     # with the workspace. A container's /tmp is its own tmpfs, capped apart.
     tmpdir: Path | None = None
+    cgroup: SlotCgroup | None = None  # where the slot's processes are listed, when it has one
 
 
 @dataclass(frozen=True)
@@ -164,12 +170,10 @@ class Watchdog:
         return frozenset(subtree(pid, children_of(procs)))
 
     def check(self, views: list[SlotView], disk_round: bool) -> list[Finding]:
-        procs = scan_processes()
+        whole_node = any(view.cgroup is None for view in views)
+        procs = scan_processes() if whole_node else {}
         children = children_of(procs)
-        members: list[list[Proc]] = [[] for _ in views]
-        for position, view in enumerate(views):
-            if view.pid in procs:
-                members[position] = [procs[pid] for pid in subtree(view.pid, children) if pid not in view.infra]
+        members = [_members(view, procs, children) for view in views]
 
         findings: list[Finding | None] = [None] * len(views)
         disk_budget = DISK_ROUND_ENTRIES
@@ -273,8 +277,19 @@ class Watchdog:
                 signal_pid(proc.pid)
             if time.monotonic() > deadline:
                 return
-            procs = scan_processes()
-            if view.pid not in procs:
+            procs = {} if view.cgroup else scan_processes()
+            if view.cgroup is None and view.pid not in procs:
                 return
-            mine = [procs[pid] for pid in subtree(view.pid, children_of(procs))
-                    if pid not in view.infra and pid not in killed]
+            mine = [proc for proc in _members(view, procs, children_of(procs)) if proc.pid not in killed]
+
+
+def _members(view: SlotView, procs: dict[int, Proc], children: dict[int, list[int]]) -> list[Proc]:
+    """The slot's commands' processes: its cgroup's (read into `procs`, the agent's own
+    included, which `spared` looks up), else its tree's in `procs`."""
+    if view.cgroup is not None:
+        listed = read_processes(view.cgroup.pids())
+        procs.update(listed)
+        return [proc for pid, proc in listed.items() if pid not in view.infra]
+    if view.pid not in procs:
+        return []
+    return [procs[pid] for pid in subtree(view.pid, children) if pid not in view.infra]

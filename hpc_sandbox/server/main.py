@@ -32,6 +32,7 @@ from ..jobfolder import JobFolder, ServerRecord, read_private, read_token
 from ..tls import server_context
 from ..runtime import RuntimeOptions, make_runtime
 from .app import ServerLimits, make_app
+from . import cgroups
 from .limits import SlotLimits
 from .slots import SlotTable
 
@@ -234,7 +235,7 @@ async def serve(options: ServeOptions) -> int:
         log.warning("runtime none: slots run as plain processes of this user with no isolation; "
                     "use it for trusted local work only")
     table = SlotTable(runtime, workspace_root, options.slots, max_concurrent=options.limits.max_concurrent,
-                      limits=options.slot_limits)
+                      limits=options.slot_limits, cgroups=cgroups.claim())
     app = make_app(table, token, options.limits)
     app.cleanup_ctx.extend([_workspaces(workspace_root, ours), _slots(table)])
     log.info("starting %d slots (%s) in %s", options.slots, description, workspace_root)

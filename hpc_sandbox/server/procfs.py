@@ -3,12 +3,14 @@
 The watchdog (limits.py) and the end of a stuck agent (agent_process.py) use these; the
 agent has its own, inside the slot, in agent.py (it imports nothing of the package's).
 A slot's processes are a tree: the process its runtime spawned and everything below it
-(see limits.py for why nothing can leave that tree).
+(see limits.py for why nothing can leave that tree), or, where the slot has a cgroup
+(cgroups.py), what its cgroup.procs lists.
 """
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterable
 from typing import NamedTuple
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -26,30 +28,33 @@ def scan_processes() -> dict[int, Proc]:
 
     Every process's, not only the server user's: a slot's process may be a setuid
     program's, and ownership is not how a slot's processes are told apart (its tree is)."""
-    procs: dict[int, Proc] = {}
     try:
         entries = os.scandir("/proc")
     except OSError:
-        return procs
+        return {}
     with entries:
-        for entry in entries:
-            name = entry.name
-            if not name.isdigit():
-                continue
+        return read_processes(int(entry.name) for entry in entries if entry.name.isdigit())
+
+
+def read_processes(pids: Iterable[int]) -> dict[int, Proc]:
+    """The processes `pids` that are still there (a slot's, from its cgroup: a read per
+    process of the slot, not per process of the node)."""
+    procs: dict[int, Proc] = {}
+    for pid in pids:
+        try:
+            fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                fd = os.open(f"/proc/{name}/stat", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    raw = os.read(fd, 4096)
-                finally:
-                    os.close(fd)
-            except OSError:  # gone meanwhile
-                continue
-            # comm may hold spaces and parentheses: the fields start after the last ')'.
-            fields = raw[raw.rfind(b")") + 2:].split(None, 22)
-            try:
-                procs[int(name)] = Proc(int(name), int(fields[1]), int(fields[2]), int(fields[21]) * PAGE)
-            except (IndexError, ValueError):
-                continue
+                raw = os.read(fd, 4096)
+            finally:
+                os.close(fd)
+        except OSError:  # gone meanwhile
+            continue
+        # comm may hold spaces and parentheses: the fields start after the last ')'.
+        fields = raw[raw.rfind(b")") + 2:].split(None, 22)
+        try:
+            procs[pid] = Proc(pid, int(fields[1]), int(fields[2]), int(fields[21]) * PAGE)
+        except (IndexError, ValueError):
+            continue
     return procs
 
 

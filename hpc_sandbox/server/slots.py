@@ -27,8 +27,9 @@ from typing import Any
 from ..errors import BadRequest, ErrorKind, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
 from ..protocol import TOOLS, AcquireRequest, BashResult, Call, CallAnswer, Grant, SlotState
 from ..agent import RESET_TIMEOUT, empty_folder
-from ..runtime import SlotRuntime, host_scratch
+from ..runtime import SlotRuntime, host_scratch, task_fence
 from .agent_process import STUCK_GRACE_SECONDS, AgentDied, AgentError, AgentProcess, AgentStuck, OutputSink
+from .cgroups import CgroupPlace, SlotCgroup
 from .limits import DISK_EVERY, WATCH_INTERVAL, SlotLimits, SlotView, Watchdog
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Slot:
     # was measured with nothing running.
     quiet_at: float | None = None
     measured_at: float | None = None
+    cgroup: SlotCgroup | None = None  # where its agent runs, when the node lets the server make cgroups
 
     def expires_in(self, now: float) -> float | None:
         if self.state != SlotState.LEASED:
@@ -103,7 +105,7 @@ class _Waiting:
 class SlotTable:
     def __init__(self, runtime: SlotRuntime, workspace_root: Path, slots: int, *,
                  max_concurrent: int = 256, agent_start_timeout: float = 120.0,
-                 limits: SlotLimits | None = None) -> None:
+                 limits: SlotLimits | None = None, cgroups: CgroupPlace | None = None) -> None:
         self.runtime = runtime
         self.workspace_root = workspace_root
         self.slots = [Slot(index=i, workspace=workspace_root / f"slot-{i}" / "workspace") for i in range(slots)]
@@ -122,6 +124,8 @@ class SlotTable:
         self._round: asyncio.Task | None = None  # the watchdog's round in progress
         # Acquire requests waiting for a slot, oldest first (see acquire and _offer).
         self._waiting: collections.deque[_Waiting] = collections.deque()
+        # The server's folder of slot cgroups (cgroups.claim), if any: the table removes it at stop.
+        self.cgroups = cgroups
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -149,10 +153,21 @@ class SlotTable:
         while self._waiting:
             self._waiting.popleft().future.cancel()
         await asyncio.gather(*(slot.agent.stop() for slot in self.slots if slot.agent), return_exceptions=True)
+        if self.cgroups is not None:
+            await asyncio.to_thread(self.cgroups.close)  # what the agents left, then the folders
 
     async def _start_agent(self, slot: Slot) -> None:
         argv, env = self.runtime.agent_command(slot.workspace, slot.index)
+        if self.cgroups is not None:
+            # Every agent starts in an empty cgroup: whatever the last one left (a dead
+            # agent's orphans, a stuck one's commands) is killed first.
+            if slot.cgroup is None:
+                procs = self.limits.max_procs
+                slot.cgroup = self.cgroups.slot(slot.index, task_fence(procs) if procs is not None else None)
+            await asyncio.to_thread(_emptied, slot.cgroup)
+            argv = slot.cgroup.enter_argv(argv)
         agent = AgentProcess(argv, env, cwd=str(slot.workspace), name=f"slot {slot.index}")
+        agent.cgroup = slot.cgroup
         await agent.start(self.agent_start_timeout)
         if self.watchdog:
             try:
@@ -502,7 +517,7 @@ class SlotTable:
                 if not scan and not (measure and disk_round):
                     continue  # nothing has run in it since a round found it empty (and measured it)
                 views.append(SlotView(slot.index, agent.pid or 0, agent.infra, slot.workspace,
-                                      measure_disk=measure, tmpdir=self._tmpdir(slot)))
+                                      measure_disk=measure, tmpdir=self._tmpdir(slot), cgroup=slot.cgroup))
                 marks.append((slot, agent, busy, slot.last_used))
             if not views:
                 continue
@@ -563,6 +578,11 @@ async def _wait_briefly(event: asyncio.Event, seconds: float) -> bool:
         return True
     except asyncio.TimeoutError:
         return False
+
+
+def _emptied(cgroup: SlotCgroup) -> None:
+    cgroup.kill()
+    cgroup.make()
 
 
 def _wipe(folder: Path) -> None:
