@@ -30,6 +30,7 @@ from typing import Any
 
 from ..agent import (DEFAULT_TREE_BYTES, DEFAULT_TREE_ENTRIES, DIR_FLAGS, MAX_ARCHIVE_CAP, SLOT_WORKSPACE,
                      TREE_MODE_BITS, ToolError, link_stays_inside, unpack_tree, workspace_parts)
+from ..errors import ErrorKind
 
 # The archive's name in the workspace while it waits for the agent to unpack it.
 UPLOAD_PREFIX = ".hpc-sandbox-tree-"
@@ -90,9 +91,9 @@ def pack_tree(local_dir: Path, limits: TreeLimits) -> PackedTree:
     Raises ToolError (not_found, not_a_directory, too_large) or OSError."""
     top = Path(local_dir)
     if not top.exists():
-        raise ToolError("not_found", f"{top}: no such folder")
+        raise ToolError(ErrorKind.NOT_FOUND, f"{top}: no such folder")
     if not top.is_dir():
-        raise ToolError("not_a_directory", f"{top}: is not a folder")
+        raise ToolError(ErrorKind.NOT_A_DIRECTORY, f"{top}: is not a folder")
     handle = tempfile.NamedTemporaryFile(prefix="hpc-sandbox-tree-", suffix=".tar.gz", delete=False)
     packed = PackedTree(Path(handle.name))
     try:
@@ -104,9 +105,9 @@ def pack_tree(local_dir: Path, limits: TreeLimits) -> PackedTree:
                 packed.entries += 1
                 packed.bytes += info.size
                 if packed.entries > limits.max_entries:
-                    raise ToolError("too_large", f"{top} holds more than {limits.max_entries} entries")
+                    raise ToolError(ErrorKind.TOO_LARGE, f"{top} holds more than {limits.max_entries} entries")
                 if packed.bytes > limits.max_bytes:
-                    raise ToolError("too_large", f"{top}'s files hold more than {limits.max_bytes} bytes")
+                    raise ToolError(ErrorKind.TOO_LARGE, f"{top}'s files hold more than {limits.max_bytes} bytes")
     except BaseException:
         packed.discard()
         raise
@@ -158,9 +159,9 @@ def unpack_download(result: dict[str, Any], local_dir: Path, strip: int, limits:
     try:
         data = base64.b64decode(result.get("content") or "", validate=True)
     except ValueError:
-        raise ToolError("corrupt", "the slot's archive is not valid base64") from None
+        raise ToolError(ErrorKind.CORRUPT, "the slot's archive is not valid base64") from None
     if result.get("sha256") and hashlib.sha256(data).hexdigest() != result["sha256"]:
-        raise ToolError("corrupt", "the slot's archive does not match its sha256")
+        raise ToolError(ErrorKind.CORRUPT, "the slot's archive does not match its sha256")
     top = Path(os.path.realpath(local_dir))  # the caller's own path: its symlinks are theirs
     top.mkdir(parents=True, exist_ok=True)
     top_fd = os.open(top, DIR_FLAGS)
