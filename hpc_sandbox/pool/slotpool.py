@@ -398,6 +398,10 @@ class SlotPool:
     async def upload(self, slot: Slot, source: Path, path: str) -> ToolResult:
         """Stream the local file `source` into the workspace at `path` (replacing
         atomically; mode 0644: upload_tree keeps modes)."""
+        if not Path(source).is_file():  # read only once the request is under way: said before it
+            kind = ErrorKind.NOT_FOUND if not Path(source).exists() else ErrorKind.NOT_A_FILE
+            return ToolResult.failure("upload", kind, f"{source}: no such file" if kind == ErrorKind.NOT_FOUND
+                                      else f"{source}: not a regular file", slot)
         try:
             size = await self._guarded(slot, self._client(slot).upload(slot.index, slot.lease, source, path))
         except ClientError as exc:
