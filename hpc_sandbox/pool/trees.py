@@ -163,9 +163,14 @@ def unpack_download(result: dict[str, Any], local_dir: Path, strip: int, limits:
     if result.get("sha256") and hashlib.sha256(data).hexdigest() != result["sha256"]:
         raise ToolError(ErrorKind.CORRUPT, "the slot's archive does not match its sha256")
     top = Path(os.path.realpath(local_dir))  # the caller's own path: its symlinks are theirs
+    made = not top.exists()
     top.mkdir(parents=True, exist_ok=True)
     top_fd = os.open(top, DIR_FLAGS)
     try:
         return unpack_tree(lambda: io.BytesIO(data), top_fd, strip, "skip", limits.max_bytes, limits.max_entries)
+    except ToolError:
+        if made and not any(top.iterdir()):  # refused before anything was written: leave no trace
+            top.rmdir()
+        raise
     finally:
         os.close(top_fd)
