@@ -2350,7 +2350,7 @@ class _CappedBytesIO(io.BytesIO):
 # written (a first pass over the whole archive), and checked again as it is written
 # (the slot may change the archive between the passes):
 # - a name is relative, without `..` and without a NUL, and no member lies under a
-#   symlink of the archive (folders are walked with O_NOFOLLOW anyway);
+#   symlink or a file of the archive (folders are walked with O_NOFOLLOW anyway);
 # - folders, regular files and symlinks only: a hard link, a device, a FIFO is refused;
 # - a symlink is made only if it cannot lead out of the tree it was unpacked into: its
 #   target is relative, climbs with leading `..` only, and no higher than the tree's
@@ -2406,36 +2406,45 @@ class _TreeMember:
         self.kind = kind  # "dir", "file" or "link"
 
 
-def _check_member(info, strip: int, links: set, links_out: str, skipped: list):
-    """The member as a _TreeMember; None for the top itself or a link left out; or raise."""
+def _check_member(info, strip: int, kinds: dict, links_out: str, skipped: list):
+    """The member as a _TreeMember; None for the top itself or a link left out; or
+    raise. `kinds` maps the paths met so far to their kind: nothing may lie under a
+    file or a symlink of the archive, nor be a folder in one place and not in another."""
     parts = tree_member_parts(info.name)
     if len(parts) < strip:
         raise ToolError("path", "archive member %s: outside the folder asked for" % info.name)
     parts = parts[strip:]
     for depth in range(1, len(parts)):
-        if tuple(parts[:depth]) in links:
-            raise ToolError("path", "archive member %s: lies under the symlink %s; %s"
-                            % (info.name, "/".join(parts[:depth]), NOT_FOLLOWED))
+        above = kinds.get(tuple(parts[:depth]))
+        if above is not None and above != "dir":
+            raise ToolError("path", "archive member %s: lies under the %s %s; %s"
+                            % (info.name, "symlink" if above == "link" else "file", "/".join(parts[:depth]),
+                               NOT_FOLLOWED))
     if len(parts) > MAX_WALK_DEPTH:
         raise ToolError("too_large", "archive member %s: nested deeper than %d levels" % (info.name, MAX_WALK_DEPTH))
     if info.isdir():
-        return _TreeMember(info, parts, "dir") if parts else None
-    if not parts:
+        member = _TreeMember(info, parts, "dir") if parts else None
+    elif not parts:
         raise ToolError("not_a_directory", "the archive's top %s is not a folder" % info.name)
-    if info.isreg():
-        return _TreeMember(info, parts, "file")
-    if info.issym():
+    elif info.isreg():
+        member = _TreeMember(info, parts, "file")
+    elif info.issym():
         if not link_stays_inside(parts, info.linkname):
             if links_out != "skip":
                 raise ToolError("path", "archive member %s: a symlink to %s could lead out of the tree"
                                 % (info.name, info.linkname))
             skipped.append({"path": "/".join(parts), "reason": "symlink to %s leads out of the tree" % info.linkname})
             return None
-        links.add(tuple(parts))
-        return _TreeMember(info, parts, "link")
-    what = "a hard link" if info.islnk() else "a device, FIFO or other special file"
-    raise ToolError("not_a_file", "archive member %s: is %s; only folders, files and symlinks are unpacked"
-                    % (info.name, what))
+        member = _TreeMember(info, parts, "link")
+    else:
+        what = "a hard link" if info.islnk() else "a device, FIFO or other special file"
+        raise ToolError("not_a_file", "archive member %s: is %s; only folders, files and symlinks are unpacked"
+                        % (info.name, what))
+    if member is not None:
+        before = kinds.setdefault(tuple(parts), member.kind)
+        if (before == "dir") != (member.kind == "dir"):
+            raise ToolError("path", "archive member %s: is a folder and not a folder" % info.name)
+    return member
 
 
 def _tree_members(fileobj, strip: int, links_out: str, max_bytes: int, max_entries: int, skipped: list):
@@ -2443,12 +2452,12 @@ def _tree_members(fileobj, strip: int, links_out: str, max_bytes: int, max_entri
     and counted against the caps as the headers come. Closes `fileobj`."""
     import zlib  # the standard library's: what a damaged gzip stream raises
 
-    links = set()
+    kinds = {}
     total = entries = 0
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
             for info in tar:
-                member = _check_member(info, strip, links, links_out, skipped)
+                member = _check_member(info, strip, kinds, links_out, skipped)
                 if member is None:
                     continue
                 entries += 1

@@ -237,6 +237,8 @@ HOSTILE = {
     "symlink_climbing": ([("a/up", "sym", "../../..")], ErrorKind.PATH),
     "symlink_dotdot_in_middle": ([("d/l", "sym", ".."), ("x", "sym", "d/l/../..")], ErrorKind.PATH),
     "through_a_symlink": ([("d", "dir", None), ("l", "sym", "d"), ("l/evil.txt", "file", b"evil")], ErrorKind.PATH),
+    "under_a_file": ([("f", "file", b"f"), ("f/evil.txt", "file", b"evil")], ErrorKind.PATH),
+    "file_then_folder": ([("x", "file", b"x"), ("x", "dir", None)], ErrorKind.PATH),
     "device": ([("ok.txt", "file", b"ok"), ("null", "chr", None)], ErrorKind.NOT_A_FILE),
     "fifo": ([("pipe", "fifo", None)], ErrorKind.NOT_A_FILE),
     "hard_link_out": ([("h", "hard", "../../etc/passwd")], ErrorKind.NOT_A_FILE),
