@@ -172,6 +172,13 @@ async def test_upload_and_download_of_a_file_return_results(pool, tmp_path):
         assert not outside.success and outside.error_kind == ErrorKind.PATH
         gone = await pool.upload(slot, tmp_path / "nope.txt", "x.txt")
         assert not gone.success and gone.error_kind == ErrorKind.NOT_FOUND
+        script = tmp_path / "run.sh"
+        script.write_text("#!/bin/sh\necho ran\n")
+        script.chmod(0o4755)
+        assert (await pool.upload(slot, script, "bin/run.sh")).success  # the issue: it lost its x bit
+        assert (await pool.upload(slot, script, "bin/private.sh", mode=0o600)).success
+        said = await shell(pool, slot, "./bin/run.sh && stat -c %a bin/run.sh bin/private.sh")
+        assert said.split() == ["ran", "755", "600"]  # setuid never goes in
 
 
 async def test_tree_refusals_are_results_with_kinds(pool, tmp_path):

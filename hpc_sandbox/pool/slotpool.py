@@ -395,15 +395,19 @@ class SlotPool:
             return ToolResult.failure("download", _local_kind(exc), f"{dest}: {exc.strerror or exc}", slot)
         return _done("download", slot, {"path": path, "size": size})
 
-    async def upload(self, slot: Slot, source: Path, path: str) -> ToolResult:
+    async def upload(self, slot: Slot, source: Path, path: str, mode: int | None = None) -> ToolResult:
         """Stream the local file `source` into the workspace at `path` (replacing
-        atomically; mode 0644: upload_tree keeps modes)."""
+        atomically), with `mode`, by default the local file's permission bits (an
+        executable stays executable; setuid, setgid and sticky are dropped)."""
         if not Path(source).is_file():  # read only once the request is under way: said before it
             kind = ErrorKind.NOT_FOUND if not Path(source).exists() else ErrorKind.NOT_A_FILE
             return ToolResult.failure("upload", kind, f"{source}: no such file" if kind == ErrorKind.NOT_FOUND
                                       else f"{source}: not a regular file", slot)
+        if mode is None:
+            mode = Path(source).stat().st_mode & 0o777
         try:
-            size = await self._guarded(slot, self._client(slot).upload(slot.index, slot.lease, source, path))
+            size = await self._guarded(slot, self._client(slot).upload(slot.index, slot.lease, source, path,
+                                                                       mode=mode))
         except ClientError as exc:
             return ToolResult.failure("upload", exc.kind, str(exc), slot)
         except OSError as exc:

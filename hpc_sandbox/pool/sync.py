@@ -70,8 +70,8 @@ class SyncSlotPool:
     def download(self, slot: Slot, path: str, dest: Path) -> ToolResult:
         return self._run(self.pool.download(slot, path, dest))
 
-    def upload(self, slot: Slot, source: Path, path: str) -> ToolResult:
-        return self._run(self.pool.upload(slot, source, path))
+    def upload(self, slot: Slot, source: Path, path: str, mode: int | None = None) -> ToolResult:
+        return self._run(self.pool.upload(slot, source, path, mode))
 
     def upload_tree(self, slot: Slot, local_dir: Path, dest: str = ".", **caps: Any) -> ToolResult:
         return self._run(self.pool.upload_tree(slot, local_dir, dest, **caps))
