@@ -2443,7 +2443,8 @@ def _check_member(info, strip: int, kinds: dict, links_out: str, skipped: list):
     if member is not None:
         before = kinds.setdefault(tuple(parts), member.kind)
         if (before == "dir") != (member.kind == "dir"):
-            raise ToolError("path", "archive member %s: is a folder in one place, a file or a symlink in another" % info.name)
+            raise ToolError("path", "archive member %s: is a folder in one place, a file or a symlink in another"
+                            % info.name)
     return member
 
 
