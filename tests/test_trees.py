@@ -437,3 +437,22 @@ def test_cli_cp_without_a_job_says_so_at_once(tmp_path, cli):
     done = cli("cp", str(tmp_path / "d"), "slot:d")
     assert done.returncode == 125 and "no job in" in one_line(done.stderr)
     assert time.monotonic() - started < 30
+
+
+def test_the_sync_facade_moves_trees(state_dir, tmp_path):
+    from hpc_sandbox.pool import SyncSlotPool
+
+    server = start_server(state_dir, job_id="syncjob", slots=1)
+    try:
+        local = tmp_path / "proj"
+        held = make_project(local, files=4)
+        with SyncSlotPool(connect.from_state_dir(state_dir, ["syncjob"])) as pool:
+            with pool.slot() as slot:
+                up = pool.upload_tree(slot, local, "p", max_entries=50)
+                assert up.success and up.data["files"] == len(held)
+                down = pool.download_tree(slot, "/workspace/p", tmp_path / "back")
+                assert down.success and tree_of(tmp_path / "back") == tree_of(local)
+                assert pool.upload(slot, local / "bin/run.sh", "run.sh").success
+                assert pool.download(slot, "run.sh", tmp_path / "run.sh").data["size"] == len(held["bin/run.sh"])
+    finally:
+        server.stop()
