@@ -409,10 +409,12 @@ def test_cli_cp_copies_in_runs_and_copies_out(state_dir, tmp_path, cli):
         make_project(local, files=6)
         out, readme = tmp_path / "out", tmp_path / "readme.txt"
         done = cli("cp", str(local), "slot:proj", "--run", "cd proj && mkdir -p out/sub && ./bin/run.sh > out/sub/ran "
-                   "&& echo said", "slot:proj/out", str(out), "slot:/workspace/proj/README.ro", str(readme))
+                   "&& echo said", "slot:proj/out", str(out), "slot:/workspace/proj/README.ro", str(readme),
+                   "slot:proj/bin/run.sh", str(out))  # a file into a local folder: named as in the slot
         assert done.returncode == 0, done.stderr
         assert done.stdout == "said\n"
         assert (out / "sub/ran").read_text() == "run\n" and readme.read_text() == "read only\n"
+        assert (out / "run.sh").read_text() == "#!/bin/sh\necho run\n"
         assert f"{local} -> slot:proj (9 files, 9 folders, 0 links" in done.stderr
         failed = cli("cp", str(local / "bin"), "slot:b", "--run", "./b/run.sh > made; exit 3", "slot:made",
                      str(tmp_path / "made"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import click
 
@@ -76,8 +76,9 @@ async def _copy(pool: SlotPool, slot: Slot, copy: Copy) -> ToolResult:
             return await pool.upload_tree(slot, copy.local, copy.remote)
         return await pool.upload(slot, copy.local, copy.remote)
     result = await pool.download_tree(slot, copy.remote, copy.local)
-    if result.error_kind == ErrorKind.NOT_A_DIRECTORY:  # a file: copied as one
-        return await pool.download(slot, copy.remote, copy.local)
+    if result.error_kind == ErrorKind.NOT_A_DIRECTORY:  # a file: copied as one (into LOCAL if a folder, as cp does)
+        local = copy.local / PurePosixPath(copy.remote).name if copy.local.is_dir() else copy.local
+        return await pool.download(slot, copy.remote, local)
     return result
 
 
