@@ -14,6 +14,7 @@ why it stays one file; its sections, in order:
   background          processes that outlive their call, with capped logs
   the agent           the Agent class: I/O, reset, and one method per tool
   archives            tar.gz of workspace paths
+  trees in            unpacking a (hostile) tar archive into a folder: the extract tool
   tools and main      the tool table, argument parsing, the ready line, the event loop
 
 Protocol (newline-framed JSON, json.dumps never emits a raw newline; but for the raw
@@ -82,6 +83,7 @@ MAX_CHUNK_BYTES = 8 << 20
 # The tools a client may call through the node server; the agent's others (cancel,
 # ping, reset) are the server's own.
 CLIENT_TOOLS = ("bash", "session", "process", "read_file", "write_file", "list_files", "archive")
+CLIENT_TOOLS += ("extract",)  # a tar archive in the workspace unpacked into a folder (see "trees in")
 
 
 def ready_message(pid: int, tag: str) -> dict:
@@ -2338,6 +2340,283 @@ class _CappedBytesIO(io.BytesIO):
         return super().write(data)
 
 
+# --- trees in -----------------------------------------------------------------------
+#
+# A tree comes into a slot as one tar archive that the node server streamed into the
+# workspace (PUT, as any file), unpacked here by the `extract` tool; the pool unpacks
+# a tree it downloads with the same code on its own side, into the caller's folder.
+# Either way the archive is hostile: a slot made the one the pool reads, anyone may
+# hand-make the one a slot gets. So every member is checked before anything is
+# written (a first pass over the whole archive), and checked again as it is written
+# (the slot may change the archive between the passes):
+# - a name is relative, without `..` and without a NUL, and no member lies under a
+#   symlink or a file of the archive (folders are walked with O_NOFOLLOW anyway);
+# - folders, regular files and symlinks only: a hard link, a device, a FIFO is refused;
+# - a symlink is made only if it cannot lead out of the tree it was unpacked into: its
+#   target is relative, climbs with leading `..` only, and no higher than the tree's
+#   top (so, by induction over the links of the tree, it resolves inside). Where
+#   `links_out` is "skip" (a download: a slot's venv links to /usr/bin/python3) such a
+#   link is left out and named in the answer; elsewhere it refuses the archive;
+# - modes are kept (less setuid, setgid and sticky), mtimes too; ownership never: what
+#   is made belongs to whoever unpacks (the slot's own uid in a slot), whatever uid the
+#   archive names, so a root server's bwrap slot never tries a chown it cannot do;
+# - caps on the bytes of file data and on the number of members, checked on the
+#   headers before any data is read (too_large).
+
+DEFAULT_TREE_BYTES = 1 << 30
+MAX_TREE_BYTES = 16 << 30
+DEFAULT_TREE_ENTRIES = 100000
+MAX_TREE_ENTRIES = 1000000
+TREE_MODE_BITS = 0o777  # setuid, setgid and sticky are not kept
+_COPY_BLOCK = 1 << 20
+
+
+def tree_member_parts(name: str) -> list:
+    """The components of an archive member's name below the tree's top; or raise (path)."""
+    if "\x00" in name:
+        raise ToolError("path", "archive member %r: the name holds a NUL byte" % name)
+    if name.startswith("/"):
+        raise ToolError("path", "archive member %s: absolute names are not unpacked" % name)
+    parts = [part for part in name.split("/") if part and part != "."]
+    if ".." in parts:
+        raise ToolError("path", "archive member %s: '..' is not allowed" % name)
+    return parts
+
+
+def link_stays_inside(parts: list, target: str) -> bool:
+    """Whether a symlink at `parts` (below the tree's top) pointing at `target` cannot
+    lead out of the tree: relative, `..` only leading, and no higher than the top."""
+    if not target or "\x00" in target or target.startswith("/"):
+        return False
+    names = [part for part in target.split("/") if part and part != "."]
+    climbs = 0
+    while climbs < len(names) and names[climbs] == "..":
+        climbs += 1
+    return ".." not in names[climbs:] and climbs <= len(parts) - 1
+
+
+class _TreeMember:
+    """One member of an archive, checked: what it is and where it goes."""
+
+    __slots__ = ("info", "parts", "kind")
+
+    def __init__(self, info, parts, kind) -> None:
+        self.info = info
+        self.parts = parts
+        self.kind = kind  # "dir", "file" or "link"
+
+
+def _check_member(info, strip: int, kinds: dict, links_out: str, skipped: list):
+    """The member as a _TreeMember; None for the top itself or a link left out; or
+    raise. `kinds` maps the paths met so far to their kind: nothing may lie under a
+    file or a symlink of the archive, nor be a folder in one place and not in another."""
+    parts = tree_member_parts(info.name)
+    if len(parts) < strip:
+        raise ToolError("path", "archive member %s: outside the folder asked for" % info.name)
+    parts = parts[strip:]
+    for depth in range(1, len(parts)):
+        above = kinds.get(tuple(parts[:depth]))
+        if above is not None and above != "dir":
+            raise ToolError("path", "archive member %s: lies under the %s %s; %s"
+                            % (info.name, "symlink" if above == "link" else "file", "/".join(parts[:depth]),
+                               NOT_FOLLOWED))
+    if len(parts) > MAX_WALK_DEPTH:
+        raise ToolError("too_large", "archive member %s: nested deeper than %d levels" % (info.name, MAX_WALK_DEPTH))
+    if info.isdir():
+        member = _TreeMember(info, parts, "dir") if parts else None
+    elif not parts:
+        raise ToolError("not_a_directory", "the archive's top %s is not a folder" % info.name)
+    elif info.isreg():
+        member = _TreeMember(info, parts, "file")
+    elif info.issym():
+        if not link_stays_inside(parts, info.linkname):
+            if links_out != "skip":
+                raise ToolError("path", "archive member %s: a symlink to %s could lead out of the tree"
+                                % (info.name, info.linkname))
+            skipped.append({"path": "/".join(parts), "reason": "symlink to %s leads out of the tree" % info.linkname})
+            return None
+        member = _TreeMember(info, parts, "link")
+    else:
+        what = "a hard link" if info.islnk() else "a device, FIFO or other special file"
+        raise ToolError("not_a_file", "archive member %s: is %s; only folders, files and symlinks are unpacked"
+                        % (info.name, what))
+    if member is not None:
+        before = kinds.setdefault(tuple(parts), member.kind)
+        if (before == "dir") != (member.kind == "dir"):
+            raise ToolError("path", "archive member %s: is a folder in one place, a file or a symlink in another"
+                            % info.name)
+    return member
+
+
+def _tree_members(fileobj, strip: int, links_out: str, max_bytes: int, max_entries: int, skipped: list):
+    """Yield (tar, _TreeMember) of a tar stream (any compression tarfile reads), checked
+    and counted against the caps as the headers come. Closes `fileobj`."""
+    import zlib  # the standard library's: what a damaged gzip stream raises
+
+    kinds = {}
+    total = entries = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for info in tar:
+                member = _check_member(info, strip, kinds, links_out, skipped)
+                if member is None:
+                    continue
+                entries += 1
+                total += info.size if member.kind == "file" else 0
+                if entries > max_entries:
+                    raise ToolError("too_large", "the archive holds more than %d entries" % max_entries)
+                if total > max_bytes:
+                    raise ToolError("too_large", "the archive's files hold more than %d bytes" % max_bytes)
+                yield tar, member
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ToolError("bad_request", "not a readable tar archive: %s" % exc)
+    except OSError as exc:
+        if exc.errno is None:  # gzip.BadGzipFile and the like: the data, not the disk
+            raise ToolError("bad_request", "not a readable tar archive: %s" % exc)
+        raise
+    finally:
+        fileobj.close()
+
+
+def _open_tree_dir(top_fd: int, parts: list, label: str) -> int:
+    """A descriptor of the folder `parts` below `top_fd`, made where missing, each
+    component opened with O_NOFOLLOW."""
+    fd = os.dup(top_fd)
+    try:
+        for name in parts:
+            next_fd = open_child_dir(fd, name, label, create=True)
+            os.close(fd)
+            fd = next_fd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _place(parent: int, name: str, label: str, make) -> None:
+    """Put what `make(parent, tmp)` creates at `name` in `parent`, atomically: rename()
+    replaces a file or a symlink there and follows nothing; a folder there is refused."""
+    try:
+        old = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        raise ToolError("is_directory", "%s: a folder is in the way" % label)
+    tmp = ".hpc-sandbox-extract-%s" % os.urandom(6).hex()
+    try:
+        make(parent, tmp)
+        os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=parent)
+        except OSError:
+            pass
+        raise
+
+
+def _write_member(tar, member: _TreeMember, parent: int, label: str) -> None:
+    info = member.info
+    if member.kind == "link":
+        _place(parent, member.parts[-1], label, lambda fd, tmp: os.symlink(info.linkname, tmp, dir_fd=fd))
+        return
+    source = tar.extractfile(info)
+
+    def make(fd_dir, tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=fd_dir)
+        try:
+            left = info.size
+            while left > 0:
+                block = source.read(min(left, _COPY_BLOCK))
+                if not block:
+                    raise ToolError("bad_request", "archive member %s: its data ends early" % info.name)
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view):]
+                left -= len(block)
+            os.fchmod(fd, info.mode & TREE_MODE_BITS)
+            os.utime(fd, (info.mtime, info.mtime))
+        finally:
+            os.close(fd)
+
+    _place(parent, member.parts[-1], label, make)
+
+
+def unpack_tree(open_archive, top_fd: int, strip: int = 0, links_out: str = "refuse",
+                max_bytes: int = DEFAULT_TREE_BYTES, max_entries: int = DEFAULT_TREE_ENTRIES) -> dict:
+    """Unpack the tar stream that `open_archive()` gives (called once per pass) into the
+    folder `top_fd`, by the rules above; `strip` leading components of each name are
+    the top's own. What was made, and the links left out."""
+    skipped = []
+    for _ in _tree_members(open_archive(), strip, links_out, max_bytes, max_entries, []):
+        pass  # the first pass: a bad member refuses the archive before anything is written
+    counts = {"dirs": 0, "files": 0, "links": 0, "bytes": 0}
+    folders = []  # (parts, mode): modes are set last, deepest first, so that a read-only
+    #               folder of the archive does not stop its own members from being written
+    for tar, member in _tree_members(open_archive(), strip, links_out, max_bytes, max_entries, skipped):
+        label = "/".join(member.parts)
+        if member.kind == "dir":
+            os.close(_open_tree_dir(top_fd, member.parts, label))
+            folders.append((member.parts, member.info.mode & TREE_MODE_BITS))
+            counts["dirs"] += 1
+            continue
+        parent = _open_tree_dir(top_fd, member.parts[:-1], label)
+        try:
+            _write_member(tar, member, parent, label)
+        finally:
+            os.close(parent)
+        counts["files" if member.kind == "file" else "links"] += 1
+        counts["bytes"] += member.info.size if member.kind == "file" else 0
+    for parts, mode in sorted(folders, key=lambda item: -len(item[0])):
+        fd = _open_tree_dir(top_fd, parts, "/".join(parts))
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+    counts["skipped"] = skipped
+    return counts
+
+
+async def _tool_extract(agent, request_id, args, timeout):
+    return await agent._in_thread(_extract, agent, args)
+
+
+def _extract(agent, args) -> dict:
+    """Unpack the tar archive at `path` (a workspace file; gzip, bzip2, xz or none) into
+    the folder `dest` (made if missing); `remove` deletes the archive, whether it
+    unpacks or is refused. `max_bytes` and `max_entries` cap the files' data and the
+    members."""
+    path = args.get("path")
+    parts = workspace_parts(path, agent.roots)
+    dest = args.get("dest") or "."
+    dest_parts = workspace_parts(dest, agent.roots)
+    max_bytes = _bounded_int(args, "max_bytes", DEFAULT_TREE_BYTES, MAX_TREE_BYTES)
+    max_entries = _bounded_int(args, "max_entries", DEFAULT_TREE_ENTRIES, MAX_TREE_ENTRIES)
+    if not parts:
+        raise ToolError("is_directory", "%s: is a directory (the workspace)" % path)
+    parent = agent._open_dir(parts[:-1], path)
+    try:
+        fd = open_child_file(parent, parts[-1], path)
+        if args.get("remove"):  # the descriptor still reads it
+            os.unlink(parts[-1], dir_fd=parent)
+    finally:
+        os.close(parent)
+    try:
+        top_fd = agent._open_dir(dest_parts, dest, create=True)
+        try:
+            def open_archive():
+                os.lseek(fd, 0, os.SEEK_SET)
+                return os.fdopen(os.dup(fd), "rb")
+
+            result = unpack_tree(open_archive, top_fd, 0, "refuse", max_bytes, max_entries)
+        finally:
+            os.close(top_fd)
+    finally:
+        os.close(fd)
+    result["dest"] = "/".join(dest_parts) or "."
+    return result
+
+
 # --- tools and main -----------------------------------------------------------------
 
 TOOLS = {
@@ -2348,6 +2627,7 @@ TOOLS = {
     "write_file": Agent.tool_write_file,
     "list_files": Agent.tool_list_files,
     "archive": Agent.tool_archive,
+    "extract": _tool_extract,
     "cancel": Agent.tool_cancel,
     "ping": Agent.tool_ping,
     "reset": Agent.tool_reset,

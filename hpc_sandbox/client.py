@@ -314,9 +314,13 @@ class NodeClient:
         finally:
             partial.unlink(missing_ok=True)
 
-    async def upload(self, slot: int, lease: str, source: Path, path: str, timeout: float = 3600.0) -> int:
-        """Stream a local file into the workspace (replacing atomically); returns its size."""
+    async def upload(self, slot: int, lease: str, source: Path, path: str, timeout: float = 3600.0,
+                     mode: int | None = None) -> int:
+        """Stream a local file into the workspace (replacing atomically), with `mode`
+        (permission bits; default 0644); returns its size."""
         headers = {**self._auth, protocol.LEASE_HEADER: lease}
+        if mode is not None:
+            headers[protocol.MODE_HEADER] = protocol.mode_header(mode)
 
         async def chunks():
             with open(source, "rb") as handle:

@@ -16,7 +16,7 @@ import these; none of them spells a route, a header or a dict shape of its own.
                                                     (X-Lease)
     POST /v1/batch                   {"calls": [Call...]}       -> {"results": [CallAnswer...]}
     GET  /v1/slots/{i}/files/{path}  stream a file out of the workspace  (X-Lease)
-    PUT  /v1/slots/{i}/files/{path}  stream a file into the workspace    (X-Lease)
+    PUT  /v1/slots/{i}/files/{path}  stream a file into the workspace    (X-Lease, X-Mode?)
 
 Every request but /v1/health carries `Authorization: Bearer TOKEN`. An error is
 `{"error": {"kind", "message"}}` with the status ERRORS gives its kind.
@@ -56,6 +56,9 @@ ACQUIRE = "/v1/slots/acquire"
 BATCH = "/v1/batch"
 LEASE_HEADER = "X-Lease"
 AUTH_HEADER = "Authorization"
+# A PUT of a file may name the mode it gets (octal, as "755"); without it, 0644.
+MODE_HEADER = "X-Mode"
+UPLOAD_MODE = 0o644
 
 
 def slot_route(index: int, action: str) -> str:
@@ -69,6 +72,19 @@ def file_route(index: int, path: str) -> str:
 
 def bearer(token: str) -> str:
     return f"Bearer {token}"
+
+
+def mode_header(mode: int) -> str:
+    return format(mode & 0o777, "o")
+
+
+def parse_mode_header(raw: str | None) -> int:
+    """The mode a PUT asks for (permission bits only: never setuid, setgid or sticky)."""
+    if raw is None:
+        return UPLOAD_MODE
+    if not re.fullmatch(r"[0-7]{1,4}", raw):
+        raise BadRequest(f"{MODE_HEADER} must be an octal mode such as 755, got {raw[:20]!r}")
+    return int(raw, 8) & 0o777
 
 
 # A slot index in a URL: ASCII digits only (str.isdigit() also takes "²"), and few

@@ -21,7 +21,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, co
     assert result.stderr.strip().count("\n") == 0, result.stderr
 
 
-@pytest.mark.parametrize("command", ["submit", "status", "exec", "cancel", "check", "serve"])
+@pytest.mark.parametrize("command", ["submit", "status", "exec", "cp", "cancel", "check", "serve"])
 def test_every_command_explains_itself(cli, command):
     result = cli(command, "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout and "--" in result.stdout

@@ -119,8 +119,9 @@ async def test_cli_exec_against_nonsense_exits_125_with_a_clear_line(state_dir):
 
 
 async def test_file_transfers_and_reset_give_up_when_the_job_ends(tmp_path):
-    """download, upload and reset are guarded like execute: a job the scheduler ended
-    is a JobEnded error at once, not a wait on a dead node."""
+    """download, upload (and the trees) and reset are guarded like execute: a job the
+    scheduler ended is a job_ended result (reset: a JobEnded error) at once, not a wait
+    on a dead node."""
 
     class EndedJob(NodeServerSource):
         def __init__(self) -> None:
@@ -139,9 +140,11 @@ async def test_file_transfers_and_reset_give_up_when_the_job_ends(tmp_path):
     source = tmp_path / "up.txt"
     source.write_text("x")
     for call in (pool.download(slot, "a.txt", tmp_path / "a.txt"), pool.upload(slot, source, "a.txt"),
-                 pool.reset(slot)):
-        with pytest.raises(JobEnded, match="cancelled"):
-            await asyncio.wait_for(call, 10)
+                 pool.upload_tree(slot, tmp_path, "t"), pool.download_tree(slot, "t", tmp_path / "t")):
+        result = await asyncio.wait_for(call, 10)
+        assert not result.success and result.error_kind == JobEnded.kind and "cancelled" in result.error
+    with pytest.raises(JobEnded, match="cancelled"):
+        await asyncio.wait_for(pool.reset(slot), 10)
 
 
 def _ssl_failure() -> Exception:

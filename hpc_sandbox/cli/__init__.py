@@ -20,6 +20,7 @@ COMMANDS = {
     "submit": "submit:submit",
     "status": "status:status",
     "exec": "exec_:exec_",
+    "cp": "cp:cp",
     "cancel": "cancel:cancel",
     "check": "check:check",
     "cloud": "cloud:cloud",

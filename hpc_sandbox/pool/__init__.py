@@ -5,6 +5,7 @@
     overflow.py   when a waiting caller goes to the cloud source (CloudSource)
     slotpool.py   SlotPool(sources, overflow=...): acquire, execute, release
     sync.py       SyncSlotPool, the same for scripts that are not async
+    trees.py      folders in and out of a slot as one tar archive (the caller's side)
 
 Importing it loads no scheduler, template, config or cloud SDK: job states reach a
 ClusterSource as a function, and `hpc_sandbox.connect` puts pools together from a

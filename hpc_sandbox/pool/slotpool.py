@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
@@ -24,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..agent import ToolError
 from ..client import NodeClient, new_exec_id
 from ..errors import CallTimeout, ClientError, ConfigError, ErrorKind, JobEnded, NoCapacity, ServerGone
 from ..models import ExecEvent, Slot, ToolResult
 from ..protocol import DEFAULT_CONFIRM_WITHIN, Call, CallAnswer, exec_timeout
+from . import trees
 from .overflow import CloudSource, Overflow
 from .sources import Capacity, Source
 from .waiters import WaitQueue
@@ -376,11 +379,96 @@ class SlotPool:
         await asyncio.gather(*(send(positions) for positions in by_server.values()))
         return results  # type: ignore[return-value]  (every position was filled by its server's send)
 
-    async def download(self, slot: Slot, path: str, dest: Path) -> int:
-        return await self._guarded(slot, self._client(slot).download(slot.index, slot.lease, path, dest))
+    # --- files and trees ---------------------------------------------------------
+    #
+    # Like execute, these return a ToolResult and never raise for a failure: a refused
+    # path, a missing local folder, a dead node server or an ended job is the result's
+    # error_kind. Their `data` says what moved ({"path", "size"} for a file).
 
-    async def upload(self, slot: Slot, source: Path, path: str) -> int:
-        return await self._guarded(slot, self._client(slot).upload(slot.index, slot.lease, source, path))
+    async def download(self, slot: Slot, path: str, dest: Path) -> ToolResult:
+        """Stream the workspace file `path` to the local file `dest` (written atomically)."""
+        try:
+            size = await self._guarded(slot, self._client(slot).download(slot.index, slot.lease, path, dest))
+        except ClientError as exc:
+            return ToolResult.failure("download", exc.kind, str(exc), slot)
+        except OSError as exc:  # the local side: a missing folder, a full disk
+            return ToolResult.failure("download", _local_kind(exc), f"{dest}: {exc.strerror or exc}", slot)
+        return _done("download", slot, {"path": path, "size": size})
+
+    async def upload(self, slot: Slot, source: Path, path: str, mode: int | None = None) -> ToolResult:
+        """Stream the local file `source` into the workspace at `path` (replacing
+        atomically), with `mode`, by default the local file's permission bits (an
+        executable stays executable; setuid, setgid and sticky are dropped)."""
+        if not Path(source).is_file():  # read only once the request is under way: said before it
+            kind = ErrorKind.NOT_FOUND if not Path(source).exists() else ErrorKind.NOT_A_FILE
+            return ToolResult.failure("upload", kind, f"{source}: no such file" if kind == ErrorKind.NOT_FOUND
+                                      else f"{source}: not a regular file", slot)
+        if mode is None:
+            mode = Path(source).stat().st_mode & 0o777
+        try:
+            size = await self._guarded(slot, self._client(slot).upload(slot.index, slot.lease, source, path,
+                                                                       mode=mode))
+        except ClientError as exc:
+            return ToolResult.failure("upload", exc.kind, str(exc), slot)
+        except OSError as exc:
+            return ToolResult.failure("upload", _local_kind(exc), f"{source}: {exc.strerror or exc}", slot)
+        return _done("upload", slot, {"path": path, "size": size})
+
+    async def upload_tree(self, slot: Slot, local_dir: Path, dest: str = ".", *,
+                          max_bytes: int | None = None, max_entries: int | None = None,
+                          timeout: float | None = None) -> ToolResult:
+        """Copy the contents of the local folder `local_dir` into the workspace folder
+        `dest` (made if missing; what is there already stays unless replaced): one
+        tar.gz streamed in, unpacked by the slot's agent (pool/trees.py says what is
+        kept). `data`: dirs, files, links, bytes, and `skipped` (links out of the tree,
+        special files: left out)."""
+        limits = trees.TreeLimits(max_bytes or trees.DEFAULT_TREE_BYTES, max_entries or trees.DEFAULT_TREE_ENTRIES)
+        try:
+            packed = await asyncio.to_thread(trees.pack_tree, Path(local_dir), limits)
+        except ToolError as exc:
+            return ToolResult.failure("upload_tree", ErrorKind.read(exc.kind), exc.message, slot)
+        except OSError as exc:
+            return ToolResult.failure("upload_tree", _local_kind(exc), f"{local_dir}: {exc.strerror or exc}", slot)
+        try:
+            name = trees.upload_name()
+            client = self._client(slot)
+            await self._guarded(slot, client.upload(slot.index, slot.lease, packed.archive, name))
+            answer = await self._guarded(slot, client.execute(
+                slot.index, slot.lease, "extract",
+                {"path": name, "dest": dest, "remove": True, "max_bytes": limits.max_bytes,
+                 "max_entries": limits.max_entries}, timeout))
+        except ClientError as exc:
+            return ToolResult.failure("upload_tree", exc.kind, str(exc), slot)
+        finally:
+            packed.discard()
+        result = await self._to_result(slot, answer)
+        if not result.success:
+            return dataclasses.replace(result, tool="upload_tree")
+        return _done("upload_tree", slot, {**result.data, "skipped": packed.skipped + result.data.get("skipped", [])})
+
+    async def download_tree(self, slot: Slot, src: str, local_dir: Path, *,
+                            max_bytes: int | None = None, max_entries: int | None = None,
+                            timeout: float | None = None) -> ToolResult:
+        """Copy the contents of the workspace folder `src` into the local folder
+        `local_dir` (made if missing): one tar.gz from the slot's agent (at most
+        agent.MAX_ARCHIVE_CAP compressed), unpacked here by the agent's rules, so a
+        slot cannot write outside `local_dir`. `data` as for upload_tree."""
+        limits = trees.TreeLimits(max_bytes or trees.DEFAULT_TREE_BYTES, max_entries or trees.DEFAULT_TREE_ENTRIES)
+        try:
+            args, strip = trees.archive_args(src)
+        except ToolError as exc:
+            return ToolResult.failure("download_tree", ErrorKind.read(exc.kind), exc.message, slot)
+        result = await self.execute(slot, "archive", args, timeout)
+        if not result.success:
+            return dataclasses.replace(result, tool="download_tree")
+        try:
+            made = await asyncio.to_thread(trees.unpack_download, result.data, Path(local_dir), strip, limits)
+        except ToolError as exc:
+            return ToolResult.failure("download_tree", ErrorKind.read(exc.kind), exc.message, slot)
+        except OSError as exc:
+            return ToolResult.failure("download_tree", _local_kind(exc), f"{local_dir}: {exc.strerror or exc}",
+                                      slot)
+        return _done("download_tree", slot, {**made, "dest": str(local_dir)})
 
     async def capacity(self) -> list[Capacity]:
         return [await source.capacity() for source in self.sources]
@@ -401,3 +489,16 @@ class SlotPool:
         return PoolReport(rows, self.queue.waiting,
                           sandboxes_alive=sum(1 for s in usage.sandboxes if s.state in ("creating", "ready")),
                           sandbox_seconds=usage.sandbox_seconds(now), cost=usage.cost(now), cloud_off=self.overflow.off)
+
+
+def _done(tool: str, slot: Slot, data: dict[str, Any]) -> ToolResult:
+    return ToolResult(success=True, tool=tool, slot=slot.id, location=slot.location, data=data)
+
+
+def _local_kind(exc: OSError) -> ErrorKind:
+    """The kind of a failure on the caller's own disk."""
+    if isinstance(exc, FileNotFoundError):
+        return ErrorKind.NOT_FOUND
+    if isinstance(exc, NotADirectoryError):
+        return ErrorKind.NOT_A_DIRECTORY
+    return ErrorKind.IO

@@ -67,11 +67,17 @@ class SyncSlotPool:
     def execute_batch(self, calls: Sequence[ToolCall | tuple], timeout: float | None = None) -> list[ToolResult]:
         return self._run(self.pool.execute_batch(calls, timeout))
 
-    def download(self, slot: Slot, path: str, dest: Path) -> int:
+    def download(self, slot: Slot, path: str, dest: Path) -> ToolResult:
         return self._run(self.pool.download(slot, path, dest))
 
-    def upload(self, slot: Slot, source: Path, path: str) -> int:
-        return self._run(self.pool.upload(slot, source, path))
+    def upload(self, slot: Slot, source: Path, path: str, mode: int | None = None) -> ToolResult:
+        return self._run(self.pool.upload(slot, source, path, mode))
+
+    def upload_tree(self, slot: Slot, local_dir: Path, dest: str = ".", **caps: Any) -> ToolResult:
+        return self._run(self.pool.upload_tree(slot, local_dir, dest, **caps))
+
+    def download_tree(self, slot: Slot, src: str, local_dir: Path, **caps: Any) -> ToolResult:
+        return self._run(self.pool.download_tree(slot, src, local_dir, **caps))
 
     def capacity(self) -> list[Capacity]:
         return self._run(self.pool.capacity())

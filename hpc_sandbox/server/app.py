@@ -233,8 +233,9 @@ class Api:
         slot = self._leased(request)
         if request.content_length is not None and request.content_length > self.limits.max_upload_bytes:
             raise LimitExceeded(f"upload of {request.content_length} bytes is over the limit of {self.limits.max_upload_bytes}")
+        mode = protocol.parse_mode_header(request.headers.get(protocol.MODE_HEADER))
         with self.table.running(slot):
-            upload = await asyncio.to_thread(AtomicUpload, str(slot.workspace), request.match_info["path"])
+            upload = await asyncio.to_thread(AtomicUpload, str(slot.workspace), request.match_info["path"], mode)
             try:
                 async for chunk in request.content.iter_chunked(CHUNK):
                     if upload.size + len(chunk) > self.limits.max_upload_bytes:

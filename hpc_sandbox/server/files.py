@@ -59,8 +59,9 @@ def open_for_read(workspace: str, path: str) -> tuple[int, int]:
 class AtomicUpload:
     """Write into a temp file beside the target, then rename it into place."""
 
-    def __init__(self, workspace: str, path: str) -> None:
+    def __init__(self, workspace: str, path: str, mode: int = 0o644) -> None:
         self.parts = split_workspace_path(path)
+        self.mode = mode
         self.path = path
         self.parent = _open_parent(workspace, self.parts, path, create=True)
         self.tmp_name = f".hpc-sandbox-upload-{secrets.token_hex(6)}"
@@ -76,6 +77,7 @@ class AtomicUpload:
         self.size += len(data)
 
     def commit(self) -> None:
+        os.fchmod(self.fd, self.mode)  # exactly the mode asked for, whatever the umask
         os.close(self.fd)
         self.fd = -1
         # rename() replaces a symlink at the target rather than following it.
