@@ -184,6 +184,10 @@ class SandboxSpec:
     nomad_cacert: Path | None = None
     # A site's template folder; files there override the packaged templates by name.
     template_dir: Path | None = None
+    # A pip.conf every slot reads (its PIP_CONFIG_FILE; bound read-only, never the
+    # user's home): a site or user mirror reaches slots, whose own pip sees only
+    # /etc/pip.conf. On a path the nodes see.
+    pip_conf: Path | None = None
     # The cloud profile (under `cloud:` in the config) this profile bursts to.
     cloud: str | None = None
 
@@ -257,6 +261,8 @@ class SandboxSpec:
             self._set("nomad_cacert", Path(str(self.nomad_cacert)).expanduser())
         if self.template_dir is not None and not isinstance(self.template_dir, Path):
             self._set("template_dir", Path(str(self.template_dir)).expanduser())
+        if self.pip_conf is not None:  # read on the nodes, from another working directory
+            self._set("pip_conf", Path(str(self.pip_conf)).expanduser().absolute())
 
     def validate(self) -> None:
         self._check_types()

@@ -107,6 +107,10 @@ def resolve_slot_memory(value: int | str | None, slots: int) -> int | None:
               help="Resident memory each slot's commands may use, e.g. 512M, 4G (a number alone is MiB); "
                    f"auto: {DEFAULT_MEMORY_SHARE:.0%} of the node's memory (or of this job's cgroup limit, "
                    "if smaller) over the slots; none: no limit.")
+@click.option("--pip-conf", type=click.Path(path_type=Path, exists=True, dir_okay=False, resolve_path=True),
+              default=None,
+              help="A pip.conf every slot reads as its PIP_CONFIG_FILE (bound read-only into bwrap and "
+                   "Apptainer slots). Slots can read it: no secret you would not give them.")
 @click.option("--slot-procs", type=click.IntRange(1), default=None,
               help="Processes each slot's commands may run at once. Default: no limit.")
 @click.option("--slot-disk", metavar="SIZE", callback=_size, default=None,
@@ -116,7 +120,7 @@ def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None
           tls_cert: Path | None, tls_key: Path | None, insecure_http: bool, slot_env_file: Path | None,
           workspace_root: Path | None,
           slot_python: str | None, max_body: int, max_concurrent: int, slot_memory: int | str | None,
-          slot_procs: int | None, slot_disk: int | None) -> None:
+          pip_conf: Path | None, slot_procs: int | None, slot_disk: int | None) -> None:
     """Run one node server: N slots behind an authenticated HTTP API.
 
     The server binds the first free port of --port-range, starts its slots' agents,
@@ -131,6 +135,9 @@ def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None
     state = resolve_state_dir(state_dir)
     extra_env = read_slot_env(slot_env_file) if slot_env_file else ()
     slot_memory = resolve_slot_memory(slot_memory, slots)
+    if pip_conf is not None and pip_conf.is_relative_to(state.resolve()):
+        raise click.BadParameter(f"{pip_conf} is inside the state directory, which no slot may see",
+                                 param_hint="--pip-conf")
     if extra_env and runtime in ("apptainer", "singularity"):
         raise click.UsageError("--slot-env-file is for runtimes none and bwrap (Apptainer would put the values "
                                "on its command line, readable by anyone on the node)")
@@ -140,7 +147,8 @@ def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None
         token_file=token_file or JobFolder(state, job_id).token,
         state_dir=state,
         runtime=RuntimeOptions(kind=runtime, image=image, gpus=gpus, python=slot_python, network=network,
-                               extra_env=extra_env, slot_memory_mb=slot_memory, slot_procs=slot_procs),
+                               extra_env=extra_env, slot_memory_mb=slot_memory, slot_procs=slot_procs,
+                               pip_conf=pip_conf),
         port_range=parse_port_range(port_range),
         port_index=port_index,
         host=host,
