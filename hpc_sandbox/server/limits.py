@@ -23,6 +23,11 @@ when the agent starts) are left out of both, so a limit is what commands get.
 Resident sets are summed per process, so pages that processes share (after a fork)
 count once for each: the measure can overstate a slot's memory, never understate it.
 RLIMITs are not used for memory: none is per slot.
+
+Every kill is recorded (Kill: the slot, when, the message, and the call tags of the
+processes it killed, read from their environment) before its first signal, so that
+the server can fail exactly the calls it cut short (SlotTable._breach_of): a session's
+shell or a call's own shell may well go on and end with 0 after the kill.
 """
 from __future__ import annotations
 
@@ -142,7 +147,6 @@ class Finding:
     index: int
     processes: int  # the slot's commands' processes (0: nothing runs in it)
     breach: str | None = None  # the message, when a limit was broken and the slot's commands killed
-    at: float = 0.0  # time.monotonic() of the kill
     disk_measured: bool = False
 
 
@@ -223,8 +227,7 @@ class Watchdog:
                     disk_budget -= used
             except Exception as exc:  # one slot's surprise must not lose the others' findings
                 log.error("limit watchdog: slot %d: %s: %s", view.index, type(exc).__name__, exc)
-            findings[position] = Finding(view.index, len(mine), breach,
-                                         time.monotonic() if breach else 0.0, measured)
+            findings[position] = Finding(view.index, len(mine), breach, disk_measured=measured)
         return findings  # type: ignore[return-value]  # one per view, in the order of views
 
     def _check_processes(self, view: SlotView, spared: set[int], mine: list[Proc]) -> str | None:
