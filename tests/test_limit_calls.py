@@ -5,7 +5,6 @@ the call itself ended well; a kill of another process (a background process, an 
 session command's job) fails no unrelated call."""
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,6 @@ says what it was."""
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 
