@@ -67,7 +67,8 @@ import time
 
 SLOT_WORKSPACE = "/workspace"  # where a contained slot sees its workspace
 # Every command runs with CALL_ENV=<agent tag>.<call> in its environment: the agent's
-# per-call kills find what left a call's process group by it.
+# per-call kills find what left a call's process group by it, and a `bash` result names
+# its tag (`call`), by which the node server's watchdog tells whose process it killed.
 CALL_ENV = "HPC_SANDBOX_CALL"
 # How long a reset keeps killing a slot's processes that keep reappearing (a fork bomb),
 # and how long the node server waits for the reset's answer before replacing the agent.
@@ -1666,6 +1667,7 @@ class Agent:
             "stderr": err.text(),
             "stdout_dropped": out.dropped,
             "stderr_dropped": err.dropped,
+            "call": call_tag,
         }
 
     # sessions -----------------------------------------------------------------------
@@ -1771,6 +1773,7 @@ class Agent:
             "stderr": err.text(),
             "stdout_dropped": out.dropped,
             "stderr_dropped": err.dropped,
+            "call": cmd.tag,
         }
 
     def _session_prefix(self, args) -> bytes:

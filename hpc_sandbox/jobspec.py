@@ -184,6 +184,8 @@ def serve_groups(spec: SandboxSpec, job_key: str, *, port_index: int | str = 0,
                         ("--slot-disk", spec.slot_disk)):
         if value is not None:
             groups.append([flag, str(value)])
+    if spec.pip_conf is not None:
+        groups.append(["--pip-conf", str(spec.pip_conf)])
     if not spec.tls:
         groups.append(["--insecure-http"])
     elif tls_dir is not None:

@@ -1,6 +1,7 @@
 """Plain typed objects that cross module boundaries (client, pool, CLI)."""
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,10 @@ class ToolResult:
             elif bash.waiting:
                 error, error_kind = ("the command is still running and printed nothing for idle_timeout "
                                      "(waiting for input?): follow it with input or interrupt"), ErrorKind.WAITING
+            elif bash.killed_by_signal:
+                # No limit of the slot's killed it (that would be a limit_exceeded answer):
+                # a SIGKILL nobody here sent is most often the kernel's OOM killer.
+                error = f"killed by {_signal_name(bash.signal)}" + (" (out of memory?)" if bash.signal == 9 else "")
             return cls(
                 success=(bash.exit_code == 0 and not bash.timed_out and not bash.waiting) or bool(bash.background),
                 tool=tool,
@@ -138,3 +143,10 @@ class ExecEvent:
     @classmethod
     def ended(cls, result: ToolResult, dropped_bytes: int = 0) -> "ExecEvent":
         return cls("result", result=result, dropped_bytes=dropped_bytes)
+
+
+def _signal_name(number: int | None) -> str:
+    try:
+        return signal.Signals(number or 0).name
+    except ValueError:
+        return f"signal {number}"

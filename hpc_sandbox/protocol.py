@@ -442,6 +442,9 @@ class BashResult:
     background: bool | None = None
     handle: str | None = None
     pid: int | None = None
+    # The tag every process of the command carries (agent.CALL_ENV): a limit breach that
+    # killed a process with it killed part of this call, whatever the call's exit code.
+    call: str | None = None
 
     # The fields a caller finds in ToolResult.data (the rest have fields of their own).
     EXTRA: ClassVar[tuple[str, ...]] = ("stdout_dropped", "stderr_dropped", "session", "session_started",
@@ -452,6 +455,7 @@ class BashResult:
         return cls(exit_code=data.get("exit_code"), signal=data.get("signal"),
                    timed_out=bool(data.get("timed_out")), duration=float(data.get("duration") or 0.0),
                    stdout=data.get("stdout", ""), stderr=data.get("stderr", ""),
+                   call=call if isinstance(call := data.get("call"), str) else None,
                    **{key: data.get(key) for key in cls.EXTRA})
 
     @property

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
 SLOT_AGENT = "/opt/hpc-sandbox/agent.py"  # where a contained slot sees the agent
+SLOT_PIP_CONF = "/opt/hpc-sandbox/pip.conf"  # where a contained slot sees its profile's pip_conf
+PIP_CONFIG_ENV = "PIP_CONFIG_FILE"
 # What a slot's environment starts from: nothing of the server's own environment
 # (which is where a secret would be, if a site put one there) reaches a slot.
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
@@ -59,6 +61,14 @@ class RuntimeOptions:
     # processes behind a per-slot task fence. None: no such limit.
     slot_memory_mb: int | None = None
     slot_procs: int | None = None
+    # A pip.conf every slot reads (PIP_CONFIG_FILE), bound read-only into contained slots.
+    pip_conf: Path | None = None
+
+    def slot_extra_env(self, pip_conf_at: str | None) -> tuple[tuple[str, str], ...]:
+        """extra_env, and PIP_CONFIG_FILE where the slot sees the pip.conf (if one is set)."""
+        if self.pip_conf is None or pip_conf_at is None:
+            return self.extra_env
+        return (*self.extra_env, (PIP_CONFIG_ENV, pip_conf_at))
 
 
 def task_fence(procs: int) -> int:
@@ -120,6 +130,15 @@ class SlotRuntime:
         their own (there the kernel counts a slot's tasks apart from the user's others)."""
         return None
 
+    def probe_command(self, workspace: Path, script: str) -> tuple[list[str], dict[str, str]]:
+        """The argv and environment that run `bash -c script` where a slot's commands
+        run (its mounts, PATH and HOME): the agent's own command line, with bash in the
+        agent's place. How `check` asks what a slot sees."""
+        argv, env = self.agent_command(workspace, 0)
+        # _agent_args: [python, "-u", agent path, ...], last on the line.
+        agent = max(i for i, arg in enumerate(argv) if arg in (SLOT_AGENT, str(AGENT_SOURCE)))
+        return [*argv[:agent - 2], "bash", "-c", script], env
+
     def _agent_args(self, python: str, agent: str, workspace: str, scratch: tuple[str, ...]) -> list[str]:
         args = [python, "-u", agent, "--workspace", workspace]
         if self.own_pid_namespace:
@@ -153,8 +172,9 @@ class NoneRuntime(SlotRuntime):
     def agent_command(self, workspace: Path, slot_index: int) -> tuple[list[str], dict[str, str]]:
         python = self.options.python or sys.executable
         scratch = self.scratch(workspace)
+        pip_conf = str(self.options.pip_conf) if self.options.pip_conf else None
         return (self._agent_args(python, str(AGENT_SOURCE), str(workspace), scratch),
-                slot_env(str(workspace), slot_index, self.options.extra_env, tmpdir=scratch[0]))
+                slot_env(str(workspace), slot_index, self.options.slot_extra_env(pip_conf), tmpdir=scratch[0]))
 
 
 # Asked once of the interpreter that will run the agent: the binary to run (a venv's
@@ -286,6 +306,8 @@ class BwrapRuntime(SlotRuntime):
         # folder (the per-user base of every server's workspaces) is still bound here.
         argv += ["--bind", str(workspace), SLOT_WORKSPACE,
                  "--ro-bind", str(AGENT_SOURCE), SLOT_AGENT]
+        if self.options.pip_conf:  # the one file, read-only (its folder may be the hidden $HOME)
+            argv += ["--ro-bind", str(self.options.pip_conf), SLOT_PIP_CONF]
         # Last, once every mount point exists: bwrap's own root, /dev and the tmpfs that
         # hide host folders become read-only, so that nothing a holder writes outside
         # its workspace and scratch can outlive its lease.
@@ -296,7 +318,7 @@ class BwrapRuntime(SlotRuntime):
         # bwrap itself runs with exactly the slot's environment (built clean, never the
         # server's), which its child inherits: no value is put on a command line, where
         # anyone on the node could read it in /proc/PID/cmdline.
-        env = slot_env(SLOT_WORKSPACE, slot_index, self.options.extra_env)
+        env = slot_env(SLOT_WORKSPACE, slot_index, self.options.slot_extra_env(SLOT_PIP_CONF))
         argv += self._agent_args(python, SLOT_AGENT, SLOT_WORKSPACE, self.scratch(workspace))
         return argv, env
 
@@ -450,11 +472,15 @@ class ApptainerRuntime(SlotRuntime):
                  "--bind", f"{AGENT_SOURCE}:{SLOT_AGENT}:ro"]
         for bind in self.options.extra_binds:
             flags += ["--bind", bind if ":" in bind else f"{bind}:{bind}:ro"]
+        if self.options.pip_conf:
+            flags += ["--bind", f"{self.options.pip_conf}:{SLOT_PIP_CONF}:ro"]
         if self.options.gpus:
             flags.append("--nv")
         if self.options.network == "none":
             flags += ["--net", "--network", "none"]
         env = slot_env(SLOT_WORKSPACE, slot_index)
+        if self.options.pip_conf:  # a path, not a secret: fine on the command line
+            env[PIP_CONFIG_ENV] = SLOT_PIP_CONF
         for key, value in sorted(env.items()):
             if key != "PATH":  # the image's own PATH is the right one inside it
                 flags += ["--env", f"{key}={value}"]

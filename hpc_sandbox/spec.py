@@ -82,6 +82,27 @@ def parse_size_mb(value: str | int, field: str = "mem") -> int:
     return int(-(-mb // 1))  # round up: never ask for less (nor limit to less) than was written
 
 
+# slot_memory's words beside a size: `auto` (what no value means) lets each node server
+# derive a limit from its node's memory and its slot count; `none` turns the limit off.
+SLOT_MEMORY_AUTO = "auto"
+SLOT_MEMORY_OFF = "none"
+
+
+def parse_slot_memory(value: str | int) -> int | str | None:
+    """A slot_memory value: whole MiB, SLOT_MEMORY_AUTO, or None for `none` (no limit);
+    SpecError('slot_memory') otherwise. The spec, the config and `serve` read it so."""
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word == SLOT_MEMORY_OFF:
+        return None
+    if word == SLOT_MEMORY_AUTO:
+        return SLOT_MEMORY_AUTO
+    try:
+        return parse_size_mb(value, "slot_memory")
+    except SpecError as exc:
+        raise SpecError("slot_memory", f"{exc.args[0].split(': ', 1)[-1]}, or {SLOT_MEMORY_AUTO} "
+                                       f"(the node's default) or {SLOT_MEMORY_OFF} (no limit)") from None
+
+
 _PORT_RANGE = re.compile(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*")
 
 
@@ -126,7 +147,9 @@ class SandboxSpec:
     # is plain HTTP: only for a trusted single-user machine.
     tls: bool = True
     # Limits of each slot, kept by the node server's watchdog: resident memory and
-    # workspace disk (sizes like 4G), processes. None: no limit.
+    # workspace disk (sizes like 4G), processes. None: no limit, but for slot_memory,
+    # where None (or `auto`) leaves it to each node server to derive one from its node's
+    # memory and its slots (see server/defaults.py) and `none` turns it off.
     slot_memory: str | None = None
     slot_procs: int | None = None
     slot_disk: str | None = None
@@ -161,6 +184,10 @@ class SandboxSpec:
     nomad_cacert: Path | None = None
     # A site's template folder; files there override the packaged templates by name.
     template_dir: Path | None = None
+    # A pip.conf every slot reads (its PIP_CONFIG_FILE; bound read-only, never the
+    # user's home): a site or user mirror reaches slots, whose own pip sees only
+    # /etc/pip.conf. On a path the nodes see.
+    pip_conf: Path | None = None
     # The cloud profile (under `cloud:` in the config) this profile bursts to.
     cloud: str | None = None
 
@@ -234,6 +261,8 @@ class SandboxSpec:
             self._set("nomad_cacert", Path(str(self.nomad_cacert)).expanduser())
         if self.template_dir is not None and not isinstance(self.template_dir, Path):
             self._set("template_dir", Path(str(self.template_dir)).expanduser())
+        if self.pip_conf is not None:  # read on the nodes, from another working directory
+            self._set("pip_conf", Path(str(self.pip_conf)).expanduser().absolute())
 
     def validate(self) -> None:
         self._check_types()
@@ -269,9 +298,10 @@ class SandboxSpec:
             raise SpecError("cpus_per_node", f"must be at least 1, got {self.cpus_per_node}")
         if self.mem is not None:
             parse_size_mb(self.mem)
-        for name in ("slot_memory", "slot_disk"):
-            if getattr(self, name) is not None:
-                parse_size_mb(getattr(self, name), name)
+        if self.slot_memory is not None:
+            parse_slot_memory(self.slot_memory)
+        if self.slot_disk is not None:
+            parse_size_mb(self.slot_disk, "slot_disk")
         if self.slot_procs is not None and self.slot_procs < 1:
             raise SpecError("slot_procs", f"must be at least 1, got {self.slot_procs}")
         if self.gpus < 0:

@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,32 @@ def _runtime(kind: str) -> Finding:
         return Finding(f"runtime {kind}", True, runtime.check())
     except RuntimeUnavailable as exc:
         return Finding(f"runtime {kind}", False, str(exc))
+
+
+# What a slot's `python3` is, asked the way a command in a slot asks: the first on its PATH.
+SLOT_PYTHON_PROBE = "command -v python3 && python3 -V 2>&1"
+
+
+def _slot_python(kind: str, image: str | None = None) -> Finding:
+    """Which python3 a slot of runtime `kind` (in `image`) gets: not always this shell's
+    (bwrap hides $HOME, where pyenv and conda live; a container has its image's)."""
+    what = f"python3 ({kind} slot)"
+    try:
+        runtime = make_runtime(RuntimeOptions(kind=kind, image=image))
+        runtime.check()
+        with tempfile.TemporaryDirectory(prefix="hpc-sandbox-check-") as workspace:
+            argv, env = runtime.probe_command(Path(workspace), SLOT_PYTHON_PROBE)
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    except (RuntimeUnavailable, OSError, subprocess.TimeoutExpired) as exc:
+        return Finding(what, False, str(exc))
+    lines = proc.stdout.split("\n")
+    if proc.returncode != 0 or len(lines) < 2:
+        return Finding(what, False, f"no python3 on the slot's PATH ({env.get('PATH', 'image default')}): "
+                                    "the agent and most agent code need one")
+    found, version = lines[0].strip(), lines[1].strip()
+    mine = shutil.which("python3")
+    note = f"; this shell's python3 is {mine}" if mine and Path(mine).resolve() != Path(found).resolve() else ""
+    return Finding(what, True, f"{found} ({version}){note}")
 
 
 def _command(name: str, purpose: str) -> Finding:
@@ -101,10 +128,12 @@ def _preflight(scheduler: str, partition: str | None, profile: str | None, confi
               help="A config file read after the site and user files.")
 @click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True,
               help="Seconds the preflight job may take to start.")
+@click.option("--image", default=None,
+              help="Also say which python3 an apptainer/singularity slot gets in this image.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @state_dir_option
 def check(scheduler: str | None, partition: str | None, profile: str | None, config_file: Path | None,
-          timeout: float, as_json: bool, state_dir: Path | None) -> None:
+          timeout: float, image: str | None, as_json: bool, state_dir: Path | None) -> None:
     """Say what this machine has: runtimes, schedulers, state dir, Modal credentials.
 
     With --scheduler, also prove that a job's node server is usable from here. Exit
@@ -114,6 +143,10 @@ def check(scheduler: str | None, partition: str | None, profile: str | None, con
         _preflight(scheduler, partition, profile, config_file, state_dir, timeout, as_json)
         return
     findings = [_runtime(kind) for kind in ("bwrap", "apptainer", "singularity")]
+    # A slot's python3, where a runtime can run here (Apptainer needs an image to ask).
+    contained = [kind for kind, found in zip(("bwrap", "apptainer", "singularity"), findings)
+                 if found.ok and (kind == "bwrap" or image)]
+    findings += [_slot_python(kind, image) for kind in contained]
     findings += [_command("sbatch", "Slurm"), _command("qsub", "PBS/Torque"), _command("nomad", "Nomad")]
     findings += [_state_dir(resolve_state_dir(state_dir)), _modal_package(), _modal()]
     if as_json:

@@ -11,10 +11,13 @@ from ..errors import SpecError
 from ..jobfolder import JobFolder, read_private
 from ..runtime import NETWORK_MODES, RUNTIMES, RuntimeOptions
 from ..server.app import ServerLimits
+from ..server.defaults import DEFAULT_MEMORY_SHARE, slot_memory_default
 from ..server.limits import SlotLimits
 from ..server.main import ServeOptions, run
-from ..spec import DEFAULT_PORT_RANGE, parse_port_range, parse_size_mb
+from ..spec import DEFAULT_PORT_RANGE, SLOT_MEMORY_AUTO, parse_port_range, parse_size_mb, parse_slot_memory
 from .common import resolve_state_dir, state_dir_option
+
+log = logging.getLogger(__name__)
 
 
 def read_slot_env(path: Path) -> tuple[tuple[str, str], ...]:
@@ -38,6 +41,29 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         return parse_size_mb(value, param.name or "size")
     except SpecError as exc:
         raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+
+def _slot_memory(ctx: click.Context, param: click.Parameter, value: str) -> int | str | None:
+    """--slot-memory: whole MiB, `auto` (decided in serve, once the slot count is known)
+    or None (`none`: no limit)."""
+    try:
+        return parse_slot_memory(value)
+    except SpecError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+
+def resolve_slot_memory(value: int | str | None, slots: int) -> int | None:
+    """The per-slot memory limit in MiB a server runs with: `auto` is this node's
+    default (server/defaults.py), said in the log either way."""
+    if value != SLOT_MEMORY_AUTO:
+        log.info("slot memory limit: %s", f"{value} MiB per slot" if value else "none (turned off)")
+        return value if isinstance(value, int) else None
+    default = slot_memory_default(slots)
+    if default is None:
+        log.warning("slot memory limit: none (this node's memory could not be read); set slot_memory to have one")
+        return None
+    log.info("%s", default.describe())
+    return default.mb
 
 
 @click.command("serve")
@@ -76,9 +102,15 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
               help="Largest JSON request body in bytes.")
 @click.option("--max-concurrent", type=click.IntRange(1), default=256, show_default=True,
               help="Tool calls running at once before new ones get 429.")
-@click.option("--slot-memory", metavar="SIZE", callback=_size, default=None,
-              help="Resident memory each slot's commands may use, e.g. 512M, 4G (a number alone is MiB). "
-                   "Default: no limit.")
+@click.option("--slot-memory", metavar="SIZE|auto|none", callback=_slot_memory, default=SLOT_MEMORY_AUTO,
+              show_default=True,
+              help="Resident memory each slot's commands may use, e.g. 512M, 4G (a number alone is MiB); "
+                   f"auto: {DEFAULT_MEMORY_SHARE:.0%} of the node's memory (or of this job's cgroup limit, "
+                   "if smaller) over the slots; none: no limit.")
+@click.option("--pip-conf", type=click.Path(path_type=Path, exists=True, dir_okay=False, resolve_path=True),
+              default=None,
+              help="A pip.conf every slot reads as its PIP_CONFIG_FILE (bound read-only into bwrap and "
+                   "Apptainer slots). Slots can read it: no secret you would not give them.")
 @click.option("--slot-procs", type=click.IntRange(1), default=None,
               help="Processes each slot's commands may run at once. Default: no limit.")
 @click.option("--slot-disk", metavar="SIZE", callback=_size, default=None,
@@ -87,8 +119,8 @@ def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None
           port_index: int, host: str | None, interface: str | None, state_dir: Path | None, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, insecure_http: bool, slot_env_file: Path | None,
           workspace_root: Path | None,
-          slot_python: str | None, max_body: int, max_concurrent: int, slot_memory: int | None,
-          slot_procs: int | None, slot_disk: int | None) -> None:
+          slot_python: str | None, max_body: int, max_concurrent: int, slot_memory: int | str | None,
+          pip_conf: Path | None, slot_procs: int | None, slot_disk: int | None) -> None:
     """Run one node server: N slots behind an authenticated HTTP API.
 
     The server binds the first free port of --port-range, starts its slots' agents,
@@ -102,6 +134,10 @@ def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     state = resolve_state_dir(state_dir)
     extra_env = read_slot_env(slot_env_file) if slot_env_file else ()
+    slot_memory = resolve_slot_memory(slot_memory, slots)
+    if pip_conf is not None and pip_conf.is_relative_to(state.resolve()):
+        raise click.BadParameter(f"{pip_conf} is inside the state directory, which no slot may see",
+                                 param_hint="--pip-conf")
     if extra_env and runtime in ("apptainer", "singularity"):
         raise click.UsageError("--slot-env-file is for runtimes none and bwrap (Apptainer would put the values "
                                "on its command line, readable by anyone on the node)")
@@ -111,7 +147,8 @@ def serve(job_id: str, slots: int, runtime: str, network: str, image: str | None
         token_file=token_file or JobFolder(state, job_id).token,
         state_dir=state,
         runtime=RuntimeOptions(kind=runtime, image=image, gpus=gpus, python=slot_python, network=network,
-                               extra_env=extra_env, slot_memory_mb=slot_memory, slot_procs=slot_procs),
+                               extra_env=extra_env, slot_memory_mb=slot_memory, slot_procs=slot_procs,
+                               pip_conf=pip_conf),
         port_range=parse_port_range(port_range),
         port_index=port_index,
         host=host,

@@ -27,14 +27,21 @@ when the agent starts) are left out of both, so a limit is what commands get.
 Resident sets are summed per process, so pages that processes share (after a fork)
 count once for each: the measure can overstate a slot's memory, never understate it.
 RLIMITs are not used for memory: none is per slot.
+
+Every kill is recorded (Kill: the slot, when, the message, and the call tags of the
+processes it killed, read from their environment) before its first signal, so that
+the server can fail exactly the calls it cut short (SlotTable._breach_of): a session's
+shell or a call's own shell may well go on and end with 0 after the kill.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
 import signal
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +49,7 @@ from typing import NamedTuple
 
 from ..agent import DIR_FLAGS, MAX_WALK_DEPTH, ToolError, walk_folder
 from .cgroups import SlotCgroup
-from .procfs import Proc, children_of, kill_group, read_processes, scan_processes, signal_pid, subtree
+from .procfs import Proc, call_tag, children_of, kill_group, read_processes, scan_processes, signal_pid, subtree
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,10 @@ DISK_ROUND_ENTRIES = 1_000_000
 DISK_GROWTH_SLACK = 1 * MIB
 # How long a kill of all of a slot's commands goes on killing what they forked meanwhile.
 KILL_ROUNDS_SECONDS = 1.0
+# Kills remembered for the calls they ended (over all slots), and the processes of one
+# killed process group whose call tags are read (a group is mostly one call's).
+REMEMBERED_KILLS = 256
+TAGS_READ_PER_KILL = 64
 
 
 @dataclass(frozen=True)
@@ -142,8 +153,20 @@ class Finding:
     index: int
     processes: int  # the slot's commands' processes (0: nothing runs in it)
     breach: str | None = None  # the message, when a limit was broken and the slot's commands killed
-    at: float = 0.0  # time.monotonic() of the kill
     disk_measured: bool = False
+
+
+@dataclass(frozen=True)
+class Kill:
+    """One kill of the watchdog's, recorded before its first signal is sent: a call
+    whose process it killed ends after that, and finds it at once (see Watchdog.kills)."""
+
+    index: int  # the slot
+    at: float  # time.monotonic()
+    message: str
+    # The call tags (agent.CALL_ENV) of the killed processes that had one readable;
+    # None when every command of the slot was killed (a process or disk breach).
+    calls: frozenset[str] | None
 
 
 @dataclass
@@ -161,6 +184,19 @@ class Watchdog:
     limits: SlotLimits
     _disk: dict[int, _DiskState] = field(default_factory=dict)
     _disk_turn: int = 0
+    # Appended on the watchdog's thread, read on the event loop: under the lock.
+    _kills: collections.deque = field(default_factory=lambda: collections.deque(maxlen=REMEMBERED_KILLS))
+    _kills_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def kills(self, index: int) -> list[Kill]:
+        """The kills remembered for slot `index`, oldest first."""
+        with self._kills_lock:
+            return [kill for kill in self._kills if kill.index == index]
+
+    def _record(self, index: int, message: str, calls: frozenset[str] | None) -> str:
+        with self._kills_lock:
+            self._kills.append(Kill(index, time.monotonic(), message, calls))
+        return message
 
     def infrastructure(self, pid: int) -> frozenset[int]:
         """The processes of a freshly started agent's tree (before any command runs)."""
@@ -189,25 +225,25 @@ class Watchdog:
             spared = {procs[pid].pgid for pid in view.infra if pid in procs} | {os.getpgrp()}
             breach, measured = None, False
             try:
-                breach = self._check_processes(view, spared, mine) or self._check_memory(spared, mine)
+                breach = self._check_processes(view, spared, mine) or self._check_memory(view, spared, mine)
                 if breach is None and disk_round and view.measure_disk and self.limits.disk_mb and disk_budget > 0:
                     breach, used, measured = self._check_disk(view, spared, mine, disk_budget)
                     disk_budget -= used
             except Exception as exc:  # one slot's surprise must not lose the others' findings
                 log.error("limit watchdog: slot %d: %s: %s", view.index, type(exc).__name__, exc)
-            findings[position] = Finding(view.index, len(mine), breach,
-                                         time.monotonic() if breach else 0.0, measured)
+            findings[position] = Finding(view.index, len(mine), breach, disk_measured=measured)
         return findings  # type: ignore[return-value]  # one per view, in the order of views
 
     def _check_processes(self, view: SlotView, spared: set[int], mine: list[Proc]) -> str | None:
         limit = self.limits.max_procs
         if limit is None or len(mine) <= limit:
             return None
+        message = self._record(view.index, f"process limit: the slot ran {len(mine)} processes, its limit is "
+                               f"{limit}; its commands were killed", None)
         self._kill_all(view, spared, mine)
-        return (f"process limit: the slot ran {len(mine)} processes, its limit is {limit}; "
-                "its commands were killed")
+        return message
 
-    def _check_memory(self, spared: set[int], mine: list[Proc]) -> str | None:
+    def _check_memory(self, view: SlotView, spared: set[int], mine: list[Proc]) -> str | None:
         limit = self.limits.memory_mb
         if limit is None or not mine:
             return None
@@ -215,10 +251,14 @@ class Watchdog:
         if used <= limit * MIB:
             return None
         largest = max(mine, key=lambda proc: proc.rss)
-        self._kill_group(spared, largest)
+        doomed = [largest] + ([proc for proc in mine if proc.pgid == largest.pgid and proc is not largest]
+                              if largest.pgid not in spared and largest.pgid > 1 else [])
+        calls = frozenset(tag for proc in doomed[:TAGS_READ_PER_KILL] if (tag := call_tag(proc.pid)))
         # Rounded up: a slot just over 512 MiB must not read "used 512 MiB, its limit is 512".
-        return (f"memory limit: the slot used {-(-used // MIB)} MiB, its limit is {limit} MiB; "
-                "the command was killed")
+        message = self._record(view.index, f"memory limit: the slot used {-(-used // MIB)} MiB, its limit is "
+                               f"{limit} MiB; the command was killed", calls)
+        self._kill_group(spared, largest)
+        return message
 
     def _check_disk(self, view: SlotView, spared: set[int], mine: list[Proc],
                     budget: int) -> tuple[str | None, int, bool]:
@@ -247,11 +287,13 @@ class Watchdog:
             state.floor = min(state.floor, used)
             return None, entries, True
         self._disk[view.index] = _DiskState(floor=used)
-        self._kill_all(view, spared, mine)
         # A burst of writes can end between two measurements: then there is nothing to kill.
         outcome = "its commands were killed" if mine else "nothing was running; commands that grow it are killed"
         where = "workspace (with its TMPDIR)" if view.tmpdir is not None else "workspace"
-        return f"disk limit: the slot's {where} {why}, its limit is {limit} MiB; {outcome}", entries, True
+        message = self._record(view.index, f"disk limit: the slot's {where} {why}, its limit is {limit} MiB; "
+                               f"{outcome}", None)
+        self._kill_all(view, spared, mine)
+        return message, entries, True
 
     def _kill_group(self, spared: set[int], proc: Proc) -> None:
         if proc.pgid in spared or proc.pgid <= 1:

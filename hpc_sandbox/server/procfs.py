@@ -13,7 +13,10 @@ import signal
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from ..agent import CALL_ENV
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
+_CALL_ENTRY = f"{CALL_ENV}=".encode()
 
 
 class Proc(NamedTuple):  # a tuple: made for every process twice a second
@@ -104,3 +107,30 @@ def kill_tree(root: int) -> int:
     for pid in doomed:
         signal_pid(pid)
     return len(doomed)
+
+
+def call_tag(pid: int) -> str | None:
+    """The call tag (agent.CALL_ENV) in a process's environment, as it was at its exec;
+    None when it has none or it cannot be read (gone, another user's, non-dumpable)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            environ = handle.read(1 << 20)
+    except OSError:
+        return None
+    for entry in environ.split(b"\0"):
+        if entry.startswith(_CALL_ENTRY):
+            return entry[len(_CALL_ENTRY):].decode("utf-8", "replace")
+    return None
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed on this node since boot,
+    the node's or a cgroup's (/proc/vmstat `oom_kill`, Linux 4.13+); None if unknown."""
+    try:
+        with open("/proc/vmstat", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None

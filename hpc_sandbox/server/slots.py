@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import secrets
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
@@ -31,12 +32,18 @@ from ..runtime import SlotRuntime, host_scratch, task_fence
 from .agent_process import STUCK_GRACE_SECONDS, AgentDied, AgentError, AgentProcess, AgentStuck, OutputSink
 from .cgroups import CgroupPlace, SlotCgroup
 from .limits import DISK_EVERY, WATCH_INTERVAL, SlotLimits, SlotView, Watchdog
+from .procfs import oom_kills
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = 600.0
 MAX_LEASE_TTL = 7 * 24 * 3600.0
 REMEMBERED_EXEC_IDS = 2048  # per slot
+# A command killed by SIGKILL while the kernel's OOM killer killed something on the node
+# (no watchdog breach explains it): most likely the node, or the job's cgroup, ran out.
+KERNEL_OOM = ("out of memory: the command was killed by SIGKILL while the kernel's OOM killer was killing "
+              "on this node (the node or the job's memory ran out; a lower slot_memory makes the slot's "
+              "watchdog end it first)")
 
 
 @dataclass
@@ -64,9 +71,6 @@ class Slot:
     # back: its client may never have received it. None once confirmed.
     confirm_by: float | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # serialises start/stop/reset
-    # The last limit breach: (time.monotonic() of the kill, message). A call running
-    # then that came back killed by a signal is answered with it.
-    breach: tuple[float, str] | None = None
     # The watchdog's marks: the last_used at which a scan found nothing running in the
     # slot (it need not look again until last_used moves), and at which its workspace
     # was measured with nothing running.
@@ -440,18 +444,23 @@ class SlotTable:
             return CallAnswer.failure(call, ErrorKind.SLOT_UNAVAILABLE,
                                       f"slot {slot.index} is {slot.state}: {slot.last_error or ''}".rstrip(": "))
         started = time.monotonic()
+        oom_before = oom_kills() if call.tool == "bash" else None
         try:
             result = await agent.call(call.tool, call.args, call.timeout, output)
             answer = CallAnswer.success(call, result)
             # Only a command the call ran can have been killed under it (a `process`
             # answer that reports a background process's signal is just a report).
-            if call.tool == "bash" and BashResult.from_json(result).killed_by_signal:
-                breach = await self._breach_since(slot, started)
+            if call.tool == "bash":
+                bash = BashResult.from_json(result)
+                breach = self._breach_of(slot, started, bash)
                 if breach:
                     return CallAnswer.failure(call, ErrorKind.LIMIT_EXCEEDED, breach)
-                # Killed by a signal nobody here sent: perhaps the job's own SIGTERM,
-                # which reaches commands and this server at the same moment.
-                await _wait_briefly(self.stopping, 0.5)
+                if bash.killed_by_signal:
+                    if bash.signal == signal.SIGKILL and _grew(oom_before, oom_kills()):
+                        return CallAnswer.failure(call, ErrorKind.LIMIT_EXCEEDED, KERNEL_OOM)
+                    # Killed by a signal nobody here sent: perhaps the job's own SIGTERM,
+                    # which reaches commands and this server at the same moment.
+                    await _wait_briefly(self.stopping, 0.5)
         except AgentError as exc:
             answer = CallAnswer.failure(call, exc.kind, exc.message)
         except AgentStuck as exc:
@@ -539,7 +548,6 @@ class SlotTable:
             if slot.agent is not agent or finding.index != slot.index:
                 continue  # replaced meanwhile: its marks start over
             if finding.breach:
-                slot.breach = (finding.at, finding.breach)
                 slot.last_error = finding.breach
                 log.warning("slot %d: %s", slot.index, finding.breach)
                 slot.quiet_at = slot.measured_at = None
@@ -549,16 +557,24 @@ class SlotTable:
             if finding.disk_measured:
                 slot.measured_at = last_used if empty else None
 
-    async def _breach_since(self, slot: Slot, started: float) -> str | None:
-        """The breach that killed a call started at `started`, if any. A round that is
-        killing right now has its findings applied before this answers."""
+    def _breach_of(self, slot: Slot, started: float, bash: BashResult) -> str | None:
+        """The limit breach that killed part of a `bash` call started at `started`, if
+        any: whatever its exit code (a session's shell, a call that waited for a process
+        it moved to a group of its own, goes on after the kill). The watchdog records a
+        kill before it signals, so a call it cut short finds it here.
+
+        A kill matches the call when it killed a process carrying the call's tag (at
+        any time: the tag is the command's alone), or every command of the slot while
+        the call ran; one whose processes' tags could not be read, when the call came
+        back killed by a signal. A kill of another process (a background one, a job an
+        earlier session command left running) fails no call."""
         if self.watchdog is None:
             return None
-        if self._round is not None and not self._round.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._round)
-        if slot.breach and slot.breach[0] >= started:
-            return slot.breach[1]
+        for kill in reversed(self.watchdog.kills(slot.index)):
+            if kill.calls and bash.call in kill.calls:
+                return kill.message
+            if kill.at >= started and (kill.calls is None or (not kill.calls and bash.killed_by_signal)):
+                return kill.message
         return None
 
     def describe(self) -> list[dict[str, Any]]:
@@ -570,6 +586,10 @@ class SlotTable:
         for slot in self.slots:
             counts[slot.state] = counts.get(slot.state, 0) + 1
         return counts
+
+
+def _grew(before: int | None, after: int | None) -> bool:
+    return before is not None and after is not None and after > before
 
 
 async def _wait_briefly(event: asyncio.Event, seconds: float) -> bool:
