@@ -2,6 +2,9 @@
 
 "Submitting" starts one `hpc-sandbox serve` process per node, detached from the
 terminal, logging into the job folder; their pids are the job's scheduler ids.
+
+They are children of the submitting process: one that cancels its own job (launch,
+the Atropos face) waits for them, or each would stay a zombie until it exits.
 """
 from __future__ import annotations
 
@@ -59,6 +62,21 @@ def _alive(pid: int, job: JobInfo) -> bool:
     return job.job_id.encode() in cmdline or b"hpc_sandbox" in cmdline or b"hpc-sandbox" in cmdline
 
 
+# The node servers this process started and has not waited for yet, by pid.
+_started: dict[int, subprocess.Popen] = {}
+
+
+def _reap(pids: Sequence[int]) -> None:
+    """Wait for those of `pids` this process started (they have been stopped)."""
+    for pid in pids:
+        proc = _started.pop(pid, None)
+        if proc is not None:
+            try:
+                proc.wait(STOP_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:  # a server stuck in the kernel: the next _reap tries again
+                _started[pid] = proc
+
+
 def _signal(pid: int, sig: int, group: bool = False) -> None:
     try:
         (os.killpg if group else os.kill)(pid, sig)
@@ -81,6 +99,7 @@ class LocalScheduler(Scheduler):
                     start_new_session=True,  # outlives the submitting CLI, like a batch job
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
+            _started[proc.pid] = proc
             pids.append(str(proc.pid))
             log.info("started node server %d of job %s as pid %d", index, job_id, proc.pid)
         return JobInfo(job_id=job_id, scheduler=self.name, submitted_at=time.time(), servers=spec.servers,
@@ -111,3 +130,4 @@ class LocalScheduler(Scheduler):
             if _alive(pid, job):
                 log.warning("node server pid %d ignored SIGTERM for %.0fs; killing it", pid, STOP_WAIT_SECONDS)
                 _signal(pid, signal.SIGKILL, group=True)
+        _reap([int(pid) for pid in job.scheduler_ids])
