@@ -61,12 +61,18 @@ async def read_artifact(pool: SlotPool, slot: Slot, path: str, max_bytes: int = 
 
 
 async def list_artifacts(pool: SlotPool, slot: Slot, path: str = ".", recursive: bool = False,
-                         max_entries: int = DEFAULT_MAX_ENTRIES, timeout_s: float | None = None) -> ArtifactListing:
+                         max_entries: int = DEFAULT_MAX_ENTRIES, timeout_s: float | None = None, *,
+                         exclude: str | Sequence[str] = ()) -> ArtifactListing:
     """The entries under `path` (agent list_files): dicts with path (workspace relative),
     is_dir, size, mtime, type (file, dir, symlink, other); at most max_entries of them
-    (`.truncated` says whether there were more)."""
-    result = await _call(pool, slot, "list_files", {"path": path, "recursive": recursive,
-                                                    "max_entries": max_entries}, timeout_s)
+    (`.truncated` says whether there were more). `exclude`: glob patterns matched
+    against each entry's name and workspace-relative path ([".venv", ".git",
+    "__pycache__", "*.pyc"]); an excluded folder is not entered. Nothing is excluded
+    unless asked."""
+    args: dict[str, Any] = {"path": path, "recursive": recursive, "max_entries": max_entries}
+    if exclude:
+        args["exclude"] = [exclude] if isinstance(exclude, str) else list(exclude)
+    result = await _call(pool, slot, "list_files", args, timeout_s)
     listing = ArtifactListing({"path": entry["path"], "is_dir": entry["type"] == "dir", "size": entry["size"],
                                "mtime": entry["mtime"], "type": entry["type"]}
                               for entry in result.data["entries"])
