@@ -21,6 +21,7 @@ COMMANDS = {
     "status": "status:status",
     "exec": "exec_:exec_",
     "cancel": "cancel:cancel",
+    "logs": "logs:logs",
     "check": "check:check",
     "cloud": "cloud:cloud",
     "render": "render:render",
