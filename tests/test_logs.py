@@ -64,3 +64,8 @@ def test_logs_command_prints_a_cancelled_jobs_logs(cli, state_dir):
     tail = cli("logs", job_id, "--tail", "1")
     assert tail.returncode == 0 and len([ln for ln in tail.stdout.splitlines() if ln]) == 2 * 2, tail.stdout
     assert_one_line_error(cli("logs", "no-such-job"), "no logs of job 'no-such-job'")
+
+
+def test_logs_of_a_job_that_wrote_none_says_so(cli, state_dir):
+    JobFolder(state_dir, "silent").create_credentials(tls=False)  # a Nomad job's folder has no logs/
+    assert_one_line_error(cli("logs", "silent"), "job 'silent' has no logs in its folder yet")
