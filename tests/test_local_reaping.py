@@ -4,13 +4,15 @@ as a zombie of that process (issue 19, item 4)."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from hpc_sandbox import connect
 from hpc_sandbox.compat.atropos import HpcSandboxBackend
 from hpc_sandbox.jobfolder import list_jobs
+from hpc_sandbox.jobs import job_states
 
-from helpers import free_port_range
+from helpers import free_port_range, wait_until
 
 
 def zombie_children() -> set[int]:
@@ -49,3 +51,20 @@ async def test_atropos_stop_purge_leaves_no_zombie_node_server(state_dir, no_use
     servers = {int(pid) for pid in job.scheduler_ids}
     assert not servers & zombie_children()
 
+
+async def test_a_node_server_that_exits_by_itself_is_reaped_when_its_job_status_is_read(state_dir, no_user_config):
+    async with connect.launch(scheduler="local", slots=1, state_dir=state_dir, config_file=None,
+                              port_range=free_port_range(), wait_timeout=60, acquire_timeout=30) as pool:
+        [job] = pool.jobs
+        [pid] = [int(p) for p in job.scheduler_ids]
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: pid in zombie_children(), 10)
+        assert job_states(state_dir, [job.info])[job.id].state.ended
+
+        def reaped_by_a_status_read() -> bool:
+            # A killed process shows as a zombie before its last threads are gone, and
+            # only then can it be waited for: a read or two later.
+            job_states(state_dir, [job.info])
+            return pid not in zombie_children()
+
+        assert wait_until(reaped_by_a_status_read, 5)

@@ -66,6 +66,13 @@ def _alive(pid: int, job: JobInfo) -> bool:
 _started: dict[int, subprocess.Popen] = {}
 
 
+def _forget_exited() -> None:
+    """Wait for the node servers this process started that have exited by themselves."""
+    for pid, proc in list(_started.items()):
+        if proc.poll() is not None:
+            _started.pop(pid, None)
+
+
 def _reap(pids: Sequence[int]) -> None:
     """Wait for those of `pids` this process started (they have been stopped)."""
     for pid in pids:
@@ -89,6 +96,7 @@ class LocalScheduler(Scheduler):
 
     def submit(self, spec: SandboxSpec, folder: JobFolder) -> JobInfo:
         job_id = folder.job_id
+        _forget_exited()
         folder.logs.mkdir(parents=True, exist_ok=True)
         pids = []
         for index in range(spec.servers):
@@ -107,6 +115,7 @@ class LocalScheduler(Scheduler):
                        image=spec.image)
 
     def status(self, jobs: Sequence[JobInfo]) -> dict[str, JobStatus]:
+        _forget_exited()
         statuses = {}
         for job in jobs:
             alive = sum(_alive(int(pid), job) for pid in job.scheduler_ids)
