@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hpc_sandbox.jobfolder import KEPT_JOB_LOGS, JobFolder, job_logs, logs_root
 
+from helpers import free_port_range
 from test_cli import assert_one_line_error
 
 
@@ -49,7 +50,7 @@ def test_a_job_without_logs_leaves_nothing_behind(state_dir):
 
 def test_logs_command_prints_a_cancelled_jobs_logs(cli, state_dir):
     assert "Usage:" in cli("logs", "--help").stdout
-    submitted = cli("submit", "--nodes", "2", "--slots", "1", "--wait", "--json", "--port-range", "21200-21263")
+    submitted = cli("submit", "--nodes", "2", "--slots", "1", "--wait", "--json", "--port-range", free_port_range())
     assert submitted.returncode == 0, submitted.stderr
     job_id = json.loads(submitted.stdout)["job_id"]
     assert cli("exec", "--job", job_id, "--", "true").returncode == 0
