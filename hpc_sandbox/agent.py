@@ -109,17 +109,18 @@ MAX_OUTPUT_CAP = 16 << 20  # per stream
 MAX_READ_LIMIT = 64 << 20
 MAX_ARCHIVE_CAP = 128 << 20
 MAX_LIST_ENTRIES = 100000
-# list_files' `exclude`: at most this many glob patterns, each at most this long.
+# list_files' and archive's `exclude`: at most this many glob patterns, each at most this long.
 MAX_EXCLUDE_PATTERNS = 64
 MAX_EXCLUDE_CHARS = 256
 
 
 def _exclusion(patterns):
-    """list_files' `exclude` (glob patterns, fnmatch's, case-sensitive) as a skip(name,
-    path) for walk_folder, None when there are none; a bad_request unless a list of at
-    most MAX_EXCLUDE_PATTERNS strings of 1..MAX_EXCLUDE_CHARS characters. A pattern
-    matches an entry's name or its workspace-relative path ("*.pyc", ".venv", "src/gen");
-    all of them are one regex, so a big listing costs two matches per entry."""
+    """list_files' and archive's `exclude` (glob patterns, fnmatch's, case-sensitive) as
+    a skip(name, path) for walk_folder, None when there are none; a bad_request unless a
+    list of at most MAX_EXCLUDE_PATTERNS strings of 1..MAX_EXCLUDE_CHARS characters. A
+    pattern matches an entry's name or its workspace-relative path, whole ("*.pyc",
+    ".venv", "src/gen"); all of them are one regex, so a big walk costs two matches per
+    entry. What a call names itself (its path or paths) is never excluded."""
     if patterns is None:
         return None
     if (not isinstance(patterns, list) or len(patterns) > MAX_EXCLUDE_PATTERNS
@@ -2190,13 +2191,14 @@ class Agent:
                 tops.append((path, parts, "/".join(parts)))
             label = ", ".join(paths)
         cap = _bounded_int(args, "max_bytes", DEFAULT_ARCHIVE_CAP, MAX_ARCHIVE_CAP)
+        skip = _exclusion(args.get("exclude"))
         sink = _CappedBytesIO(cap)
         members = []
         try:
             with tarfile.open(fileobj=sink, mode="w:gz") as tar:
                 seen = set()
                 for path, parts, top in tops:
-                    self._archive_path(tar, path, parts, top, seen, members)
+                    self._archive_path(tar, path, parts, top, seen, members, skip)
         except _TooLarge:
             raise ToolError("too_large", "archive of %s exceeds %d bytes" % (label, cap))
         data = sink.getvalue()
@@ -2208,9 +2210,10 @@ class Agent:
             "members": members,
         }
 
-    def _archive_path(self, tar, path, parts, top, seen, members) -> None:
+    def _archive_path(self, tar, path, parts, top, seen, members, skip=None) -> None:
         """Add the file or folder `parts` to `tar` as `top` ("" names the workspace
-        itself, which then gets no entry of its own), skipping members in `seen`."""
+        itself, which then gets no entry of its own), skipping members in `seen` and
+        what `skip` excludes (see _exclusion)."""
         file_fd = top_fd = None
         if parts:
             parent = self._open_dir(parts[:-1], path)
@@ -2235,7 +2238,14 @@ class Agent:
                 seen.add(top)
                 members.append(top)
                 tar.addfile(_tar_info(top, os.fstat(top_fd), tarfile.DIRTYPE))
-            walk = walk_folder(top_fd, top, True, cut)
+            base = "/".join(parts)
+            if skip is not None and top != base:
+                # Members named after the path's last part ("b/x" for "a/b", "./x" for "."):
+                # patterns are matched against the workspace-relative path all the same.
+                named = skip
+                skip = lambda name, member: named(name, base + member[len(top):] if base  # noqa: E731
+                                                  else member[len(top) + 1:])
+            walk = walk_folder(top_fd, top, True, cut, skip=skip)
             try:
                 for dir_fd, member, name, st in walk:
                     if member not in seen and _tar_entry(tar, dir_fd, member, name, st):

@@ -196,6 +196,23 @@ async def test_list_files_excludes_by_name_and_path_without_entering_excluded_fo
     assert {e["path"] for e in sub["entries"]} == {"src/pkg", "src/pkg/mod.py", "src/pkg/stale.pyc"}
 
 
+async def test_archive_excludes_by_name_and_path_but_keeps_what_it_was_named(agent, tmp_path):
+    _repo_with_a_venv(tmp_path, venv_files=3)
+    packed = (await agent.call("archive", paths=["."], exclude=[".venv", ".git", "__pycache__", "*.pyc"]))["result"]
+    assert set(packed["members"]) == {"src", "src/pkg", "src/pkg/mod.py", "tests", "tests/test_mod.py"}
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(packed["content"]))) as tar:
+        assert set(tar.getnames()) == set(packed["members"])
+    named = (await agent.call("archive", paths=[".venv/lib"], exclude=[".venv"]))["result"]
+    assert ".venv/lib/site-packages/dep/m0.py" in named["members"]  # a path asked for is not excluded itself
+    # With `path`, members are named after its last part; patterns still match workspace paths.
+    whole = (await agent.call("archive", path=".", exclude=["src/pkg", ".venv", ".git"]))["result"]
+    assert set(whole["members"]) == {".", "./src", "./tests", "./tests/test_mod.py"}
+    sub = (await agent.call("archive", path="src/pkg", exclude=["src/pkg/__pycache__"]))["result"]
+    assert set(sub["members"]) == {"pkg", "pkg/mod.py", "pkg/stale.pyc"}
+    refused = await agent.call("archive", exclude="*.pyc")
+    assert refused["error"]["kind"] == "bad_request" and "exclude" in refused["error"]["message"]
+
+
 @pytest.mark.parametrize("exclude", ["*.pyc", [1], [""], ["x" * (agent_module.MAX_EXCLUDE_CHARS + 1)],
                                      ["*"] * (agent_module.MAX_EXCLUDE_PATTERNS + 1)])
 async def test_list_files_refuses_a_bad_exclude(agent, exclude):
