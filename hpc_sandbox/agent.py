@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import base64
 import errno
+import fnmatch
 import functools
 import hashlib
 import io
@@ -111,6 +112,28 @@ MAX_OUTPUT_CAP = 16 << 20  # per stream
 MAX_READ_LIMIT = 64 << 20
 MAX_ARCHIVE_CAP = 128 << 20
 MAX_LIST_ENTRIES = 100000
+# list_files' and archive's `exclude`: at most this many glob patterns, each at most this long.
+MAX_EXCLUDE_PATTERNS = 64
+MAX_EXCLUDE_CHARS = 256
+
+
+def _exclusion(patterns):
+    """list_files' and archive's `exclude` (glob patterns, fnmatch's, case-sensitive) as
+    a skip(name, path) for walk_folder, None when there are none; a bad_request unless a
+    list of at most MAX_EXCLUDE_PATTERNS strings of 1..MAX_EXCLUDE_CHARS characters. A
+    pattern matches an entry's name or its workspace-relative path, whole ("*.pyc",
+    ".venv", "src/gen"); all of them are one regex, so a big walk costs two matches per
+    entry. What a call names itself (its path or paths) is never excluded."""
+    if patterns is None:
+        return None
+    if (not isinstance(patterns, list) or len(patterns) > MAX_EXCLUDE_PATTERNS
+            or not all(isinstance(p, str) and 1 <= len(p) <= MAX_EXCLUDE_CHARS for p in patterns)):
+        raise ToolError("bad_request", "exclude must be a list of at most %d glob patterns of 1 to %d characters"
+                        % (MAX_EXCLUDE_PATTERNS, MAX_EXCLUDE_CHARS))
+    if not patterns:
+        return None
+    match = re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
+    return lambda name, path: match(name) is not None or match(path) is not None
 
 
 def _bounded_int(args, key, default, ceiling):
@@ -270,14 +293,15 @@ def _scan(dir_fd: int) -> list:
     return found
 
 
-def walk_folder(top_fd: int, top: str, recursive: bool, cut: list, unreadable=None):
+def walk_folder(top_fd: int, top: str, recursive: bool, cut: list, unreadable=None, skip=None):
     """Yield (dir_fd, path, name, lstat) for everything under the folder `top_fd`.
 
     In os.walk's order (a folder's entries, then each subfolder's in turn), entering
     subfolders through descriptors with O_NOFOLLOW, so a symlink is reported, never
     followed. `top_fd` stays the caller's; every folder opened here is closed here.
     Appends to `cut` the folders not entered for being too deep, and to `unreadable`
-    (when given) those not entered for want of permission.
+    (when given) those not entered for want of permission. An entry for which
+    `skip(name, path)` is true is neither yielded nor, if a folder, entered.
     """
     frames = []  # (fd, path, subfolder names still to enter)
     fd, folder = top_fd, top
@@ -286,6 +310,8 @@ def walk_folder(top_fd: int, top: str, recursive: bool, cut: list, unreadable=No
             if fd is not None:
                 subfolders = []
                 for name, st in _scan(fd):
+                    if skip is not None and skip(name, _join(folder, name)):
+                        continue
                     yield fd, _join(folder, name), name, st
                     if recursive and stat.S_ISDIR(st.st_mode):
                         subfolders.append(name)
@@ -2120,11 +2146,12 @@ class Agent:
         parts = workspace_parts(path, self.roots)
         recursive = bool(args.get("recursive"))
         max_entries = _bounded_int(args, "max_entries", 10000, MAX_LIST_ENTRIES)
+        skip = _exclusion(args.get("exclude"))
         top_fd = self._open_dir(parts, path)
         entries = []
         truncated = False
         cut = []
-        walk = walk_folder(top_fd, "/".join(parts), recursive, cut)
+        walk = walk_folder(top_fd, "/".join(parts), recursive, cut, skip=skip)
         try:
             for _, entry_path, _, st in walk:
                 if len(entries) >= max_entries:
@@ -2169,13 +2196,14 @@ class Agent:
                 tops.append((path, parts, "/".join(parts)))
             label = ", ".join(paths)
         cap = _bounded_int(args, "max_bytes", DEFAULT_ARCHIVE_CAP, MAX_ARCHIVE_CAP)
+        skip = _exclusion(args.get("exclude"))
         sink = _CappedBytesIO(cap)
         members = []
         try:
             with tarfile.open(fileobj=sink, mode="w:gz") as tar:
                 seen = set()
                 for path, parts, top in tops:
-                    self._archive_path(tar, path, parts, top, seen, members)
+                    self._archive_path(tar, path, parts, top, seen, members, skip)
         except _TooLarge:
             raise ToolError("too_large", "archive of %s exceeds %d bytes" % (label, cap))
         data = sink.getvalue()
@@ -2187,9 +2215,10 @@ class Agent:
             "members": members,
         }
 
-    def _archive_path(self, tar, path, parts, top, seen, members) -> None:
+    def _archive_path(self, tar, path, parts, top, seen, members, skip=None) -> None:
         """Add the file or folder `parts` to `tar` as `top` ("" names the workspace
-        itself, which then gets no entry of its own), skipping members in `seen`."""
+        itself, which then gets no entry of its own), skipping members in `seen` and
+        what `skip` excludes (see _exclusion)."""
         file_fd = top_fd = None
         if parts:
             parent = self._open_dir(parts[:-1], path)
@@ -2214,7 +2243,14 @@ class Agent:
                 seen.add(top)
                 members.append(top)
                 tar.addfile(_tar_info(top, os.fstat(top_fd), tarfile.DIRTYPE))
-            walk = walk_folder(top_fd, top, True, cut)
+            base = "/".join(parts)
+            if skip is not None and top != base:
+                # Members named after the path's last part ("b/x" for "a/b", "./x" for "."):
+                # patterns are matched against the workspace-relative path all the same.
+                named = skip
+                skip = lambda name, member: named(name, base + member[len(top):] if base  # noqa: E731
+                                                  else member[len(top) + 1:])
+            walk = walk_folder(top_fd, top, True, cut, skip=skip)
             try:
                 for dir_fd, member, name, st in walk:
                     if member not in seen and _tar_entry(tar, dir_fd, member, name, st):

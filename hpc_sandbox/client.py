@@ -23,8 +23,8 @@ from .jobfolder import Credentials, ServerRecord
 from .models import Endpoint
 from .paths import workspace_relative
 from .tls import pinned_context, system_context
-from .protocol import (AcquireRequest, BadAnswer, Call, CallAnswer, Grant, Health, ReleaseRequest, SlotsAnswer,
-                       StreamEvent, exec_timeout)
+from .protocol import (AcquireRequest, BadAnswer, Call, CallAnswer, Grant, Health, ReleaseRequest, RenewRequest,
+                       SlotsAnswer, StreamEvent, exec_timeout)
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,11 @@ class NodeClient:
 
     async def renew(self, slot: int, lease: str) -> None:
         await self._request("POST", protocol.slot_route(slot, "renew"), lease=lease)
+
+    async def name_holder(self, slot: int, lease: str, trajectory_id: str | None) -> None:
+        """Renew the lease and say which trajectory holds it now (see protocol.RenewRequest)."""
+        await self._request("POST", protocol.slot_route(slot, "renew"), lease=lease,
+                            json=RenewRequest(trajectory_id, rename=True).to_json())
 
     async def reset(self, slot: int, lease: str) -> None:
         await self._request("POST", protocol.slot_route(slot, "reset"), lease=lease, timeout=CONTROL_TIMEOUT + 30)

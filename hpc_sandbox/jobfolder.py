@@ -19,6 +19,8 @@ compute nodes share):
         submit/scheduler-ids             the scheduler's own job ids, one per line
         slot-env.json                    a cloud sandbox's node server only: the variables its
                                          slots get, {NAME: VALUE} (0600; see burst/entry.py)
+    STATE_DIR/logs/JOB/                  a removed (cancelled) job's logs/, kept for the
+                                         last KEPT_JOB_LOGS jobs (0700): `hpc-sandbox logs`
     STATE_DIR/cloud/POOL/                one pool's cloud overflow (0700)
         token                            the pool's token (0600; reaches its sandboxes as a
                                          Modal Secret)
@@ -54,6 +56,9 @@ from .errors import ConfigError, HpcSandboxError, JobNotFound
 log = logging.getLogger(__name__)
 
 STATE_DIR_ENV = "HPC_SANDBOX_STATE_DIR"
+# Removing a job folder (cancel) moves its logs to STATE_DIR/logs/JOB/; the logs of
+# this many jobs, the most recently removed, are kept there (older ones are deleted).
+KEPT_JOB_LOGS = 10
 
 
 def default_state_dir() -> Path:
@@ -69,6 +74,40 @@ def users_state_dir() -> Path:
 
 def jobs_root(state_dir: Path) -> Path:
     return Path(state_dir) / "jobs"
+
+
+def logs_root(state_dir: Path) -> Path:
+    """Where the logs of removed jobs are kept, one folder per job."""
+    return Path(state_dir).expanduser() / "logs"
+
+
+def job_logs(state_dir: Path, job_id: str) -> list[Path]:
+    """A job's log files, sorted: in its folder while it has one, else those kept after
+    it was removed; [] when there are none."""
+    for folder in (JobFolder(state_dir, job_id).logs, logs_root(state_dir) / job_id):
+        if folder.is_dir():
+            return sorted(p for p in folder.iterdir() if p.is_file())
+    return []
+
+
+def _keep_logs(logs: Path, state_dir: Path, job_id: str) -> None:
+    """Move a job's logs/ to STATE_DIR/logs/JOB/ (a rename: a scheduler still writing
+    to a log keeps writing into the moved file), then delete all but the KEPT_JOB_LOGS
+    most recently kept."""
+    if not logs.is_dir() or not any(logs.iterdir()):
+        return
+    root = logs_root(state_dir)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    kept = root / job_id
+    shutil.rmtree(kept, ignore_errors=True)  # a job id used again: its latest logs win
+    try:
+        os.replace(logs, kept)
+    except OSError:  # another filesystem (a state dir put together by hand)
+        shutil.move(str(logs), str(kept))
+    os.utime(kept)  # kept in the order jobs are removed
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in folders[KEPT_JOB_LOGS:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def cloud_root(state_dir: Path) -> Path:
@@ -371,6 +410,11 @@ class JobFolder:
         return "; ".join(found[-3:])
 
     def remove(self) -> None:
+        """Delete the folder; its logs are kept (see KEPT_JOB_LOGS)."""
+        try:
+            _keep_logs(self.logs, self.state_dir, self.job_id)
+        except OSError as exc:  # the job's end must not fail for its logs
+            log.warning("could not keep the logs of job %s: %s", self.job_id, exc)
         shutil.rmtree(self.path, ignore_errors=True)
 
 

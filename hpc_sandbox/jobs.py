@@ -242,7 +242,8 @@ async def report(state_dir: Path, job: str | None = None) -> list[JobReport]:
 
 
 def cancel(state_dir: Path, job: str, purge: bool = False) -> JobInfo:
-    """Cancel through the scheduler, then remove the job folder (records, token, logs).
+    """Cancel through the scheduler, then remove the job folder (records, token; its logs
+    are kept, see jobfolder.KEPT_JOB_LOGS).
     `purge` (the CLI's --purge) also removes the job from the scheduler's records at once:
     an error for a scheduler that keeps none (Scheduler.purges)."""
     folder = JobFolder(state_dir, job)

@@ -9,7 +9,7 @@ import these; none of them spells a route, a header or a dict shape of its own.
     GET  /v1/slots                                              -> SlotsAnswer
     POST /v1/slots/acquire           AcquireRequest             -> Grant
     POST /v1/slots/{i}/release       ReleaseRequest (X-Lease)   -> {"slot", "released"}
-    POST /v1/slots/{i}/renew                        (X-Lease)   -> {"slot", "ttl"}
+    POST /v1/slots/{i}/renew         RenewRequest   (X-Lease)   -> {"slot", "ttl"}
     POST /v1/slots/{i}/reset                        (X-Lease)   -> {"slot", "reset"}
     POST /v1/slots/{i}/exec          Call           (X-Lease)   -> CallAnswer
     POST /v1/slots/{i}/exec          Call + "stream": true      -> StreamEvent lines (NDJSON)
@@ -255,6 +255,29 @@ class AcquireRequest:
         if not _number(confirm) or not 1 <= confirm <= 3600:
             raise BadRequest("'confirm_within' must be a number of seconds in [1, 3600]")
         return cls(trajectory_id, float(ttl) if ttl is not None else None, float(wait), float(confirm))
+
+
+@dataclass(frozen=True)
+class RenewRequest:
+    """A renewal that may also name who holds the lease now. A pool's long-poll acquire
+    is labelled with the caller oldest in its queue when it is sent, but its grant goes
+    to the oldest still waiting when it comes back: the pool then names the real holder
+    (`rename`; a None trajectory_id says the holder gave none). An empty body renews."""
+
+    trajectory_id: str | None = None
+    rename: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trajectory_id": self.trajectory_id} if self.rename else {}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> "RenewRequest":
+        if "trajectory_id" not in body:
+            return cls()
+        trajectory_id = body["trajectory_id"]
+        if trajectory_id is not None and not isinstance(trajectory_id, str):
+            raise BadRequest("'trajectory_id' must be a string")
+        return cls(trajectory_id, rename=True)
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,65 @@ async def test_list_files_recursive(agent, tmp_path):
     assert {(e["path"], e["type"]) for e in entries} == {("d", "dir"), ("d/x", "file"), ("top", "file")}
 
 
+def _repo_with_a_venv(root: Path, venv_files: int) -> None:
+    """A project as a rollout leaves it: a big .venv next to src/ and tests/."""
+    for folder in ("src/pkg", "tests", ".git/objects", ".venv/lib/site-packages/dep", "src/pkg/__pycache__"):
+        (root / folder).mkdir(parents=True)
+    (root / "src/pkg/mod.py").write_text("x = 1")
+    (root / "src/pkg/__pycache__/mod.cpython-38.pyc").write_bytes(b"\0")
+    (root / "src/pkg/stale.pyc").write_bytes(b"\0")
+    (root / "tests/test_mod.py").write_text("def test(): pass")
+    (root / ".git/objects/ab").write_text("blob")
+    for i in range(venv_files):
+        (root / f".venv/lib/site-packages/dep/m{i}.py").write_text("")
+
+
+async def test_list_files_excludes_by_name_and_path_without_entering_excluded_folders(agent, tmp_path):
+    _repo_with_a_venv(tmp_path, venv_files=50)
+    everything = (await agent.call("list_files", recursive=True, max_entries=20))["result"]
+    assert everything["truncated"] is True
+    # Sorted by name, .venv is walked before src/ and tests/: their files drown.
+    assert not {"src/pkg/mod.py", "tests/test_mod.py"} & {e["path"] for e in everything["entries"]}
+
+    listing = (await agent.call("list_files", recursive=True, max_entries=20,
+                                exclude=[".venv", ".git", "__pycache__", "*.pyc"]))["result"]
+    assert listing["truncated"] is False
+    assert {e["path"] for e in listing["entries"]} == {"src", "src/pkg", "src/pkg/mod.py", "tests",
+                                                       "tests/test_mod.py"}
+    # A pattern is matched against the workspace-relative path as well as the name.
+    by_path = (await agent.call("list_files", recursive=True, exclude=["src/pkg", ".venv/lib"]))["result"]
+    paths = {e["path"] for e in by_path["entries"]}
+    assert "src" in paths and ".venv" in paths and not any(p.startswith(("src/", ".venv/")) for p in paths)
+    # Listing a subfolder: paths are still the workspace's.
+    sub = (await agent.call("list_files", path="src", recursive=True, exclude=["src/pkg/__pycache__"]))["result"]
+    assert {e["path"] for e in sub["entries"]} == {"src/pkg", "src/pkg/mod.py", "src/pkg/stale.pyc"}
+
+
+async def test_archive_excludes_by_name_and_path_but_keeps_what_it_was_named(agent, tmp_path):
+    _repo_with_a_venv(tmp_path, venv_files=3)
+    packed = (await agent.call("archive", paths=["."], exclude=[".venv", ".git", "__pycache__", "*.pyc"]))["result"]
+    assert set(packed["members"]) == {"src", "src/pkg", "src/pkg/mod.py", "tests", "tests/test_mod.py"}
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(packed["content"]))) as tar:
+        assert set(tar.getnames()) == set(packed["members"])
+    named = (await agent.call("archive", paths=[".venv/lib"], exclude=[".venv"]))["result"]
+    assert ".venv/lib/site-packages/dep/m0.py" in named["members"]  # a path asked for is not excluded itself
+    # With `path`, members are named after its last part; patterns still match workspace paths.
+    whole = (await agent.call("archive", path=".", exclude=["src/pkg", ".venv", ".git"]))["result"]
+    assert set(whole["members"]) == {".", "./src", "./tests", "./tests/test_mod.py"}
+    sub = (await agent.call("archive", path="src/pkg", exclude=["src/pkg/__pycache__"]))["result"]
+    assert set(sub["members"]) == {"pkg", "pkg/mod.py", "pkg/stale.pyc"}
+    refused = await agent.call("archive", exclude="*.pyc")
+    assert refused["error"]["kind"] == "bad_request" and "exclude" in refused["error"]["message"]
+
+
+@pytest.mark.parametrize("exclude", ["*.pyc", [1], [""], ["x" * (agent_module.MAX_EXCLUDE_CHARS + 1)],
+                                     ["*"] * (agent_module.MAX_EXCLUDE_PATTERNS + 1)])
+async def test_list_files_refuses_a_bad_exclude(agent, exclude):
+    answer = await agent.call("list_files", exclude=exclude)
+    assert answer["ok"] is False and answer["error"]["kind"] == "bad_request", answer
+    assert "exclude" in answer["error"]["message"]
+
+
 async def test_archive_is_a_tar_gz_of_the_folder(agent, tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "m.py").write_text("print(1)\n")

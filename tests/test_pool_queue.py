@@ -359,10 +359,40 @@ async def test_about_one_acquire_request_per_grant(state_dir, server_factory):
 
         await asyncio.wait_for(asyncio.gather(*(trajectory(i) for i in range(20))), 60)
         requests = pool.sources[0].requests
-        print(f"{requests} acquire requests for {pool.queue.granted} grants")
+        print(f"{requests} acquire requests for {pool.queue.granted} grants, "
+              f"{pool.sources[0].renames} holders named after the grant")
         assert pool.queue.granted == 20
         assert requests / pool.queue.granted <= 1.5, f"{requests} acquire requests for 20 grants"
     assert await all_free(server.endpoint, 2) == {"free": 2}
+
+
+async def test_the_node_server_records_the_trajectory_that_got_each_slot(state_dir, server_factory):
+    """Issue 19 (2): a long-poll acquire is labelled with the oldest waiter when it is
+    sent, but its grant goes to the oldest one still waiting when it comes: the pool
+    names the slot's real holder to the node server before handing it over."""
+    server = server_factory(job_id="names", slots=2)
+    async with connect.from_state_dir(state_dir, ["names"], acquire_timeout=30) as pool:
+        slots = await asyncio.gather(pool.acquire(trajectory_id="traj-A"), pool.acquire(trajectory_id="traj-B"))
+        assert sorted(s.trajectory_id for s in slots) == ["traj-A", "traj-B"]
+        async with NodeClient(server.endpoint) as client:
+            listed = {s["index"]: s["trajectory_id"] for s in (await client.slots()).slots}
+        assert {slot.index: slot.trajectory_id for slot in slots} == listed
+        for slot in slots:
+            await pool.release(slot, reset_workspace=False)
+        # A waiter's turn comes after a release: its long poll was sent labelled with
+        # an older waiter.
+        held = [await pool.acquire("first"), await pool.acquire("second")]
+        late = [asyncio.create_task(pool.acquire(name)) for name in ("third", "fourth")]
+        await asyncio.sleep(0.3)
+        for slot in held:
+            await pool.release(slot, reset_workspace=False)
+        got = await asyncio.wait_for(asyncio.gather(*late), 30)
+        async with NodeClient(server.endpoint) as client:
+            listed = {s["index"]: s["trajectory_id"] for s in (await client.slots()).slots}
+        assert {slot.index: slot.trajectory_id for slot in got} == listed
+        assert sorted(listed.values()) == ["fourth", "third"]
+        for slot in got:
+            await pool.release(slot, reset_workspace=False)
 
 
 # --- two pools in two processes ------------------------------------------------------

@@ -101,6 +101,23 @@ async def test_a_running_command_keeps_its_lease_alive(client):
     await client.renew(granted.slot, granted.lease)  # still ours right after
 
 
+async def test_a_renewal_can_name_the_leases_holder(server, client):
+    granted = await client.acquire("label-of-the-request")
+    await client.name_holder(granted.slot, granted.lease, "the-real-holder")
+    [entry] = [s for s in (await client.slots()).slots if s["index"] == granted.slot]
+    assert entry["trajectory_id"] == "the-real-holder"
+    await client.renew(granted.slot, granted.lease)  # a plain renewal names nobody new
+    await client.name_holder(granted.slot, granted.lease, None)
+    [entry] = [s for s in (await client.slots()).slots if s["index"] == granted.slot]
+    assert entry["trajectory_id"] is None
+    status, body = await _raw(server, "POST", f"/v1/slots/{granted.slot}/renew", json={"trajectory_id": 7},
+                              headers={"X-Lease": granted.lease})
+    assert (status, body["error"]["kind"]) == (400, "bad_request")
+    status, _ = await _raw(server, "POST", f"/v1/slots/{granted.slot}/renew", json={"trajectory_id": "x"},
+                           headers={"X-Lease": "not-the-lease"})
+    assert status == 409  # only the lease's holder may name it
+
+
 async def test_repeated_exec_id_returns_the_first_result_and_runs_once(client):
     granted = await client.acquire("t")
     call = dict(slot=granted.slot, lease=granted.lease, tool="bash",

@@ -22,6 +22,7 @@ COMMANDS = {
     "exec": "exec_:exec_",
     "cp": "cp:cp",
     "cancel": "cancel:cancel",
+    "logs": "logs:logs",
     "check": "check:check",
     "cloud": "cloud:cloud",
     "render": "render:render",

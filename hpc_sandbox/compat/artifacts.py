@@ -39,6 +39,11 @@ class ArtifactError(HpcSandboxError):
         self.kind = kind
 
 
+def _patterns(exclude: str | Sequence[str]) -> list[str]:
+    """`exclude` as the agent takes it: one pattern alone is a list of one."""
+    return [exclude] if isinstance(exclude, str) else list(exclude)
+
+
 async def _call(pool: SlotPool, slot: Slot, tool: str, args: dict[str, Any], timeout: float | None) -> ToolResult:
     result = await pool.execute(slot, tool, args, timeout=timeout)
     if not result.success:
@@ -61,12 +66,18 @@ async def read_artifact(pool: SlotPool, slot: Slot, path: str, max_bytes: int = 
 
 
 async def list_artifacts(pool: SlotPool, slot: Slot, path: str = ".", recursive: bool = False,
-                         max_entries: int = DEFAULT_MAX_ENTRIES, timeout_s: float | None = None) -> ArtifactListing:
+                         max_entries: int = DEFAULT_MAX_ENTRIES, timeout_s: float | None = None, *,
+                         exclude: str | Sequence[str] = ()) -> ArtifactListing:
     """The entries under `path` (agent list_files): dicts with path (workspace relative),
     is_dir, size, mtime, type (file, dir, symlink, other); at most max_entries of them
-    (`.truncated` says whether there were more)."""
-    result = await _call(pool, slot, "list_files", {"path": path, "recursive": recursive,
-                                                    "max_entries": max_entries}, timeout_s)
+    (`.truncated` says whether there were more). `exclude`: glob patterns matched
+    against each entry's name and workspace-relative path ([".venv", ".git",
+    "__pycache__", "*.pyc"]); an excluded folder is not entered. Nothing is excluded
+    unless asked."""
+    args: dict[str, Any] = {"path": path, "recursive": recursive, "max_entries": max_entries}
+    if exclude:
+        args["exclude"] = _patterns(exclude)
+    result = await _call(pool, slot, "list_files", args, timeout_s)
     listing = ArtifactListing({"path": entry["path"], "is_dir": entry["type"] == "dir", "size": entry["size"],
                                "mtime": entry["mtime"], "type": entry["type"]}
                               for entry in result.data["entries"])
@@ -76,14 +87,17 @@ async def list_artifacts(pool: SlotPool, slot: Slot, path: str = ".", recursive:
 
 async def archive_artifacts(pool: SlotPool, slot: Slot, paths: str | Sequence[str] = ".",
                             dest: str | Path | None = None, max_bytes: int | None = None,
-                            timeout_s: float | None = None) -> dict[str, Any]:
+                            timeout_s: float | None = None, *, exclude: str | Sequence[str] = ()) -> dict[str, Any]:
     """A tar.gz of `paths` (files or folders, workspace relative; "." is the whole
     workspace), member names relative to the workspace ("sub/a.txt"): one agent `archive`
     of them all (`paths`), so nothing is unpacked or re-packed here. Returns a dict:
     content (the bytes, or None when written to `dest`), path (`dest`), size, sha256 (of
-    the tar.gz), members. `max_bytes` caps the archive."""
+    the tar.gz), members. `max_bytes` caps the archive. `exclude`: glob patterns, as
+    list_artifacts takes them (what `paths` names is never excluded itself)."""
     wanted = [paths] if isinstance(paths, str) else list(paths)
     args: dict[str, Any] = {"paths": wanted}
+    if exclude:
+        args["exclude"] = _patterns(exclude)
     if max_bytes is not None:
         args["max_bytes"] = max_bytes
     data = (await _call(pool, slot, "archive", args, timeout_s)).data

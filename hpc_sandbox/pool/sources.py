@@ -15,6 +15,7 @@ about one request whatever the number of callers and servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -127,6 +128,7 @@ class NodeServerSource:
         self.poll_wait = poll_wait
         self.lease_ttl: float | None = None
         self.requests = 0  # acquire requests sent, for the record (requests per grant)
+        self.renames = 0  # grants whose holder was named after the request (see _hand_over)
         self._queue: WaitQueue | None = None
         self._endpoints: list[Endpoint] = []
         self._refreshed = float("-inf")  # never yet
@@ -329,8 +331,8 @@ class NodeServerSource:
         sent = time.monotonic()
         try:
             self.requests += 1
-            grant = await self.client(endpoint).acquire(self._queue.oldest_label(), self.lease_ttl,
-                                                        wait=self.poll_wait)
+            label = self._queue.oldest_label()
+            grant = await self.client(endpoint).acquire(label, self.lease_ttl, wait=self.poll_wait)
         except NoFreeSlot:
             self._free[url] = 0  # it waited poll_wait and nothing freed: ask again (below)
             if time.monotonic() - sent < self.poll_wait / 2:
@@ -349,9 +351,7 @@ class NodeServerSource:
             slot = Slot(endpoint=endpoint, index=grant.slot, lease=grant.lease)
             if self.owner is not None:
                 self.owner.granted(endpoint)
-            if not self._queue.offer(slot, self._offered_as):
-                # Every caller left (gave up, was cancelled) while this request waited.
-                self._spawn(self.release(slot, reset_workspace=False))
+            await self._hand_over(slot, label)
         finally:
             self._inflight[url] -= 1
             self._inflight_total -= 1
@@ -359,6 +359,37 @@ class NodeServerSource:
             self._saturated = False
             if not self._stopped:
                 self._pump()
+
+    async def _hand_over(self, slot: Slot, label: str | None) -> None:
+        """Give a grant to the oldest caller still waiting. The request was labelled
+        with the oldest one when it was sent, who may have been served since: the node
+        server is told the real holder first (its slot list and logs name trajectories),
+        so that it knows by the time the caller has the slot; a request per grant only
+        where the label was wrong."""
+        assert self._queue is not None
+        named = label
+        if self._queue.waiting and (oldest := self._queue.oldest_label()) != label:
+            try:
+                named = oldest if await self._name_holder(slot, oldest) else label
+            except asyncio.CancelledError:  # the source stops: the grant, confirmed by now, goes back
+                with contextlib.suppress(ClientError):
+                    await self.client(slot.endpoint).release(slot.index, slot.lease, reset_workspace=False)
+                raise
+        waiter = self._queue.offer(slot, self._offered_as)
+        if waiter is None:
+            # Every caller left (gave up, was cancelled) while this request waited.
+            self._spawn(self.release(slot, reset_workspace=False))
+        elif waiter.trajectory_id != named:  # the one named gave up meanwhile: a late word
+            self._spawn(self._name_holder(slot, waiter.trajectory_id))
+
+    async def _name_holder(self, slot: Slot, trajectory_id: str | None) -> bool:
+        self.renames += 1
+        try:
+            await self.client(slot.endpoint).name_holder(slot.index, slot.lease, trajectory_id)
+        except ClientError as exc:  # only a name is lost: the caller's first call says if the lease is
+            log.info("naming the holder of %s: %s", slot, exc)
+            return False
+        return True
 
     def _demand(self) -> int:
         """How many waiting callers this source should find slots for: all of them, or

@@ -80,14 +80,14 @@ class WaitQueue:
             count += 1
         return count, None
 
-    def offer(self, slot: Slot, source: object) -> bool:
-        """Hand `slot` (from `source`) to the oldest caller still waiting; False when
-        nobody waits. The caller's future gets (slot, source)."""
+    def offer(self, slot: Slot, source: object) -> Waiter | None:
+        """Hand `slot` (from `source`) to the oldest caller still waiting, and say who
+        that was; None when nobody waits. The caller's future gets (slot, source)."""
         while self._queue:
             waiter = self._queue.popleft()
             if not waiter.future.done():
                 waiter.future.set_result((dataclasses.replace(slot, trajectory_id=waiter.trajectory_id), source))
                 self._live -= 1
                 self.granted += 1
-                return True
-        return False
+                return waiter
+        return None

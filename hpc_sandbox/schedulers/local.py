@@ -2,6 +2,9 @@
 
 "Submitting" starts one `hpc-sandbox serve` process per node, detached from the
 terminal, logging into the job folder; their pids are the job's scheduler ids.
+
+They are children of the submitting process: one that cancels its own job (launch,
+the Atropos face) waits for them, or each would stay a zombie until it exits.
 """
 from __future__ import annotations
 
@@ -59,6 +62,28 @@ def _alive(pid: int, job: JobInfo) -> bool:
     return job.job_id.encode() in cmdline or b"hpc_sandbox" in cmdline or b"hpc-sandbox" in cmdline
 
 
+# The node servers this process started and has not waited for yet, by pid.
+_started: dict[int, subprocess.Popen] = {}
+
+
+def _forget_exited() -> None:
+    """Wait for the node servers this process started that have exited by themselves."""
+    for pid, proc in list(_started.items()):
+        if proc.poll() is not None:
+            _started.pop(pid, None)
+
+
+def _reap(pids: Sequence[int]) -> None:
+    """Wait for those of `pids` this process started (they have been stopped)."""
+    for pid in pids:
+        proc = _started.pop(pid, None)
+        if proc is not None:
+            try:
+                proc.wait(STOP_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:  # a server stuck in the kernel: the next _reap tries again
+                _started[pid] = proc
+
+
 def _signal(pid: int, sig: int, group: bool = False) -> None:
     try:
         (os.killpg if group else os.kill)(pid, sig)
@@ -71,6 +96,7 @@ class LocalScheduler(Scheduler):
 
     def submit(self, spec: SandboxSpec, folder: JobFolder) -> JobInfo:
         job_id = folder.job_id
+        _forget_exited()
         folder.logs.mkdir(parents=True, exist_ok=True)
         pids = []
         for index in range(spec.servers):
@@ -81,6 +107,7 @@ class LocalScheduler(Scheduler):
                     start_new_session=True,  # outlives the submitting CLI, like a batch job
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
+            _started[proc.pid] = proc
             pids.append(str(proc.pid))
             log.info("started node server %d of job %s as pid %d", index, job_id, proc.pid)
         return JobInfo(job_id=job_id, scheduler=self.name, submitted_at=time.time(), servers=spec.servers,
@@ -88,6 +115,7 @@ class LocalScheduler(Scheduler):
                        image=spec.image)
 
     def status(self, jobs: Sequence[JobInfo]) -> dict[str, JobStatus]:
+        _forget_exited()
         statuses = {}
         for job in jobs:
             alive = sum(_alive(int(pid), job) for pid in job.scheduler_ids)
@@ -111,3 +139,4 @@ class LocalScheduler(Scheduler):
             if _alive(pid, job):
                 log.warning("node server pid %d ignored SIGTERM for %.0fs; killing it", pid, STOP_WAIT_SECONDS)
                 _signal(pid, signal.SIGKILL, group=True)
+        _reap([int(pid) for pid in job.scheduler_ids])

@@ -18,7 +18,8 @@ from aiohttp import web
 
 from .. import protocol
 from ..errors import AuthError, BadRequest, ClientError, ErrorKind, LimitExceeded
-from ..protocol import DEFAULT_EXEC_TIMEOUT, AcquireRequest, Call, CallAnswer, ReleaseRequest, StreamEvent
+from ..protocol import (DEFAULT_EXEC_TIMEOUT, AcquireRequest, Call, CallAnswer, ReleaseRequest, RenewRequest,
+                        StreamEvent)
 from .files import AtomicUpload, open_for_read
 from .slots import Slot, SlotTable
 
@@ -137,6 +138,9 @@ class Api:
 
     async def renew(self, request: web.Request) -> web.Response:
         slot = self._leased(request)
+        asked = RenewRequest.from_json(await _json_body(request))
+        if asked.rename:
+            self.table.rename(slot, asked.trajectory_id)
         return web.json_response({"slot": slot.index, "ttl": slot.ttl})
 
     async def reset(self, request: web.Request) -> web.Response:

@@ -319,6 +319,13 @@ class SlotTable:
         slot.confirm_by = None  # its client has it
         return slot
 
+    def rename(self, slot: Slot, trajectory_id: str | None) -> None:
+        """The leased slot's holder, named by its client (see protocol.RenewRequest)."""
+        if trajectory_id != slot.trajectory_id:
+            log.info("slot %d: held by %s (leased as %s)", slot.index, trajectory_id or "(no trajectory)",
+                     slot.trajectory_id or "(no trajectory)")
+            slot.trajectory_id = trajectory_id
+
     async def release(self, slot: Slot, reset: bool) -> None:
         await self._free(slot, reset)
 
