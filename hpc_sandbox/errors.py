@@ -149,6 +149,13 @@ class BadRequest(ClientError):
     kind = ErrorKind.BAD_REQUEST
 
 
+class PathRefused(BadRequest):
+    """A path outside the workspace, with '..', or through a symlink: the same kind
+    whether a tool (the agent) or a file endpoint (the node server) refused it."""
+
+    kind = ErrorKind.PATH
+
+
 class LeaseLost(ClientError):
     """The slot's lease expired or was taken over; the slot may have been reset."""
 

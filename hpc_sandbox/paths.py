@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 from .agent import SLOT_WORKSPACE, ToolError, workspace_parts
-from .errors import BadRequest
+from .errors import BadRequest, PathRefused
 
 _ROOTS = [[part for part in SLOT_WORKSPACE.split("/") if part]]
 
 
 def split_workspace_path(path: str) -> list[str]:
     """Components of a workspace-relative path (or one under /workspace, as a slot sees
-    it): the agent's own rules (agent.workspace_parts), refusals as BadRequest."""
+    it): the agent's own rules (agent.workspace_parts) and refusal kinds (path,
+    bad_request)."""
     try:
         parts = workspace_parts(path, _ROOTS)
     except ToolError as exc:
-        raise BadRequest(exc.message) from None
+        raise (PathRefused if exc.kind == PathRefused.kind else BadRequest)(exc.message) from None
     if not parts:
         raise BadRequest(f"{path}: names the workspace itself, not a file")
     return parts

@@ -45,7 +45,7 @@ from urllib.parse import quote
 
 from .agent import CLIENT_TOOLS
 from .errors import (AuthError, BadRequest, ClientError, ErrorKind, LeaseLost, LimitExceeded, NoFreeSlot,
-                     NotFound)
+                     NotFound, PathRefused)
 
 # --- routes and headers ---------------------------------------------------------------
 
@@ -145,6 +145,7 @@ ERRORS: dict[ErrorKind, tuple[type[ClientError], int]] = {
     NotFound.kind: (NotFound, 404),
     LeaseLost.kind: (LeaseLost, 409),
     BadRequest.kind: (BadRequest, 400),
+    PathRefused.kind: (PathRefused, 400),
     NoFreeSlot.kind: (NoFreeSlot, 503),
     LimitExceeded.kind: (LimitExceeded, 429),
     ErrorKind.IO: (ClientError, 500),  # the server's own disk (a full one, a permission)

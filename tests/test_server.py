@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from hpc_sandbox.client import NodeClient
-from hpc_sandbox.errors import AuthError, BadRequest, LeaseLost, LimitExceeded, NoFreeSlot, NotFound
+from hpc_sandbox.errors import AuthError, BadRequest, LeaseLost, LimitExceeded, NoFreeSlot, NotFound, PathRefused
 from hpc_sandbox.jobfolder import JobFolder
 from hpc_sandbox.protocol import Call
 
@@ -225,6 +225,17 @@ async def test_file_transfer_never_follows_symlinks_or_dotdot(client, tmp_path):
     with pytest.raises(BadRequest):
         await client.upload(slot, lease, source, "linkdir/evil")
     assert not Path("/etc/evil").exists()
+
+
+async def test_a_bad_path_is_refused_with_one_kind_by_a_tool_and_a_file_endpoint(client, tmp_path):
+    granted = await client.acquire("t")
+    slot, lease = granted.slot, granted.lease
+    await client.execute(slot, lease, "bash", {"command": "ln -s /etc/hostname host; ln -s /etc linkdir"})
+    for path in ("host", "linkdir/hostname", "a/../b"):
+        answer = await client.execute(slot, lease, "read_file", {"path": path})
+        with pytest.raises(PathRefused) as refused:
+            await client.download(slot, lease, path, tmp_path / "x")
+        assert answer.error_kind == refused.value.kind == "path", (path, answer)
 
 
 async def test_an_agent_that_dies_is_restarted_and_reported(client):

@@ -13,13 +13,17 @@ import os
 import secrets
 
 from ..agent import DIR_FLAGS, ToolError, open_child_dir, open_child_file
-from ..errors import BadRequest, ClientError, NotFound
+from ..errors import BadRequest, ClientError, ErrorKind
 from ..paths import split_workspace_path
+from ..protocol import ERRORS
 
 
 def _refused(exc: ToolError) -> ClientError:
-    """The agent's refusal of a path, as the file endpoints answer it."""
-    return NotFound(exc.message) if exc.kind == NotFound.kind else BadRequest(exc.message)
+    """The agent's refusal of a path, as the file endpoints answer it: with the agent's
+    own kind where the protocol has a status for it (not_found, path), else bad_request."""
+    kind = ErrorKind.read(exc.kind)
+    cls = ERRORS[kind][0] if kind in ERRORS else BadRequest
+    return cls(exc.message)
 
 
 def _open_parent(workspace: str, parts: list[str], path: str, create: bool) -> int:
