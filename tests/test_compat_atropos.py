@@ -14,9 +14,12 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tarfile
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -510,3 +513,90 @@ async def test_a_backend_collected_unstopped_warns(state_dir, no_user_config):
             gc.collect()
     finally:
         await asyncio.to_thread(job.cancel, True)
+
+
+# --- a rollout, and the guide's example -------------------------------------------------------
+
+
+async def one_trajectory(backend: HpcSandboxBackend, number: int, seen: list[str]) -> None:
+    slot = await backend.acquire(trajectory_id=f"traj-{number}")
+    seen.append(slot.slot_id)
+    try:
+        # Whoever had this slot before released it with reset_workspace=True: nothing is left.
+        assert (await backend.list_artifacts(slot, ".", recursive=True))["entries"] == []
+        results = await backend.execute_batch([
+            (slot, "write_file", {"path": "sub/notes.txt", "content": f"trajectory {number}\n"}),
+            (slot, "write_file", {"path": "run.py", "content": "print(6 * 7)"}),
+            (slot, "bash", {"command": "python3 run.py; echo careful >&2; exit 3"}),
+            (slot, "bash_stateful", {"command": "cd sub && export X=1"}),
+            (slot, "bash_stateful", {"command": "pwd; echo $X"}),
+            (slot, "bash", {"command": "echo ${X:-unset}"}),  # plain bash: fresh, in the workspace
+            (slot, "read_file", {"path": "sub/notes.txt"}),
+        ], timeout_s=60)
+        assert all(r.success for r in results[:2]), [r.to_dict() for r in results]
+        failed, cd, kept, plain, read = results[2:]
+        assert (failed.success, failed.output, failed.error) == (False, "42\n\n[stderr]\ncareful", "Exit code: 3")
+        assert cd.success and kept.output == f"{slot.workspace_dir}/sub\n1" and plain.output == "unset"
+        assert read.output == f"trajectory {number}\n"
+        packed = await backend.archive_artifacts(slot, ".")
+        assert set(members(base64.b64decode(packed["content"]))) == {"sub", "sub/notes.txt", "run.py"}
+    finally:
+        await backend.release(slot, reset_workspace=True)
+
+
+async def test_rollout_of_16_trajectories_on_8_slots_then_stop_purge_cancels_the_job(state_dir, no_user_config):
+    backend = HpcSandboxBackend(scheduler="local", slots=8, state_dir=state_dir, port_range=free_port_range(),
+                                wait_timeout=120, acquire_timeout=120)
+    assert list(backend.list_profiles()) == ["default"] and backend.jobs == []
+    await backend.start()
+    [job] = backend.jobs
+    try:
+        assert pids_matching(job.id) and backend.get_status()["total_slots"] == 8
+        seen: list[str] = []
+        await asyncio.wait_for(asyncio.gather(*(one_trajectory(backend, n, seen) for n in range(16))), 300)
+        assert len(seen) == 16 and len(set(seen)) <= 8 and max(Counter(seen).values()) >= 2
+        assert backend.get_status()["available_slots"] == 8
+        # stop() without purge leaves the job running; start() attaches to it again.
+        await backend.stop()
+        assert backend.jobs == [job] and pids_matching(job.id)
+        await backend.start()
+        slot = await backend.acquire("after-restart")
+        assert (await backend.execute(slot, "bash", {"command": "echo back"})).output == "back"
+    finally:
+        await backend.stop(purge=True)
+    assert backend.jobs == [] and list_jobs(state_dir) == []
+    assert await asyncio.to_thread(wait_until, lambda: not pids_matching(job.id), 10), pids_matching(job.id)
+
+
+async def test_a_start_that_fails_leaves_no_job_behind(state_dir, no_user_config):
+    from hpc_sandbox.jobs import JobFailed
+
+    backend = HpcSandboxBackend(scheduler="local", slots=1, state_dir=state_dir, port_range=free_port_range(),
+                                wait_timeout=0.01)  # no node server is ready that fast
+    with pytest.raises(JobFailed, match="node servers ready after"):
+        await backend.start()
+    assert backend.jobs == [] and backend.pools == {"default": None} and list_jobs(state_dir) == []
+    assert await asyncio.to_thread(wait_until, lambda: not pids_matching(str(state_dir)), 10)
+    with pytest.raises(ConfigError, match="SlotPool, or a profile"):
+        HpcSandboxBackend(connect.from_state_dir(state_dir), slots=2)
+
+
+def test_the_guides_executor_example_runs_as_shown(tmp_path, state_dir, no_user_config):
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "user-guide.md").read_text()
+    section = guide[guide.index("One step of a `ToolExecutor`"):]
+    code, rest = section.split("```python\n", 1)[1].split("```", 1)
+    shown = rest.split("```\n", 1)[1].split("```", 1)[0].splitlines()
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = {**os.environ, "HPC_SANDBOX_STATE_DIR": str(state_dir), "HPC_SANDBOX_PORT_RANGE": free_port_range(),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert ran.returncode == 0, ran.stderr
+    printed = ran.stdout.splitlines()
+    assert len(printed) == len(shown)
+    for line, expected in zip(printed, shown):
+        if line.startswith("[('__pycache__',"):  # a folder's size is the filesystem's
+            assert line.split("), ")[1:] == expected.split("), ")[1:]
+        else:
+            assert line == expected
+    assert list_jobs(state_dir) == []  # the context manager cancelled its job
