@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gc
 import hashlib
 import io
@@ -350,7 +351,8 @@ async def test_executor_batches_results_and_tool_results(backend_with):
     wrote, failed, ran, only_err, read, slow, missing, outside, folder, too_big, long, unknown, stray = results
     assert (wrote.success, wrote.output, wrote.error) == (True, "Successfully wrote 13 bytes to src/a.py", "")
     assert (wrote.metadata["path"], wrote.metadata["size"]) == ("src/a.py", 13)
-    assert (failed.success, failed.output, failed.error) == (False, "out  \n[stderr]\nerr", "Exit code: 3")  # the whole stripped, not each stream
+    # The whole stripped, not each stream.
+    assert (failed.success, failed.output, failed.error) == (False, "out  \n[stderr]\nerr", "Exit code: 3")
     assert failed.metadata["exit_code"] == failed.metadata["returncode"] == 3 and failed.slot_id == two.slot_id
     assert (ran.success, ran.output, ran.error, ran.metadata["exit_code"]) == (True, "42", "", 0)
     assert only_err.output == "err only"
@@ -382,7 +384,8 @@ async def test_executor_batches_results_and_tool_results(backend_with):
 async def test_to_tool_result_uses_the_environments_class(monkeypatch):
     class ToolResult:  # the environment's own, as the executor imports it
         def __init__(self, success, output="", error="", metadata=None, uniq_id=None):
-            self.success, self.output, self.error, self.metadata, self.uniq_id = success, output, error, metadata, uniq_id
+            self.success, self.output, self.error = success, output, error
+            self.metadata, self.uniq_id = metadata, uniq_id
 
     monkeypatch.setattr(ExecutionResult, "tool_result_class", ToolResult)
     made = ExecutionResult(False, "", "Exit code: 1", metadata={"exit_code": 1}).to_tool_result()
@@ -600,3 +603,58 @@ def test_the_guides_executor_example_runs_as_shown(tmp_path, state_dir, no_user_
         else:
             assert line == expected
     assert list_jobs(state_dir) == []  # the context manager cancelled its job
+
+
+# --- per-profile settings (no job needed) ---------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModalLikeConfig:
+    """The fields the integration's multi-profile tests pass (ATROPOS_TOOLBACKEND.md), with
+    the defaults its Modal backend gives them."""
+
+    name: str = "default"
+    app_name: str | None = None
+    image: str = "python:3.11"
+    gpu: str | None = None
+    cpu: float = 1.0
+    memory: int = 2048
+    slots_per_sandbox: int = 10
+    min_sandboxes: int = 1
+    max_sandboxes: int = 5
+    idle_timeout: int = 120
+    max_lifetime: int = 3600
+    acquire_timeout_s: float = 60.0
+    execution_timeout_s: float = 30.0
+    secrets: list = dataclasses.field(default_factory=list)
+    env_vars: dict = dataclasses.field(default_factory=dict)
+    workspace_base: str = "/data"
+
+
+def test_modal_like_settings_map_onto_spec_overrides(caplog):
+    from hpc_sandbox.compat.atropos_profiles import check_image, settings_of
+    from hpc_sandbox.spec import SandboxSpec
+
+    # Fields left at their defaults are not given: the hpc-sandbox profile decides them.
+    assert settings_of("default", ModalLikeConfig()).overrides == {}
+    gpu = settings_of("pytorch-gpu", ModalLikeConfig(name="pytorch-gpu", gpu="A100:2", cpu=3.5, memory=16384,
+                                                      slots_per_sandbox=4, max_lifetime=7200, max_sandboxes=9,
+                                                      execution_timeout_s=600, acquire_timeout_s=5))
+    assert gpu.overrides == {"gpus": 2, "cpus_per_node": 4, "mem": "16384M", "slots": 4, "walltime": "02:00:00"}
+    assert (gpu.execution_timeout, gpu.acquire_timeout, gpu.config_profile, gpu.named) == (600, 5, "pytorch-gpu",
+                                                                                          False)
+    assert "max_sandboxes=9 ignored" in caplog.text and "A100" in caplog.text
+    assert settings_of("x", {"profile": "cluster", "runtime": "bwrap", "network": "none"}).named is True
+    for refused in ({"secrets": ["key"]}, {"env_vars": {"A": "1"}}, {"no_such_field": 1}):
+        with pytest.raises(ConfigError):
+            settings_of("x", refused)
+    spec = check_image("x", SandboxSpec(runtime="none", image="docker://python:3.11"))
+    assert spec.image is None and "image 'docker://python:3.11' ignored" in caplog.text
+
+    # The backend takes such an object in place of a pool (as ModalToolBackend(config) does).
+    backend = HpcSandboxBackend(ModalLikeConfig(slots_per_sandbox=3, execution_timeout_s=120))
+    assert backend.default_timeout_s == 120 and backend.list_profiles()["default"]["slots_per_sandbox"] == 3
+    assert backend.get_status()["active_pools"] == [] and backend.get_status()["total_slots"] == 0
+    multi = HpcSandboxBackend.with_profiles(profiles={"default": ModalLikeConfig(),
+                                                      "pytorch-gpu": ModalLikeConfig(name="pytorch-gpu", gpu="T4")})
+    assert multi.list_profiles()["pytorch-gpu"]["gpu"] == 1 and multi.default_profile == "default"

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,9 +45,10 @@ from ..models import Slot as Lease
 from ..models import ToolResult as PoolResult
 from ..pool import SlotPool, ToolCall
 from . import atropos_files as files
-from .atropos_profiles import pool_status, read_profiles_file
-from .atropos_types import (POLICY_FLAGS, PROBE, PROBE_TIMEOUT, AcquireTimeout, CompatToolResult, ExecutionResult, Slot, SlotFacts,
-                            SlotState, capped, command_result, failed, policy_refusal, refused)
+from .atropos_profiles import (Life, pool_status, profile_settings, read_profiles_file, settings_of,
+                               warn_unstopped)
+from .atropos_types import (POLICY_FLAGS, PROBE, PROBE_TIMEOUT, AcquireTimeout, CompatToolResult, ExecutionResult,
+                            Slot, SlotFacts, SlotState, capped, command_result, failed, policy_refusal, refused)
 from .profiles import Profile, ProfilePools, profiles_of
 from .tmux import TMUX_IDLE, TerminalCall, Terminals, TmuxMode, agent_session_name
 
@@ -68,22 +68,6 @@ BROKEN = (ErrorKind.LEASE_LOST, ErrorKind.SERVER_GONE, ErrorKind.JOB_ENDED, Erro
 
 
 @dataclass
-class _Life:
-    """Shared with the finalizer, which must not hold the backend itself."""
-
-    running: bool = False
-
-
-def _warn_unstopped(pools: ProfilePools, life: _Life) -> None:
-    jobs = [job.id for job in pools.jobs]
-    if life.running and jobs:
-        message = (f"an Atropos backend was garbage-collected without stop(): its jobs {', '.join(jobs)} still run "
-                   f"(use `async with backend:` or stop(purge=True); `hpc-sandbox cancel JOB` ends them)")
-        log.warning(message)
-        warnings.warn(message, ResourceWarning, stacklevel=2)
-
-
-@dataclass
 class _Request:
     slot: Slot | None
     tool: str
@@ -100,17 +84,23 @@ class HpcSandboxBackend:
     with SandboxSpec overrides at start() (stop(purge=True) cancels it). Several
     profiles: `with_profiles`. An async context manager (exit: stop(purge=True))."""
 
-    def __init__(self, pool: SlotPool | None = None, *, profile: str | None = None,
+    def __init__(self, pool: SlotPool | Any = None, *, profile: str | None = None,
                  config_file: str | Path | None = None, wait_timeout: float = 600.0,
                  acquire_timeout: float = 300.0, lease_ttl: float | None = None,
                  default_timeout_s: float | None = DEFAULT_TIMEOUT_S, stateful_session: str = STATEFUL_SESSION,
                  tmux_idle: float = TMUX_IDLE, tmux: str = "auto", overflow: str | None = None,
                  cloud_settings: Mapping[str, Any] | None = None, **job_overrides: Any) -> None:
-        """`default_timeout_s`: a call's timeout when its batch names none; `tmux`:
-        "auto" (real tmux where the slot has it, else a session), "session" or "tmux"."""
+        """`pool`: a SlotPool to serve from, or a ModalSandboxConfig-like object whose
+        settings join `job_overrides` (atropos_profiles.py). `default_timeout_s`: a call's
+        timeout when its batch names none; `tmux`: "auto" (real tmux where the slot has
+        it, else a session), "session" or "tmux"."""
+        if pool is not None and not isinstance(pool, SlotPool):
+            job_overrides, pool = {**profile_settings(pool), **job_overrides}, None
         if pool is not None and (job_overrides or overflow):
             raise ConfigError("give a SlotPool, or a profile with job overrides to submit, not both")
-        entry = Profile(profile or "default", config_profile=profile, overrides=dict(job_overrides), pool=pool)
+        settings = None if pool is not None else settings_of(profile or "default", job_overrides, named=profile)
+        entry = Profile(profile or "default", config_profile=profile, pool=pool, settings=settings,
+                        overrides=settings.overrides if settings else {})
         self._configure({entry.name: entry}, entry.name, config_file=config_file, wait_timeout=wait_timeout,
                         acquire_timeout=acquire_timeout, lease_ttl=lease_ttl, default_timeout_s=default_timeout_s,
                         stateful_session=stateful_session, tmux_idle=tmux_idle, tmux=tmux, overflow=overflow,
@@ -131,8 +121,8 @@ class HpcSandboxBackend:
         self._terminals = Terminals(TmuxMode(tmux), tmux_idle)
         self._started = False
         self._lock = asyncio.Lock()
-        self._life = _Life()
-        weakref.finalize(self, _warn_unstopped, self._pools, self._life)
+        self._life = Life()
+        weakref.finalize(self, warn_unstopped, self._pools, self._life)
 
     @classmethod
     def with_profiles(cls, app_name: str | None = None, profiles: Mapping[str, Any] | None = None,
@@ -172,9 +162,8 @@ class HpcSandboxBackend:
         return self._default_timeout_s
 
     def list_profiles(self) -> dict[str, dict[str, Any]]:
-        return {name: {**(entry.settings.shown if entry.settings else {"image": None, "gpu": None, "cpu": None,
-                                                                        "memory": None}),
-                       "slots_per_sandbox": (entry.settings.shown.get("slots") if entry.settings else None),
+        return {name: {**(entry.settings.shown if entry.settings else dict.fromkeys(("image", "gpu", "cpu", "memory"))),
+                       "slots_per_sandbox": entry.settings.shown.get("slots") if entry.settings else None,
                        "active": entry.started, "default": name == self.default_profile}
                 for name, entry in self._pools.entries.items()}
 

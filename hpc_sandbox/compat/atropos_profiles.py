@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ class ProfileSettings:
     shown: dict[str, Any] = field(default_factory=dict)  # what list_profiles() says of it
 
 
-def _given(settings: Any) -> dict[str, Any]:
+def profile_settings(settings: Any) -> dict[str, Any]:
     """The settings as a dict of what was given (see the module's docstring)."""
     if isinstance(settings, Mapping):
         return dict(settings)
@@ -91,12 +92,13 @@ def _gpus(value: Any, name: str) -> int:
         raise ConfigError(f"profile {name!r}: gpu {value!r} is not MODEL or MODEL:COUNT") from None
 
 
-def settings_of(name: str, settings: Any) -> ProfileSettings:
-    """A profile's settings from a ModalSandboxConfig-like object or a dict (None: none)."""
-    given = _given(settings) if settings is not None else {}
+def settings_of(name: str, settings: Any, named: str | None = None) -> ProfileSettings:
+    """A profile's settings from a ModalSandboxConfig-like object or a dict (None: none);
+    `named`: the config profile, named by the caller (else the `profile` key, else `name`)."""
+    given = profile_settings(settings) if settings is not None else {}
     given.pop("name", None)
-    named = "profile" in given
-    found = ProfileSettings(config_profile=str(given.pop("profile", name)), named=named)
+    chosen = named if named is not None else given.pop("profile", None)
+    found = ProfileSettings(config_profile=str(chosen or name), named=chosen is not None)
     for key in ("secrets", "env_vars"):
         if given.pop(key, None):
             raise ConfigError(f"profile {name!r}: {key} cannot be passed to hpc-sandbox slots; set them in the "
@@ -164,5 +166,22 @@ def pool_status(entry: Any, held: list[Any]) -> dict[str, Any]:
     servers = len({lease.endpoint.url for lease in held if lease is not None})
     jobs = [job.id for job in ([entry.job] if entry.job else []) + list(entry.pool.jobs)]
     return {"total_slots": total, "available_slots": max(0, total - len(held)), "held": len(held),
-            "healthy_sandboxes": max(servers, 1 if total else 0), "pending_servers": sum(len(o.pending) for o in outlooks),
+            "healthy_sandboxes": max(servers, 1 if total else 0),
+            "pending_servers": sum(len(o.pending) for o in outlooks),
             "jobs": list(dict.fromkeys(jobs))}
+
+
+@dataclass
+class Life:
+    """Shared with the finalizer, which must not hold the backend itself."""
+
+    running: bool = False
+
+
+def warn_unstopped(pools: Any, life: Life) -> None:
+    jobs = [job.id for job in pools.jobs]
+    if life.running and jobs:
+        message = (f"an Atropos backend was garbage-collected without stop(): its jobs {', '.join(jobs)} still run "
+                   f"(use `async with backend:` or stop(purge=True); `hpc-sandbox cancel JOB` ends them)")
+        log.warning(message)
+        warnings.warn(message, ResourceWarning, stacklevel=2)

@@ -235,5 +235,6 @@ def refused(slot: Slot, kind: ErrorKind, message: str) -> ExecutionResult:
                            metadata={"error_kind": kind, "exit_code": None, "slot": slot.slot_id})
 
 
-__all__ = ["POLICY_FLAGS", "PROBE", "SlotFacts", "policy_refusal", "AcquireTimeout", "CompatToolResult", "ExecutionResult", "Slot", "SlotState", "STREAM_CAP",
-           "TOOL_RESULT_CLASSES", "TRUNCATED", "command_result", "failed", "joined_output", "refused"]
+__all__ = ["AcquireTimeout", "CompatToolResult", "ExecutionResult", "POLICY_FLAGS", "PROBE", "STREAM_CAP", "Slot",
+           "SlotFacts", "SlotState", "TOOL_RESULT_CLASSES", "TRUNCATED", "command_result", "failed", "joined_output",
+           "policy_refusal", "refused"]
