@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import uuid
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -484,6 +485,7 @@ async def test_profiles_start_lazily_and_the_context_manager_stops_on_error(stat
             assert backend.get_status()["active_pools"] == ["small", "big"] and len(backend.jobs) == 2
             status = backend.get_status()
             assert status["pools"]["big"]["total_slots"] == 2 and status["pools"]["big"]["available_slots"] == 1
+            assert status["pools"]["big"]["healthy_sandboxes"] == 1 and status["healthy_sandboxes"] == 2
             assert status["default_profile"] == "small" and status["profiles"] == ["small", "big"]
             assert backend.list_profiles()["big"]["active"] is True
             ran = await backend.execute(slot, "bash", {"command": "sleep 1.2"})  # big's timeout: 900 s
@@ -510,10 +512,13 @@ async def test_a_backend_collected_unstopped_warns(state_dir, no_user_config):
                                 wait_timeout=120)
     await backend.start()
     [job] = backend.jobs
+    alive = weakref.ref(backend)
     try:
         with pytest.warns(ResourceWarning, match=f"its jobs {job.id} still run"):
             del backend
-            gc.collect()
+            for _ in range(3):
+                gc.collect()
+            assert alive() is None, [type(r).__name__ for r in gc.get_referrers(alive())]
     finally:
         await asyncio.to_thread(job.cancel, True)
 

@@ -160,13 +160,13 @@ def pool_status(entry: Any, held: list[Any]) -> dict[str, Any]:
     """A started profile's status as known without asking a node server: slots on node
     servers up (total_slots), those not held by this backend (available_slots: other
     clients of the same jobs may hold some), node servers (healthy_sandboxes: those up as
-    the pool last saw them), held, pending servers, jobs."""
+    the profile started, or holding its slots now), held, pending servers, jobs."""
     outlooks = [source.outlook() for source in entry.pool.sources]
     total = sum(o.slots for o in outlooks)
     servers = len({lease.endpoint.url for lease in held if lease is not None})
     jobs = [job.id for job in ([entry.job] if entry.job else []) + list(entry.pool.jobs)]
     return {"total_slots": total, "available_slots": max(0, total - len(held)), "held": len(held),
-            "healthy_sandboxes": max(servers, 1 if total else 0),
+            "healthy_sandboxes": max(servers, entry.servers),
             "pending_servers": sum(len(o.pending) for o in outlooks),
             "jobs": list(dict.fromkeys(jobs))}
 

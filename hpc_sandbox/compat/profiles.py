@@ -36,6 +36,7 @@ class Profile:
     job: Any = None  # the jobs.Job start() submitted, until cancelled
     settings: ProfileSettings | None = None  # with_profiles' per-profile settings, mapped
     started: bool = False
+    servers: int = 0  # node servers that answered when the profile started
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 
@@ -125,6 +126,9 @@ class ProfilePools:
             if not entry.started:
                 await self._start_profile(entry)
                 entry.started = True
+                assert entry.pool is not None
+                # Node servers up now, for a status that must be given without asking (sync).
+                entry.servers = sum(c.servers for c in await entry.pool.capacity())
         assert entry.pool is not None
         return entry.pool
 
