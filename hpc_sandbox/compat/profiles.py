@@ -10,6 +10,7 @@ slot.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..pool import SlotPool
+from .atropos_profiles import ProfileSettings, check_image, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +34,26 @@ class Profile:
     pool: SlotPool | None = None
     own_pool: bool = False  # made by start(): stopped and dropped by stop()
     job: Any = None  # the jobs.Job start() submitted, until cancelled
+    settings: ProfileSettings | None = None  # with_profiles' per-profile settings, mapped
+    started: bool = False
+    servers: int = 0  # node servers that answered when the profile started
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 
-def profiles_of(values: Mapping[str, SlotPool | Mapping[str, Any] | None]) -> dict[str, Profile]:
-    """Profiles by name from a SlotPool to serve from, or the job overrides to submit config
-    profile NAME with at start() (None: no overrides; a "profile" key names another config
-    profile)."""
+def profiles_of(values: Mapping[str, Any]) -> dict[str, Profile]:
+    """Profiles by name from a SlotPool to serve from, or the settings to submit config
+    profile NAME with on first use: None, a dict or a ModalSandboxConfig-like object
+    (compat/atropos_profiles.py; a "profile" key names another config profile)."""
     if not values:
         raise ConfigError("with_profiles needs at least one profile")
     entries: dict[str, Profile] = {}
     for name, value in values.items():
         if isinstance(value, SlotPool):
             entries[name] = Profile(name, pool=value)
-        elif value is None or isinstance(value, Mapping):
-            overrides = dict(value or {})
-            entries[name] = Profile(name, config_profile=overrides.pop("profile", name), overrides=overrides)
         else:
-            raise ConfigError(f"profile {name!r}: expected a SlotPool or a mapping of job overrides, "
-                              f"got {type(value).__name__}")
+            settings = settings_of(name, value)
+            entries[name] = Profile(name, config_profile=settings.config_profile, overrides=settings.overrides,
+                                    settings=settings)
     return entries
 
 
@@ -104,15 +108,43 @@ class ProfilePools:
         return {entry.name for entry in self.entries.values()
                 if not (purge and entry.job is not None) and entry.pool is not None}
 
-    async def start(self) -> None:
-        """Start every pool, submitting the jobs of the profiles without one (each waits
-        for its first node server). The first failure is raised once all have ended; the
-        caller then stops everything (purge), so that nothing this start made outlives it."""
-        outcomes = await asyncio.gather(*(self._start_profile(e) for e in self.entries.values()),
-                                        return_exceptions=True)
+    async def start(self, names: list[str] | None = None) -> None:
+        """Start the pools of the profiles named (all of them when None), submitting the
+        jobs of those without a pool (each waits for its first node server). The first
+        failure is raised once all have ended; the caller then stops everything (purge),
+        so that nothing this start made outlives it."""
+        chosen = list(self.entries.values()) if names is None else [self.entries[n] for n in names]
+        outcomes = await asyncio.gather(*(self.ensure(e) for e in chosen), return_exceptions=True)
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         if failed:
             raise failed[0]
+
+    async def ensure(self, entry: Profile) -> SlotPool:
+        """The profile's pool, started (its job submitted) on first use; one start at a
+        time per profile, so that two first acquires submit one job."""
+        async with entry.lock:
+            if not entry.started:
+                await self._start_profile(entry)
+                entry.started = True
+                assert entry.pool is not None
+                # Node servers up now, for a status that must be given without asking (sync).
+                entry.servers = sum(c.servers for c in await entry.pool.capacity())
+        assert entry.pool is not None
+        return entry.pool
+
+    def _plan(self, entry: Profile, connect: Any) -> Any:
+        """What to submit for the profile: its config profile with its overrides. An
+        Atropos profile name ("pytorch-gpu") that the config does not define, and that
+        named no `profile`, falls back on the config's default profile."""
+        options = {"config_file": self.config_file, "overflow": self.overflow, "cloud_settings": self.cloud_settings,
+                   "overrides": entry.overrides}
+        try:
+            return connect.plan(entry.config_profile, **options)
+        except ConfigError as exc:
+            if entry.settings is None or entry.settings.named or "is not defined" not in str(exc):
+                raise
+            log.info("profile %s: not in the config; submitted as its default profile with these settings", entry.name)
+            return connect.plan(None, **options)
 
     async def _start_profile(self, entry: Profile) -> None:
         if entry.pool is not None:
@@ -120,8 +152,8 @@ class ProfilePools:
             return
         from .. import connect, jobs as job_api  # what `submit` and connect.launch use
 
-        planned = connect.plan(entry.config_profile, config_file=self.config_file, overflow=self.overflow,
-                               cloud_settings=self.cloud_settings, overrides=entry.overrides)
+        planned = self._plan(entry, connect)
+        planned = dataclasses.replace(planned, spec=check_image(entry.name, planned.spec))
         submitted = entry.job is None
         if submitted:
             entry.job = job_api.submit(planned.spec)
@@ -129,8 +161,10 @@ class ProfilePools:
         job = entry.job
         try:
             # With the cloud overflow, callers are served while the job queues.
+            acquire_timeout = entry.settings.acquire_timeout if entry.settings else None
             pool = await connect.pool_for(job, planned.cloud, wait_timeout=self.wait_timeout,
-                                          acquire_timeout=self.acquire_timeout, lease_ttl=self.lease_ttl)
+                                          acquire_timeout=acquire_timeout or self.acquire_timeout,
+                                          lease_ttl=self.lease_ttl)
             await pool.start()
         except BaseException:
             if submitted:
@@ -144,6 +178,7 @@ class ProfilePools:
         jobs start() submitted (Nomad: purged); without, they keep running, and a later
         start() attaches to them again."""
         for entry in self.entries.values():
+            entry.started = False
             if entry.pool is not None:
                 await entry.pool.stop()
                 if entry.own_pool:
