@@ -415,6 +415,11 @@ async def test_artifact_dicts(backend: HpcSandboxBackend):
     assert all(model(e, ENTRY_FIELDS) for e in listing["entries"]) and listing["truncated"] is False
     cut = await backend.list_artifacts(slot, ".", recursive=True, max_entries=2)
     assert len(cut["entries"]) == 2 and cut["truncated"] is True
+    # exclude (ours): a folder left out is not entered; what is left is listed whole.
+    lean = model(await backend.list_artifacts(slot, ".", recursive=True, exclude=["sub"]), LIST_FIELDS)
+    assert [e["path"] for e in lean["entries"]] == ["out", "out/r.json"] and lean["truncated"] is False
+    lean_tar = await backend.archive_artifacts(slot, "out", exclude=["sub"])
+    assert sorted(members(base64.b64decode(lean_tar["content"]))) == ["out", "out/r.json"]
 
     for fmt in ("tar.gz", "tgz"):
         packed = model(await backend.archive_artifacts(slot, "out", archive_format=fmt), ARCHIVE_FIELDS)

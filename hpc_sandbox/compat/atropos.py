@@ -448,21 +448,24 @@ class HpcSandboxBackend:
                                          include_sha256=include_sha256, timeout_s=timeout_s)
 
     async def list_artifacts(self, slot: Slot, path: str = ".", *, recursive: bool = False,
-                             max_entries: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+                             max_entries: int | None = None, timeout_s: float | None = None,
+                             exclude: Sequence[str] = ()) -> dict[str, Any]:
+        """`exclude` (ours, not the interface's): glob patterns of entries left out, e.g.
+        [".venv", ".git"]; nothing is excluded unless asked, and `truncated` says a cut."""
         found = self._artifact_slot(slot)
         if found is None:
             return _not_held(slot, entries=[], truncated=False)
         return await files.list_artifacts(*found, path, recursive=recursive, max_entries=max_entries,
-                                          timeout_s=timeout_s)
+                                          timeout_s=timeout_s, exclude=exclude)
 
     async def archive_artifacts(self, slot: Slot, path: str = ".", *, archive_format: str = "tar.gz",
                                 max_bytes: int | None = None, max_entries: int | None = None,
-                                timeout_s: float | None = None) -> dict[str, Any]:
+                                timeout_s: float | None = None, exclude: Sequence[str] = ()) -> dict[str, Any]:
         found = self._artifact_slot(slot)
         if found is None:
             return _not_held(slot, content="", encoding="base64", format=archive_format, bytes=0, entry_count=0)
         return await files.archive_artifacts(*found, path, archive_format=archive_format, max_bytes=max_bytes,
-                                             max_entries=max_entries, timeout_s=timeout_s)
+                                             max_entries=max_entries, timeout_s=timeout_s, exclude=exclude)
 
     # --- status -----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import mimetypes
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ErrorKind, HpcSandboxError
@@ -113,11 +114,12 @@ async def read_artifact(pool: SlotPool, lease: Lease, path: str, *, encoding: st
 
 
 async def list_artifacts(pool: SlotPool, lease: Lease, path: str = ".", *, recursive: bool = False,
-                         max_entries: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+                         max_entries: int | None = None, timeout_s: float | None = None,
+                         exclude: Sequence[str] = ()) -> dict[str, Any]:
     """success, entries (path, is_dir, size, mtime), truncated, error."""
     limit = LIST_MAX_ENTRIES if max_entries is None else max(1, int(max_entries))
     try:
-        listing = await artifacts.list_artifacts(pool, lease, path, recursive, limit, timeout_s)
+        listing = await artifacts.list_artifacts(pool, lease, path, recursive, limit, timeout_s, exclude=exclude)
     except HpcSandboxError as exc:
         return _artifact_failure(exc, entries=[], truncated=False)
     entries = [{"path": e["path"], "is_dir": e["is_dir"], "size": e["size"], "mtime": e["mtime"]} for e in listing]
@@ -126,7 +128,7 @@ async def list_artifacts(pool: SlotPool, lease: Lease, path: str = ".", *, recur
 
 async def archive_artifacts(pool: SlotPool, lease: Lease, path: str = ".", *, archive_format: str = "tar.gz",
                             max_bytes: int | None = None, max_entries: int | None = None,
-                            timeout_s: float | None = None) -> dict[str, Any]:
+                            timeout_s: float | None = None, exclude: Sequence[str] = ()) -> dict[str, Any]:
     """success, content (base64 of the tar.gz), error, encoding "base64", format, bytes,
     entry_count."""
     shape: dict[str, Any] = {"content": "", "encoding": "base64", "format": archive_format, "bytes": 0,
@@ -135,7 +137,7 @@ async def archive_artifacts(pool: SlotPool, lease: Lease, path: str = ".", *, ar
         return {**shape, "success": False,
                 "error": f"archive_format must be one of {', '.join(ARCHIVE_FORMATS)}, got {archive_format!r}"}
     try:
-        packed = await artifacts.archive_artifacts(pool, lease, path, None, max_bytes, timeout_s)
+        packed = await artifacts.archive_artifacts(pool, lease, path, None, max_bytes, timeout_s, exclude=exclude)
     except HpcSandboxError as exc:
         return _artifact_failure(exc, **shape)
     count = len(packed["members"])
