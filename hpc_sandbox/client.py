@@ -13,7 +13,7 @@ import ssl
 import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 
@@ -24,7 +24,7 @@ from .models import Endpoint
 from .paths import workspace_relative
 from .tls import pinned_context, system_context
 from .protocol import (AcquireRequest, BadAnswer, Call, CallAnswer, Grant, Health, ReleaseRequest, RenewRequest,
-                       SlotsAnswer, StreamEvent, exec_timeout)
+                       SlotsAnswer, StreamEvent, TreeEnd, TreeRequest, exec_timeout)
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +318,46 @@ class NodeClient:
                 late=f"node server {self.endpoint.name}: download of {path} took over {timeout:.0f}s")[0] from None
         finally:
             partial.unlink(missing_ok=True)
+
+    async def download_tree(self, slot: int, lease: str, asked: TreeRequest, sink: BinaryIO,
+                            timeout: float = 3600.0) -> TreeEnd:
+        """Stream the tar.gz of a workspace folder into `sink` (a file: the archive is
+        never held here whole), and return the server's last word on it: counts, or
+        the error that stopped it (a cap: too_large) in `error_kind`. Only an end
+        without an error vouches for what `sink` holds; a body cut short raises
+        ServerGone (broke off), as any broken download does."""
+        headers = {**self._auth, protocol.LEASE_HEADER: lease}
+        url = self.endpoint.url + protocol.slot_route(slot, protocol.TREE)
+        try:
+            async with self.session.get(url, params=asked.to_query(), headers=headers, ssl=self._ssl,
+                                        timeout=_timeout(timeout)) as response:
+                if response.status >= 400:
+                    await self._decode(response)
+                if response.content_type != protocol.TREE_CONTENT_TYPE:
+                    raise self._nonsense(f"a tree answered as {response.content_type}")
+                while True:
+                    size = int.from_bytes(await response.content.readexactly(protocol.TREE_FRAME_HEADER), "big")
+                    if size > protocol.TREE_FRAME_BYTES:
+                        raise self._nonsense(f"a tree frame of {size} bytes")
+                    if not size:
+                        break
+                    sink.write(await response.content.readexactly(size))
+                last = b""
+                while chunk := await response.content.read(1 << 20):
+                    last += chunk
+                    if len(last) > protocol.MAX_TREE_END_BYTES:
+                        raise self._nonsense("a tree's end over its size limit")
+            try:
+                return TreeEnd.from_json(json.loads(last))
+            except (ValueError, BadAnswer) as exc:
+                raise self._nonsense(f"a tree's end: {exc}"[:200]) from None
+        except asyncio.IncompleteReadError:  # the body ended before the end frame
+            raise ServerGone(f"node server {self.endpoint.name}: download of the tree {asked.path} broke off") from None
+        except TRANSPORT_ERRORS as exc:  # never repeated: `sink` is half written
+            raise self._transport_error(
+                exc, broke=f"node server {self.endpoint.name}: download of the tree {asked.path} broke off",
+                late=f"node server {self.endpoint.name}: download of the tree {asked.path} took over "
+                     f"{timeout:.0f}s")[0] from None
 
     async def upload(self, slot: int, lease: str, source: Path, path: str, timeout: float = 3600.0,
                      mode: int | None = None) -> int:

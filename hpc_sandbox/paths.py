@@ -7,14 +7,19 @@ from .errors import BadRequest, PathRefused
 _ROOTS = [[part for part in SLOT_WORKSPACE.split("/") if part]]
 
 
-def split_workspace_path(path: str) -> list[str]:
+def split_folder_path(path: str) -> list[str]:
     """Components of a workspace-relative path (or one under /workspace, as a slot sees
-    it): the agent's own rules (agent.workspace_parts) and refusal kinds (path,
-    bad_request)."""
+    it), [] for the workspace itself: the agent's own rules (agent.workspace_parts) and
+    refusal kinds (path, bad_request)."""
     try:
-        parts = workspace_parts(path, _ROOTS)
+        return workspace_parts(path, _ROOTS)
     except ToolError as exc:
         raise (PathRefused if exc.kind == PathRefused.kind else BadRequest)(exc.message) from None
+
+
+def split_workspace_path(path: str) -> list[str]:
+    """As split_folder_path, for a path that names a file: never the workspace itself."""
+    parts = split_folder_path(path)
     if not parts:
         raise BadRequest(f"{path}: names the workspace itself, not a file")
     return parts

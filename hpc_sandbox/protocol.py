@@ -17,6 +17,8 @@ import these; none of them spells a route, a header or a dict shape of its own.
     POST /v1/batch                   {"calls": [Call...]}       -> {"results": [CallAnswer...]}
     GET  /v1/slots/{i}/files/{path}  stream a file out of the workspace  (X-Lease)
     PUT  /v1/slots/{i}/files/{path}  stream a file into the workspace    (X-Lease, X-Mode?)
+    GET  /v1/slots/{i}/tree?path=P   stream a tar.gz of a workspace folder (X-Lease)
+         &max_bytes=N&max_entries=N&exclude=GLOB...          -> TreeRequest; tree frames
 
 Every request but /v1/health carries `Authorization: Bearer TOKEN`. An error is
 `{"error": {"kind", "message"}}` with the status ERRORS gives its kind.
@@ -29,6 +31,13 @@ CallAnswer, "dropped_bytes": N}`. The answer is exactly what a plain exec answer
 at most STREAM_BUFFER_BYTES per call). An error before the stream starts (auth,
 lease, limits, a bad request) is the usual JSON error with its status; one after it
 started is a failed answer in the result event.
+
+A tree answers `application/x-hpc-sandbox-tree`: the tar.gz in frames (a 4-byte
+big-endian length, then that many bytes; at most TREE_FRAME_BYTES), then a frame of
+length 0, then a JSON TreeEnd (counts, or the error that stopped the walk, e.g. a cap:
+`too_large`). A body that ends before the TreeEnd broke off; only a TreeEnd without an
+error vouches for the archive. Refusals before the stream starts (lease, a folder that
+is missing or outside the workspace) are the usual JSON errors.
 
 Requests are validated by the server (`from_json` raises BadRequest); answers are
 validated by the client (`from_json` raises BadAnswer): a node server, or whatever
@@ -68,6 +77,19 @@ def slot_route(index: int, action: str) -> str:
 
 def file_route(index: int, path: str) -> str:
     return f"{SLOTS}/{index}/files/{quote(path)}"
+
+
+TREE = "tree"
+TREE_CONTENT_TYPE = "application/x-hpc-sandbox-tree"
+TREE_FRAME_BYTES = 1 << 20
+TREE_FRAME_HEADER = 4  # bytes: the frame's length, big-endian
+# A TreeEnd's JSON at most (its `skipped` is bounded by the entries cap).
+MAX_TREE_END_BYTES = 256 << 20
+
+
+def tree_frame(data: bytes) -> bytes:
+    """One frame of a tree answer; b"" makes the end frame (a TreeEnd follows it)."""
+    return len(data).to_bytes(TREE_FRAME_HEADER, "big") + data
 
 
 def bearer(token: str) -> str:
@@ -579,3 +601,68 @@ class SlotsAnswer:
     @property
     def free(self) -> int:
         return self.counts.get(SlotState.FREE, 0)
+
+
+@dataclass(frozen=True)
+class TreeRequest:
+    """What a tree download asks: the workspace folder (relative, or under /workspace),
+    the caps the server stops at, and glob patterns left out (the agent's `exclude`)."""
+
+    path: str
+    max_bytes: int
+    max_entries: int
+    exclude: tuple[str, ...] = ()
+
+    def to_query(self) -> list[tuple[str, str]]:
+        return ([("path", self.path), ("max_bytes", str(self.max_bytes)), ("max_entries", str(self.max_entries))]
+                + [("exclude", pattern) for pattern in self.exclude])
+
+    @classmethod
+    def from_query(cls, query: Any, max_bytes: int, max_entries: int) -> "TreeRequest":
+        """From a request's query (a multidict); the caps at most the given ceilings."""
+        def cap(key: str, ceiling: int) -> int:
+            raw = query.get(key)
+            if raw is None or not raw.isdigit() or int(raw) > ceiling:
+                raise BadRequest(f"{key} must be an integer in 0..{ceiling}")
+            return int(raw)
+
+        path = query.get("path")
+        if not path:
+            raise BadRequest("path is required")
+        return cls(path, cap("max_bytes", max_bytes), cap("max_entries", max_entries),
+                   tuple(query.getall("exclude", ())))
+
+
+@dataclass(frozen=True)
+class TreeEnd:
+    """The last word of a tree answer: what went in, or why it stopped."""
+
+    dirs: int = 0
+    files: int = 0
+    links: int = 0
+    bytes: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    error_kind: ErrorKind | None = None
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error_kind is not None:
+            return error_body(self.error_kind, self.error)
+        return {"dirs": self.dirs, "files": self.files, "links": self.links, "bytes": self.bytes,
+                "skipped": self.skipped}
+
+    @classmethod
+    def from_json(cls, data: object) -> "TreeEnd":
+        what = "a tree's end"
+        data = _need(data, what)
+        if "error" in data:
+            error = _need(data["error"], what)
+            kind, message = error.get("kind"), error.get("message")
+            if not isinstance(kind, str) or not isinstance(message, str):
+                raise BadAnswer(f"{what}: malformed error {error!r}"[:200])
+            return cls(error_kind=ErrorKind.read(kind), error=message)
+        counts = {key: _get(data, key, _integer, what, "an integer") for key in ("dirs", "files", "links", "bytes")}
+        skipped = data.get("skipped")
+        if not isinstance(skipped, list) or not all(isinstance(s, dict) for s in skipped):
+            raise BadAnswer(f"{what}: skipped is not a list of objects")
+        return cls(**counts, skipped=skipped)

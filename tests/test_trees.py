@@ -325,10 +325,14 @@ async def test_extract_caps_and_nonsense(agent):
 # --- what a hostile slot sends back (the pool's unpacking) -----------------------------
 
 
-def answer_of(data: bytes) -> dict:
-    import base64
-
-    return {"content": base64.b64encode(data).decode(), "sha256": hashlib.sha256(data).hexdigest()}
+def unpack(data: bytes, local: Path, tmp_path: Path) -> dict:
+    """What download_tree does with the archive the node server streamed to a file."""
+    archive = tmp_path / "archive.tar.gz"
+    archive.write_bytes(data)
+    try:
+        return trees.unpack_archive(archive, local, trees.TreeLimits())
+    finally:
+        archive.unlink()
 
 
 # Links out are left out of a download, not refused (see the next test).
@@ -338,15 +342,15 @@ def test_a_hostile_slot_cannot_write_outside_the_local_folder(tmp_path, case):
     members, kind = HOSTILE[case]
     local = tmp_path / "down"
     with pytest.raises(ToolError) as refused:
-        trees.unpack_download(answer_of(archive(*members)), local, 0, trees.TreeLimits())
+        unpack(archive(*members), local, tmp_path)
     assert refused.value.kind == kind
     assert list(tmp_path.iterdir()) == []  # not even the folder it would have made
 
 
 def test_links_out_of_a_downloaded_tree_are_left_out_and_named(tmp_path):
-    data = archive(("w/src", "dir", None), ("w/src/a.py", "file", b"a"), ("w/.venv/python", "sym", "/usr/bin/python3"),
-                   ("w/up", "sym", "../../x"), ("w/ok", "sym", "src/a.py"))
-    made = trees.unpack_download(answer_of(data), tmp_path / "down", 1, trees.TreeLimits())
+    data = archive(("src", "dir", None), ("src/a.py", "file", b"a"), (".venv/python", "sym", "/usr/bin/python3"),
+                   ("up", "sym", "../x"), ("ok", "sym", "src/a.py"))
+    made = unpack(data, tmp_path / "down", tmp_path)
     assert [s["path"] for s in made["skipped"]] == [".venv/python", "up"]
     found = tree_of(tmp_path / "down")
     assert sorted(found) == ["ok", "src", "src/a.py"]  # .venv held only the link left out
@@ -354,10 +358,9 @@ def test_links_out_of_a_downloaded_tree_are_left_out_and_named(tmp_path):
 
 
 def test_a_damaged_download_is_corrupt(tmp_path):
-    answer = answer_of(archive(("a", "file", b"a")))
-    answer["sha256"] = "0" * 64
+    data = archive(("a", "file", os.urandom(100_000)))
     with pytest.raises(ToolError) as refused:
-        trees.unpack_download(answer, tmp_path / "d", 0, trees.TreeLimits())
+        unpack(data[:len(data) // 2], tmp_path / "d", tmp_path)
     assert refused.value.kind == ErrorKind.CORRUPT
 
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
@@ -448,27 +449,38 @@ class SlotPool:
 
     async def download_tree(self, slot: Slot, src: str, local_dir: Path, *,
                             max_bytes: int | None = None, max_entries: int | None = None,
-                            timeout: float | None = None) -> ToolResult:
+                            exclude: list[str] | None = None, timeout: float | None = None) -> ToolResult:
         """Copy the contents of the workspace folder `src` into the local folder
-        `local_dir` (made if missing): one tar.gz from the slot's agent (at most
-        agent.MAX_ARCHIVE_CAP compressed), unpacked here by the agent's rules, so a
-        slot cannot write outside `local_dir`. `data` as for upload_tree."""
+        `local_dir` (made if missing): one tar.gz, made by the node server as it walks
+        the folder (no symlink followed) and streamed into a temporary file here (never
+        held in memory by either side), then unpacked by the agent's rules, so a slot
+        cannot write outside `local_dir`. `exclude`: glob patterns left out (as
+        list_files' `exclude`). `data` as for upload_tree; `skipped` names special files
+        and links out of the tree."""
         limits = trees.TreeLimits(max_bytes or trees.DEFAULT_TREE_BYTES, max_entries or trees.DEFAULT_TREE_ENTRIES)
+        asked = trees.tree_request(src, limits, exclude)
+        handle = tempfile.NamedTemporaryFile(prefix="hpc-sandbox-tree-", suffix=".tar.gz", delete=False)
+        archive = Path(handle.name)
         try:
-            args, strip = trees.archive_args(src)
-        except ToolError as exc:
-            return ToolResult.failure("download_tree", ErrorKind.read(exc.kind), exc.message, slot)
-        result = await self.execute(slot, "archive", args, timeout)
-        if not result.success:
-            return dataclasses.replace(result, tool="download_tree")
-        try:
-            made = await asyncio.to_thread(trees.unpack_download, result.data, Path(local_dir), strip, limits)
+            with handle:
+                client = self._client(slot)
+                fetch = (client.download_tree(slot.index, slot.lease, asked, handle) if timeout is None
+                         else client.download_tree(slot.index, slot.lease, asked, handle, timeout))
+                end = await self._guarded(slot, fetch)
+            if end.error_kind is not None:
+                return ToolResult.failure("download_tree", end.error_kind, end.error, slot)
+            made = await asyncio.to_thread(trees.unpack_archive, archive, Path(local_dir), limits)
+        except ClientError as exc:
+            return ToolResult.failure("download_tree", exc.kind, str(exc), slot)
         except ToolError as exc:
             return ToolResult.failure("download_tree", ErrorKind.read(exc.kind), exc.message, slot)
         except OSError as exc:
             return ToolResult.failure("download_tree", _local_kind(exc), f"{local_dir}: {exc.strerror or exc}",
                                       slot)
-        return _done("download_tree", slot, {**made, "dest": str(local_dir)})
+        finally:
+            archive.unlink(missing_ok=True)
+        return _done("download_tree", slot, {**made, "skipped": end.skipped + made["skipped"],
+                                             "dest": str(local_dir)})
 
     async def capacity(self) -> list[Capacity]:
         return [await source.capacity() for source in self.sources]

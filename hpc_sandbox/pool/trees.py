@@ -3,8 +3,9 @@
 Up: the caller's folder is packed here into one tar.gz (a temporary file), streamed
 into the workspace as one file (the node server's PUT), and unpacked there by the
 agent's `extract` tool, which deletes it. Two requests, whatever the tree holds.
-Down: the agent's `archive` tool packs the slot's folder into its answer (one
-request), and it is unpacked here into the caller's folder.
+Down: the node server packs the slot's folder into a tar.gz as it walks it (its tree
+endpoint, server/trees.py), streamed into a temporary file here, and it is unpacked
+here into the caller's folder. One request; memory bounded on both sides.
 
 The rules of what is unpacked, and how, are the agent's (agent.py, "trees in"), and
 they apply on this side too, because a slot makes the archive it sends: nothing is
@@ -17,9 +18,6 @@ devices) are left out and named in the result's `skipped`.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
 import os
 import stat
 import tarfile
@@ -28,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..agent import (DEFAULT_TREE_BYTES, DEFAULT_TREE_ENTRIES, DIR_FLAGS, MAX_ARCHIVE_CAP, SLOT_WORKSPACE,
-                     TREE_MODE_BITS, ToolError, link_stays_inside, unpack_tree, workspace_parts)
+from ..agent import (DEFAULT_TREE_BYTES, DEFAULT_TREE_ENTRIES, DIR_FLAGS, TREE_MODE_BITS, ToolError,
+                     link_stays_inside, unpack_tree)
 from ..errors import ErrorKind
+from ..protocol import TreeRequest
 
 # The archive's name in the workspace while it waits for the agent to unpack it.
 UPLOAD_PREFIX = ".hpc-sandbox-tree-"
@@ -145,32 +144,28 @@ def upload_name() -> str:
     return f"{UPLOAD_PREFIX}{os.urandom(8).hex()}.tar.gz"
 
 
-def archive_args(src: str) -> tuple[dict[str, Any], int]:
-    """The `archive` call that packs the slot's folder `src`, and how many leading
-    components of its members' names are `src` itself (stripped on unpacking)."""
-    parts = workspace_parts(src, [[part for part in SLOT_WORKSPACE.split("/") if part]])
-    return {"paths": ["/".join(parts) or "."], "max_bytes": MAX_ARCHIVE_CAP}, len(parts)
+def tree_request(src: str, limits: TreeLimits, exclude: list[str] | None) -> TreeRequest:
+    """What the node server is asked for the slot's folder `src` (its tree endpoint)."""
+    return TreeRequest(src, limits.max_bytes, limits.max_entries, tuple(exclude or ()))
 
 
-def unpack_download(result: dict[str, Any], local_dir: Path, strip: int, limits: TreeLimits) -> dict[str, Any]:
-    """Unpack an `archive` answer into `local_dir` (made if missing) by the agent's
-    rules; symlinks that lead out of the tree are left out and named in `skipped`.
-    Raises ToolError (path, not_a_file, too_large, bad_request, corrupt) or OSError."""
-    try:
-        data = base64.b64decode(result.get("content") or "", validate=True)
-    except ValueError:
-        raise ToolError(ErrorKind.CORRUPT, "the slot's archive is not valid base64") from None
-    if result.get("sha256") and hashlib.sha256(data).hexdigest() != result["sha256"]:
-        raise ToolError(ErrorKind.CORRUPT, "the slot's archive does not match its sha256")
+def unpack_archive(archive: Path, local_dir: Path, limits: TreeLimits) -> dict[str, Any]:
+    """Unpack a downloaded tar.gz (members named below the slot's folder) into
+    `local_dir` (made if missing) by the agent's rules; symlinks that lead out of the
+    tree are left out and named in `skipped`. The node server made the archive, but
+    every name in it is a slot's, so nothing in it is trusted. Raises ToolError (path,
+    not_a_file, too_large, corrupt) or OSError."""
     top = Path(os.path.realpath(local_dir))  # the caller's own path: its symlinks are theirs
     made = not top.exists()
     top.mkdir(parents=True, exist_ok=True)
     top_fd = os.open(top, DIR_FLAGS)
     try:
-        return unpack_tree(lambda: io.BytesIO(data), top_fd, strip, "skip", limits.max_bytes, limits.max_entries)
-    except ToolError:
+        return unpack_tree(lambda: open(archive, "rb"), top_fd, 0, "skip", limits.max_bytes, limits.max_entries)
+    except ToolError as exc:
         if made and not any(top.iterdir()):  # refused before anything was written: leave no trace
             top.rmdir()
+        if ErrorKind.read(exc.kind) == ErrorKind.BAD_REQUEST:  # not a tar.gz: damaged on its way
+            raise ToolError(ErrorKind.CORRUPT, f"the downloaded archive is damaged: {exc.message}") from None
         raise
     finally:
         os.close(top_fd)

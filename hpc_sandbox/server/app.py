@@ -20,7 +20,9 @@ from .. import protocol
 from ..errors import AuthError, BadRequest, ClientError, ErrorKind, LimitExceeded
 from ..protocol import (DEFAULT_EXEC_TIMEOUT, AcquireRequest, Call, CallAnswer, ReleaseRequest, RenewRequest,
                         StreamEvent)
-from .files import AtomicUpload, open_for_read
+from ..agent import MAX_TREE_BYTES, MAX_TREE_ENTRIES, ToolError
+from .files import AtomicUpload, open_for_read, refused
+from .trees import TreeProducer, open_tree
 from .slots import Slot, SlotTable
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ def make_app(table: SlotTable, token: str, limits: ServerLimits) -> web.Applicat
         web.post(protocol.BATCH, api.batch),
         web.get(f"{slot}/files/{{path:.+}}", api.download),
         web.put(f"{slot}/files/{{path:.+}}", api.upload),
+        web.get(f"{slot}/{protocol.TREE}", api.download_tree),
     ])
     return app
 
@@ -250,6 +253,50 @@ class Api:
                 await asyncio.to_thread(upload.abort)
                 raise
             return web.json_response({"path": request.match_info["path"], "size": upload.size})
+
+
+    async def download_tree(self, request: web.Request) -> web.StreamResponse:
+        """A workspace folder as one tar.gz made here as the folder is walked, in tree
+        frames (protocol.py); its end says what went in or why it stopped (server/trees.py)."""
+        slot = self._leased(request)
+        asked = protocol.TreeRequest.from_query(request.query, MAX_TREE_BYTES, MAX_TREE_ENTRIES)
+        with self.table.running(slot):
+            try:
+                top_fd, parts = await asyncio.to_thread(open_tree, str(slot.workspace), asked.path)
+            except ToolError as exc:
+                if ErrorKind.read(exc.kind) in protocol.ERRORS:  # not_found, path: the usual refusals
+                    raise refused(exc) from None
+                # A kind the protocol has no status for (not_a_directory): said in the end
+                # frame of an empty answer, so that the caller gets the kind itself.
+                return await _tree_answer(request, protocol.TreeEnd(error_kind=ErrorKind.read(exc.kind),
+                                                                    error=exc.message))
+            try:
+                producer = TreeProducer(top_fd, parts, asked)
+            except ToolError as exc:  # a bad `exclude`
+                os.close(top_fd)
+                raise BadRequest(exc.message) from None
+            response = web.StreamResponse(headers={"Content-Type": protocol.TREE_CONTENT_TYPE})
+            await response.prepare(request)
+            producer.start()
+            try:
+                while True:
+                    block = await producer.next_block()
+                    if not isinstance(block, bytes):
+                        await response.write(protocol.tree_frame(b"") + json.dumps(block.to_json()).encode())
+                        break
+                    await response.write(protocol.tree_frame(block))
+            finally:
+                producer.stop()  # the client hung up, or the server stops: the walk ends too
+            await response.write_eof()
+            return response
+
+
+async def _tree_answer(request: web.Request, end: protocol.TreeEnd) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": protocol.TREE_CONTENT_TYPE})
+    await response.prepare(request)
+    await response.write(protocol.tree_frame(b"") + json.dumps(end.to_json()).encode())
+    await response.write_eof()
+    return response
 
 
 def _answer_of(run: asyncio.Future, call: Call) -> CallAnswer:

@@ -18,7 +18,7 @@ from ..paths import split_workspace_path
 from ..protocol import ERRORS
 
 
-def _refused(exc: ToolError) -> ClientError:
+def refused(exc: ToolError) -> ClientError:
     """The agent's refusal of a path, as the file endpoints answer it: with the agent's
     own kind where the protocol has a status for it (not_found, path), else bad_request."""
     kind = ErrorKind.read(exc.kind)
@@ -37,7 +37,7 @@ def _open_parent(workspace: str, parts: list[str], path: str, create: bool) -> i
         return fd
     except ToolError as exc:
         os.close(fd)
-        raise _refused(exc) from None
+        raise refused(exc) from None
     except BaseException:
         os.close(fd)
         raise
@@ -50,7 +50,7 @@ def open_for_read(workspace: str, path: str) -> tuple[int, int]:
     try:
         fd = open_child_file(parent, parts[-1], path)
     except ToolError as exc:
-        raise _refused(exc) from None
+        raise refused(exc) from None
     finally:
         os.close(parent)
     return fd, os.fstat(fd).st_size
