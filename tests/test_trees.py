@@ -207,7 +207,125 @@ async def test_tree_caps(pool, tmp_path):
         assert (await pool.upload_tree(slot, local, "p")).success
         down = await pool.download_tree(slot, "p", tmp_path / "back", max_entries=5)
         assert not down.success and down.error_kind == ErrorKind.TOO_LARGE
+        # Stopped by the node server as it streams: the walk's end says so, nothing is unpacked.
+        heavy = await pool.download_tree(slot, "p", tmp_path / "back", max_bytes=10_000)
+        assert not heavy.success and heavy.error_kind == ErrorKind.TOO_LARGE and "10000 bytes" in heavy.error
         assert not (tmp_path / "back").exists() or not any((tmp_path / "back").iterdir())
+
+
+# --- down: one stream, made by the node server as it walks ----------------------------
+
+
+def memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def reset_peak(pid: int) -> None:
+    """Start VmHWM (peak RSS) over from the current RSS (Linux's clear_refs, value 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+async def test_a_big_tree_comes_down_in_bounded_memory(state_dir, tmp_path):
+    """~200 MiB of random data (gzip cannot shrink it): neither the node server nor the
+    caller grows by more than a small part of it; the archive lands on disk, and the
+    files come back exact. (The agent's archive held it all, base64, on both sides.)"""
+    server = start_server(state_dir, job_id="big", slots=1, runtime="none")
+    try:
+        async with connect.from_state_dir(state_dir, ["big"]) as pool, pool.slot() as slot:
+            await shell(pool, slot, "mkdir -p big/sub small && echo hi > small/a && "
+                                    "for i in 0 1 2 3 4 5 6 7 8 9; do head -c 20M /dev/urandom > big/sub/f$i; done")
+            sums = await shell(pool, slot, "cd big && sha256sum sub/*")
+            warm = await pool.download_tree(slot, "small", tmp_path / "small")  # the server's first tree: warm
+            assert warm.success, warm
+            pids = (server.proc.pid, os.getpid())
+            baseline = {pid: memory_kib(pid, "VmRSS") for pid in pids}
+            for pid in pids:
+                reset_peak(pid)
+            down = await pool.download_tree(slot, "big", tmp_path / "back")
+            grown = {pid: (memory_kib(pid, "VmHWM") - baseline[pid]) / 1024 for pid in pids}
+        assert down.success, down
+        assert down.data["files"] == 10 and down.data["bytes"] == 200 << 20
+        for line in sums.splitlines():
+            digest, name = line.split()
+            assert hashlib.sha256((tmp_path / "back" / name).read_bytes()).hexdigest() == digest
+        print(f"200 MiB tree down: server RSS +{grown[server.proc.pid]:.0f} MiB, "
+              f"caller RSS +{grown[os.getpid()]:.0f} MiB")
+        assert grown[server.proc.pid] < 40, f"the node server grew by {grown[server.proc.pid]:.0f} MiB"
+        assert grown[os.getpid()] < 40, f"the caller grew by {grown[os.getpid()]:.0f} MiB"
+    finally:
+        server.stop()
+
+
+async def test_a_slots_links_and_special_files_come_down_as_the_file_tools_treat_them(pool, tmp_path):
+    async with pool.slot() as slot:
+        await shell(pool, slot, "mkdir -p t/d t/.venv/bin t/cache && echo a > t/d/a && printf '\\x00\\xff' > t/bin && "
+                                "ln -s d/a t/inside && ln -s /etc/passwd t/abs && ln -s ../../x t/climb && "
+                                "ln -s /usr/bin/python3 t/.venv/bin/python && echo c > t/cache/x.pyc && "
+                                "mkfifo t/fifo && echo s > 't/with space'")
+        down = await pool.download_tree(slot, "t", tmp_path / "back")
+        assert down.success, down
+        assert sorted(s["path"] for s in down.data["skipped"]) == [".venv/bin/python", "abs", "climb", "fifo"]
+        found = tree_of(tmp_path / "back")
+        assert found["inside"] == ("link", 0, "d/a") and found["bin"][2] == b"\x00\xff"
+        assert found["with space"][2] == b"s\n" and found["d/a"][2] == b"a\n"
+        assert not {"abs", "climb", "fifo", ".venv/bin/python"} & set(found)
+        # exclude: the agent's patterns, matched against names and workspace paths
+        thin = await pool.download_tree(slot, "t", tmp_path / "thin", exclude=[".venv", "*.pyc", "t/d"])
+        assert thin.success, thin
+        assert sorted(tree_of(tmp_path / "thin")) == ["bin", "cache", "inside", "with space"]
+        # the whole workspace, by its slot spelling
+        whole = await pool.download_tree(slot, "/workspace", tmp_path / "whole", exclude=["fifo", ".venv", "abs",
+                                                                                         "climb"])
+        assert whole.success, whole
+        assert (tmp_path / "whole/t/d/a").read_bytes() == b"a\n"
+
+
+async def test_download_tree_never_follows_a_symlink_at_or_above_the_source(pool, tmp_path):
+    async with pool.slot() as slot:
+        await shell(pool, slot, "mkdir -p real/in && echo x > real/in/a && ln -s real link && ln -s / root")
+        for src in ("link", "link/in", "root", "root/etc", "../x", "/etc"):
+            refused = await pool.download_tree(slot, src, tmp_path / "d")
+            assert not refused.success and refused.error_kind == ErrorKind.PATH, (src, refused)
+            assert not (tmp_path / "d").exists()
+
+
+async def test_a_folder_swapped_for_a_symlink_during_the_walk_is_never_followed(pool, tmp_path):
+    """Best effort: a slot swaps t/d for a symlink to / and back as fast as it can while
+    its tree is downloaded again and again; nothing of / ever comes down."""
+    async with pool.slot() as slot:
+        await shell(pool, slot, "mkdir -p t/d && for i in $(seq 1 200); do echo $i > t/d/f$i; done")
+        await shell(pool, slot, "nohup bash -c 'while true; do mv t/d t/real; ln -s / t/d; rm t/d; mv t/real t/d; "
+                                "done' >/dev/null 2>&1 & echo started")
+        for round_ in range(15):
+            back = tmp_path / f"back{round_}"
+            down = await pool.download_tree(slot, "t", back)
+            if not down.success:  # the walk met the swap where it refuses: fine, never followed
+                assert down.error_kind in (ErrorKind.PATH, ErrorKind.NOT_FOUND), down
+                continue
+            names = set(tree_of(back))
+            assert not any(name.split("/")[-1] in ("etc", "proc", "usr") for name in names), names
+            assert all(name.startswith(("d", "real")) for name in names), names
+
+
+async def test_download_tree_from_a_dead_node_server_is_server_gone(state_dir, tmp_path):
+    server = start_server(state_dir, job_id="dead", slots=1, runtime="none")
+    try:
+        async with connect.from_state_dir(state_dir, ["dead"]) as pool:
+            slot = await pool.acquire()
+            # Killed while it streams (a body cut short before its end frame), then for good.
+            await shell(pool, slot, "mkdir p && head -c 100M /dev/urandom > p/a")
+            cut = asyncio.create_task(pool.download_tree(slot, "p", tmp_path / "cut"))
+            await asyncio.sleep(0.5)
+            server.proc.kill()
+            server.proc.wait()
+            for gone in (await cut, await pool.download_tree(slot, "p", tmp_path / "back")):
+                assert not gone.success and gone.error_kind in (ErrorKind.SERVER_GONE, ErrorKind.JOB_ENDED), gone
+            assert not (tmp_path / "back").exists()
+    finally:
+        server.stop()
 
 
 # --- hostile archives into a slot (the agent's extract) ---------------------------------
