@@ -622,7 +622,7 @@ class TreeRequest:
         """From a request's query (a multidict); the caps at most the given ceilings."""
         def cap(key: str, ceiling: int) -> int:
             raw = query.get(key)
-            if raw is None or not raw.isdigit() or int(raw) > ceiling:
+            if raw is None or not (raw.isascii() and raw.isdigit()) or int(raw) > ceiling:
                 raise BadRequest(f"{key} must be an integer in 0..{ceiling}")
             return int(raw)
 

@@ -194,6 +194,10 @@ async def test_tree_refusals_are_results_with_kinds(pool, tmp_path):
         assert (await pool.upload(slot, tmp_path / "small/a", "f.txt")).success
         a_file = await pool.download_tree(slot, "f.txt", tmp_path / "d")
         assert not a_file.success and a_file.error_kind == ErrorKind.NOT_A_DIRECTORY
+        for bad in ({"max_bytes": (16 << 30) + 1}, {"exclude": ["*"] * 65}, {"exclude": [""]}):
+            refused = await pool.download_tree(slot, ".", tmp_path / "d", **bad)
+            assert not refused.success and refused.error_kind == ErrorKind.BAD_REQUEST, (bad, refused)
+        assert not (tmp_path / "d").exists()
 
 
 async def test_tree_caps(pool, tmp_path):
