@@ -167,6 +167,9 @@ class TreeProducer:
                         self.dirs += 1
                     else:
                         self.links += 1
+                # A TarFile keeps every member it wrote (for getmembers()): a million
+                # entries would be hundreds of MiB. Nothing here reads them back.
+                tar.members.clear()
         finally:
             walk.close()
         if cut:
@@ -188,6 +191,9 @@ class TreeProducer:
                 raise ToolError(ErrorKind.TOO_LARGE, f"{self.asked.path}'s files hold more than "
                                                      f"{self.asked.max_bytes} bytes")
             _tar_file(tar, fd, member)
+            # What was stored: the file may have grown since the check (it is read
+            # to the size _tar_file took, which the unpacker's own cap checks again).
+            size = tar.members[-1].size
         finally:
             os.close(fd)
         self.files += 1
