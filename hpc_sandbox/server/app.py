@@ -17,10 +17,10 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from .. import protocol
+from ..agent import MAX_TREE_BYTES, MAX_TREE_ENTRIES, ToolError
 from ..errors import AuthError, BadRequest, ClientError, ErrorKind, LimitExceeded
 from ..protocol import (DEFAULT_EXEC_TIMEOUT, AcquireRequest, Call, CallAnswer, ReleaseRequest, RenewRequest,
                         StreamEvent)
-from ..agent import MAX_TREE_BYTES, MAX_TREE_ENTRIES, ToolError
 from .files import AtomicUpload, open_for_read, refused
 from .trees import TreeProducer, open_tree
 from .slots import Slot, SlotTable
@@ -254,7 +254,6 @@ class Api:
                 raise
             return web.json_response({"path": request.match_info["path"], "size": upload.size})
 
-
     async def download_tree(self, request: web.Request) -> web.StreamResponse:
         """A workspace folder as one tar.gz made here as the folder is walked, in tree
         frames (protocol.py); its end says what went in or why it stopped (server/trees.py)."""
@@ -275,28 +274,29 @@ class Api:
             except ToolError as exc:  # a bad `exclude`
                 os.close(top_fd)
                 raise BadRequest(exc.message) from None
-            response = web.StreamResponse(headers={"Content-Type": protocol.TREE_CONTENT_TYPE})
-            await response.prepare(request)
-            producer.start()
+            producer.start()  # from here the producer owns top_fd, and closes it when it ends
             try:
-                while True:
-                    block = await producer.next_block()
-                    if not isinstance(block, bytes):
-                        await response.write(protocol.tree_frame(b"") + json.dumps(block.to_json()).encode())
-                        break
+                response = web.StreamResponse(headers={"Content-Type": protocol.TREE_CONTENT_TYPE})
+                await response.prepare(request)
+                while isinstance(block := await producer.next_block(), bytes):
                     await response.write(protocol.tree_frame(block))
+                await _tree_end(response, block)
             finally:
                 producer.stop()  # the client hung up, or the server stops: the walk ends too
-            await response.write_eof()
             return response
 
 
 async def _tree_answer(request: web.Request, end: protocol.TreeEnd) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": protocol.TREE_CONTENT_TYPE})
     await response.prepare(request)
+    await _tree_end(response, end)
+    return response
+
+
+async def _tree_end(response: web.StreamResponse, end: protocol.TreeEnd) -> None:
+    """The end frame, then the TreeEnd: the only sign that the archive is whole."""
     await response.write(protocol.tree_frame(b"") + json.dumps(end.to_json()).encode())
     await response.write_eof()
-    return response
 
 
 def _answer_of(run: asyncio.Future, call: Call) -> CallAnswer:

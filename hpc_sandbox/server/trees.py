@@ -18,7 +18,7 @@ import os
 import stat
 import tarfile
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 from ..agent import (DIR_FLAGS, MAX_WALK_DEPTH, ToolError, _exclusion, _tar_entry, _tar_file, open_child_dir,
                      open_child_file, walk_folder)
