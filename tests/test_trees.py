@@ -322,7 +322,7 @@ async def test_download_tree_from_a_dead_node_server_is_server_gone(state_dir, t
             # Killed while it streams (a body cut short before its end frame), then for good.
             await shell(pool, slot, "mkdir p && head -c 100M /dev/urandom > p/a")
             cut = asyncio.create_task(pool.download_tree(slot, "p", tmp_path / "cut"))
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.3)  # well before 100 MiB of random data is gzipped and sent
             server.proc.kill()
             server.proc.wait()
             for gone in (await cut, await pool.download_tree(slot, "p", tmp_path / "back")):
