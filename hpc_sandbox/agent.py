@@ -117,7 +117,7 @@ MAX_EXCLUDE_PATTERNS = 64
 MAX_EXCLUDE_CHARS = 256
 
 
-def _exclusion(patterns):
+def exclusion(patterns):
     """list_files' and archive's `exclude` (glob patterns, fnmatch's, case-sensitive) as
     a skip(name, path) for walk_folder, None when there are none; a bad_request unless a
     list of at most MAX_EXCLUDE_PATTERNS strings of 1..MAX_EXCLUDE_CHARS characters. A
@@ -2148,7 +2148,7 @@ class Agent:
         parts = workspace_parts(path, self.roots)
         recursive = bool(args.get("recursive"))
         max_entries = _bounded_int(args, "max_entries", 10000, MAX_LIST_ENTRIES)
-        skip = _exclusion(args.get("exclude"))
+        skip = exclusion(args.get("exclude"))
         top_fd = self._open_dir(parts, path)
         entries = []
         truncated = False
@@ -2198,7 +2198,7 @@ class Agent:
                 tops.append((path, parts, "/".join(parts)))
             label = ", ".join(paths)
         cap = _bounded_int(args, "max_bytes", DEFAULT_ARCHIVE_CAP, MAX_ARCHIVE_CAP)
-        skip = _exclusion(args.get("exclude"))
+        skip = exclusion(args.get("exclude"))
         sink = _CappedBytesIO(cap)
         members = []
         try:
@@ -2220,7 +2220,7 @@ class Agent:
     def _archive_path(self, tar, path, parts, top, seen, members, skip=None) -> None:
         """Add the file or folder `parts` to `tar` as `top` ("" names the workspace
         itself, which then gets no entry of its own), skipping members in `seen` and
-        what `skip` excludes (see _exclusion)."""
+        what `skip` excludes (see exclusion)."""
         file_fd = top_fd = None
         if parts:
             parent = self._open_dir(parts[:-1], path)
@@ -2239,7 +2239,7 @@ class Agent:
                 if top not in seen:
                     seen.add(top)
                     members.append(top)
-                    _tar_file(tar, file_fd, top)
+                    tar_file(tar, file_fd, top)
                 return
             if top and top not in seen:
                 seen.add(top)
@@ -2255,7 +2255,7 @@ class Agent:
             walk = walk_folder(top_fd, top, True, cut, skip=skip)
             try:
                 for dir_fd, member, name, st in walk:
-                    if member not in seen and _tar_entry(tar, dir_fd, member, name, st):
+                    if member not in seen and tar_entry(tar, dir_fd, member, name, st):
                         seen.add(member)
                         members.append(member)
             finally:
@@ -2311,7 +2311,7 @@ def _tar_info(name: str, st, kind) -> tarfile.TarInfo:
     return info
 
 
-def _tar_entry(tar, dir_fd: int, member: str, name: str, st) -> bool:
+def tar_entry(tar, dir_fd: int, member: str, name: str, st) -> bool:
     """Add one entry met by _walk: folders, files and symlinks (as links); nothing else.
     Whether it was added."""
     if stat.S_ISDIR(st.st_mode):
@@ -2332,7 +2332,7 @@ def _tar_entry(tar, dir_fd: int, member: str, name: str, st) -> bool:
                 return False
             raise
         try:
-            _tar_file(tar, fd, member)
+            tar_file(tar, fd, member)
         finally:
             os.close(fd)
     else:  # FIFOs, sockets and devices are left out: never opened, never recreated by an unpacker.
@@ -2340,7 +2340,7 @@ def _tar_entry(tar, dir_fd: int, member: str, name: str, st) -> bool:
     return True
 
 
-def _tar_file(tar, fd: int, member: str) -> None:
+def tar_file(tar, fd: int, member: str) -> None:
     st = os.fstat(fd)
     info = _tar_info(member, st, tarfile.REGTYPE)
     info.size = st.st_size

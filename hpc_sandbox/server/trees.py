@@ -20,8 +20,8 @@ import tarfile
 import threading
 from typing import Callable
 
-from ..agent import (DIR_FLAGS, MAX_WALK_DEPTH, ToolError, _exclusion, _tar_entry, _tar_file, open_child_dir,
-                     open_child_file, walk_folder)
+from ..agent import (DIR_FLAGS, MAX_WALK_DEPTH, ToolError, exclusion, open_child_dir, open_child_file, tar_entry,
+                     tar_file, walk_folder)
 from ..errors import ErrorKind
 from ..paths import split_folder_path
 from ..protocol import TreeEnd, TreeRequest
@@ -82,7 +82,7 @@ class TreeProducer:
     def _exclusion(self, patterns: tuple[str, ...]) -> Callable[[str, str], bool] | None:
         """The agent's `exclude` (matched against names and workspace-relative paths);
         members here are named below the folder, so their paths get its prefix back."""
-        named = _exclusion(list(patterns)) if patterns else None
+        named = exclusion(list(patterns)) if patterns else None
         if named is None:
             return None
         base = self.base
@@ -162,7 +162,7 @@ class TreeProducer:
                     continue
                 if stat.S_ISREG(kind):
                     self._pack_file(tar, dir_fd, member, name)
-                elif _tar_entry(tar, dir_fd, member, name, st):  # folders, and symlinks stored as symlinks
+                elif tar_entry(tar, dir_fd, member, name, st):  # folders, and symlinks stored as symlinks
                     if stat.S_ISDIR(kind):
                         self.dirs += 1
                     else:
@@ -184,15 +184,15 @@ class TreeProducer:
                 return
             raise
         try:
-            # The size it is stored with (the agent's _tar_file reads exactly this much):
+            # The size it is stored with (the agent.s tar_file reads exactly this much):
             # checked before a byte of it is read.
             size = os.fstat(fd).st_size
             if self.bytes + size > self.asked.max_bytes:
                 raise ToolError(ErrorKind.TOO_LARGE, f"{self.asked.path}'s files hold more than "
                                                      f"{self.asked.max_bytes} bytes")
-            _tar_file(tar, fd, member)
+            tar_file(tar, fd, member)
             # What was stored: the file may have grown since the check (it is read
-            # to the size _tar_file took, which the unpacker's own cap checks again).
+            # to the size tar_file took, which the unpacker's own cap checks again).
             size = tar.members[-1].size
         finally:
             os.close(fd)
