@@ -2114,11 +2114,11 @@ class Agent:
                 _check_regular(old, path, name)  # a symlink, folder, FIFO or device is left alone
                 if mode is None:
                     mode = stat.S_IMODE(old.st_mode)
-            # Created 0666 less the umask, like any new file; then the asked or the old mode.
-            tmp = ".hpc-sandbox-write-%s" % os.urandom(6).hex()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
-                         dir_fd=parent)
-            try:
+
+            def make(folder, tmp):
+                # Created 0666 less the umask, like any new file; then the asked or the old mode.
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                             dir_fd=folder)
                 try:
                     view = memoryview(data)
                     while view:
@@ -2127,15 +2127,8 @@ class Agent:
                         os.fchmod(fd, mode)
                 finally:
                     os.close(fd)
-                # Atomic: readers see the old file or the new one. rename() replaces
-                # whatever is at the name (even a symlink swapped in since) and follows nothing.
-                os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
-            except BaseException:
-                try:
-                    os.unlink(tmp, dir_fd=parent)
-                except OSError:
-                    pass
-                raise
+
+            _swap_in(parent, name, make, "write")
         finally:
             os.close(parent)
         return {"path": "/".join(parts), "size": len(data)}
@@ -2543,7 +2536,15 @@ def _place(parent: int, name: str, label: str, make) -> None:
         old = None
     if old is not None and stat.S_ISDIR(old.st_mode):
         raise ToolError("is_directory", "%s: a folder is in the way" % label)
-    tmp = ".hpc-sandbox-extract-%s" % os.urandom(6).hex()
+    _swap_in(parent, name, make, "extract")
+
+
+def _swap_in(parent: int, name: str, make, what: str) -> None:
+    """Have `make(parent, tmp)` create a temporary entry beside `name`, then rename it
+    over `name`: readers see the old entry or the new one, and rename() replaces
+    whatever is at the name (even a symlink swapped in meanwhile) and follows nothing.
+    On any failure the temporary entry goes."""
+    tmp = ".hpc-sandbox-%s-%s" % (what, os.urandom(6).hex())
     try:
         make(parent, tmp)
         os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
