@@ -261,6 +261,21 @@ def open_child_dir(dir_fd: int, name: str, path: str, create: bool = False) -> i
         raise _refusal(dir_fd, name, path, exc)
 
 
+def open_folder(top_fd: int, parts, path: str, create: bool = False) -> int:
+    """A new descriptor of the folder `parts` below the folder `top_fd` (which stays the
+    caller's), one component at a time with open_child_dir; made where missing if asked."""
+    fd = os.dup(top_fd)
+    try:
+        for name in parts:
+            next_fd = open_child_dir(fd, name, path, create)
+            os.close(fd)
+            fd = next_fd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_child_file(dir_fd: int, name: str, path: str) -> int:
     """Open the regular file `name` in `dir_fd` for reading; anything else is refused unopened."""
     _check_regular(_lstat_child(dir_fd, name, path), path, name)
@@ -2014,16 +2029,7 @@ class Agent:
 
     def _open_dir(self, parts, path, create=False) -> int:
         """A descriptor of the workspace folder `parts`, walked from the workspace's own."""
-        fd = os.dup(self.root_fd)
-        try:
-            for name in parts:
-                next_fd = open_child_dir(fd, name, path, create)
-                os.close(fd)
-                fd = next_fd
-            return fd
-        except BaseException:
-            os.close(fd)
-            raise
+        return open_folder(self.root_fd, parts, path, create)
 
     async def _in_thread(self, function, *args):
         # File tools do blocking disk I/O (a slow or huge file system, a big archive):
@@ -2512,21 +2518,6 @@ def _tree_members(fileobj, strip: int, links_out: str, max_bytes: int, max_entri
         fileobj.close()
 
 
-def _open_tree_dir(top_fd: int, parts: list, label: str) -> int:
-    """A descriptor of the folder `parts` below `top_fd`, made where missing, each
-    component opened with O_NOFOLLOW."""
-    fd = os.dup(top_fd)
-    try:
-        for name in parts:
-            next_fd = open_child_dir(fd, name, label, create=True)
-            os.close(fd)
-            fd = next_fd
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _place(parent: int, name: str, label: str, make) -> None:
     """Put what `make(parent, tmp)` creates at `name` in `parent`, atomically: rename()
     replaces a file or a symlink there and follows nothing; a folder there is refused."""
@@ -2598,11 +2589,11 @@ def unpack_tree(open_archive, top_fd: int, strip: int = 0, links_out: str = "ref
     for tar, member in _tree_members(open_archive(), strip, links_out, max_bytes, max_entries, skipped):
         label = "/".join(member.parts)
         if member.kind == "dir":
-            os.close(_open_tree_dir(top_fd, member.parts, label))
+            os.close(open_folder(top_fd, member.parts, label, create=True))
             folders.append((member.parts, member.info.mode & TREE_MODE_BITS))
             counts["dirs"] += 1
             continue
-        parent = _open_tree_dir(top_fd, member.parts[:-1], label)
+        parent = open_folder(top_fd, member.parts[:-1], label, create=True)
         try:
             _write_member(tar, member, parent, label)
         finally:
@@ -2610,7 +2601,7 @@ def unpack_tree(open_archive, top_fd: int, strip: int = 0, links_out: str = "ref
         counts["files" if member.kind == "file" else "links"] += 1
         counts["bytes"] += member.info.size if member.kind == "file" else 0
     for parts, mode in sorted(folders, key=lambda item: -len(item[0])):
-        fd = _open_tree_dir(top_fd, parts, "/".join(parts))
+        fd = open_folder(top_fd, parts, "/".join(parts), create=True)
         try:
             os.fchmod(fd, mode)
         finally:

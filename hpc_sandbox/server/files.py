@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 
-from ..agent import DIR_FLAGS, ToolError, open_child_dir, open_child_file
+from ..agent import DIR_FLAGS, ToolError, open_child_file, open_folder
 from ..errors import BadRequest, ClientError, ErrorKind
 from ..paths import split_workspace_path
 from ..protocol import ERRORS
@@ -28,19 +28,13 @@ def refused(exc: ToolError) -> ClientError:
 
 def _open_parent(workspace: str, parts: list[str], path: str, create: bool) -> int:
     """The folder that holds the path's last component, walked as the agent walks."""
-    fd = os.open(workspace, DIR_FLAGS)
+    top = os.open(workspace, DIR_FLAGS)
     try:
-        for name in parts[:-1]:
-            next_fd = open_child_dir(fd, name, path, create)
-            os.close(fd)
-            fd = next_fd
-        return fd
+        return open_folder(top, parts[:-1], path, create)
     except ToolError as exc:
-        os.close(fd)
         raise refused(exc) from None
-    except BaseException:
-        os.close(fd)
-        raise
+    finally:
+        os.close(top)
 
 
 def open_for_read(workspace: str, path: str) -> tuple[int, int]:

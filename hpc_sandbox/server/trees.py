@@ -20,7 +20,7 @@ import tarfile
 import threading
 from typing import Callable
 
-from ..agent import (DIR_FLAGS, MAX_WALK_DEPTH, ToolError, exclusion, open_child_dir, open_child_file, tar_entry,
+from ..agent import (DIR_FLAGS, MAX_WALK_DEPTH, ToolError, exclusion, open_child_file, open_folder, tar_entry,
                      tar_file, walk_folder)
 from ..errors import ErrorKind
 from ..paths import split_folder_path
@@ -48,16 +48,11 @@ def open_tree(workspace: str, path: str) -> tuple[int, list[str]]:
     PathRefused or BadRequest for the path's spelling, ToolError (path, not_found,
     not_a_directory) for what the walk meets."""
     parts = split_folder_path(path)
-    fd = os.open(workspace, DIR_FLAGS)
+    top = os.open(workspace, DIR_FLAGS)
     try:
-        for index, name in enumerate(parts):
-            next_fd = open_child_dir(fd, name, "/".join(parts[:index + 1]))
-            os.close(fd)
-            fd = next_fd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, parts
+        return open_folder(top, parts, "/".join(parts)), parts
+    finally:
+        os.close(top)
 
 
 class TreeProducer:
